@@ -1,0 +1,106 @@
+"""The exception hierarchy: every outcome that is not a normal map has a class and a stable code.
+
+The shape follows the decision a caller has to make, not the HTTP status:
+
+    ClipdropError
+    ├── ImageRejected      one image is bad: record its code, go on          (400, other 4xx, local checks)
+    ├── InvalidResponse    the API answered 200 but the body is unusable     (charged; recorded, not retried)
+    ├── TransientError     retried with backoff, then recorded               (429, 5xx, timeout, connection)
+    │   ├── RateLimited
+    │   ├── ServerError
+    │   ├── ApiTimeout
+    │   └── ApiUnreachable
+    └── RunStopped         stop sending; keep what is done                   (401, 403, 402, credit guards)
+        ├── MissingApiKey
+        ├── InvalidApiKey
+        ├── OutOfCredits
+        └── CreditLimitReached
+
+Messages never contain the API key: they are built from the status and the server's JSON only.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+
+class ClipdropError(Exception):
+    """Base class; `error_code` is the stable string written to the manifest."""
+
+    error_code = "clipdrop_error"
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+class ImageRejected(ClipdropError):
+    """This image cannot be enriched as it is; other images are unaffected."""
+
+    error_code = "bad_request"
+
+    def __init__(self, message: str, *, status: int | None = None, error_code: str | None = None) -> None:
+        super().__init__(message, status=status)
+        if error_code is not None:
+            self.error_code = error_code
+
+
+class InvalidResponse(ClipdropError):
+    """A 200 whose body is not a usable JPEG. Credits may have been charged, so it is not retried."""
+
+    error_code = "invalid_response"
+
+    def __init__(self, message: str, *, status: int | None, credits_consumed: Decimal | None) -> None:
+        super().__init__(message, status=status)
+        self.credits_consumed = credits_consumed
+
+
+class TransientError(ClipdropError):
+    """Worth another try after a pause."""
+
+    retry_after: float | None = None
+
+
+class RateLimited(TransientError):
+    error_code = "rate_limited"
+
+    def __init__(self, message: str, *, status: int | None = 429, retry_after: float | None = None) -> None:
+        super().__init__(message, status=status)
+        self.retry_after = retry_after
+
+
+class ServerError(TransientError):
+    error_code = "server_error"
+
+
+class ApiTimeout(TransientError):
+    error_code = "timeout"
+
+
+class ApiUnreachable(TransientError):
+    """No connection could be made, or it broke before an answer: nothing was charged."""
+
+    error_code = "connection_error"
+
+
+class RunStopped(ClipdropError):
+    """Sending more would be refused or would overspend: the whole run stops, done work is kept."""
+
+
+class MissingApiKey(RunStopped):
+    error_code = "missing_api_key"
+
+
+class InvalidApiKey(RunStopped):
+    error_code = "invalid_api_key"
+
+
+class OutOfCredits(RunStopped):
+    error_code = "out_of_credits"
+
+
+class CreditLimitReached(RunStopped):
+    """A guard stopped sending before the credit floor or the run budget was crossed."""
+
+    error_code = "credit_limit"

@@ -1,0 +1,215 @@
+"""The Clipdrop client: one image in, one normal map out, behind the rate and credit guards.
+
+Retries (429, 5xx, timeouts, connection errors) go through stamina; a 429's `Retry-After` is honoured
+and also pauses every other caller on the key. Nothing here knows about Dagster.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+
+import httpx
+import stamina
+
+from ._errors import (
+    ApiTimeout,
+    ApiUnreachable,
+    ClipdropError,
+    ImageRejected,
+    InvalidApiKey,
+    InvalidResponse,
+    MissingApiKey,
+    OutOfCredits,
+    RateLimited,
+    ServerError,
+    TransientError,
+)
+from .guards import CREDITS_PER_CALL, CreditGuard, RateGuard
+
+DEFAULT_API_URL = "https://clipdrop-api.co"
+SURFACE_NORMALS_PATH = "/portrait-surface-normals/v1"
+JPEG_MAGIC = b"\xff\xd8\xff"
+DEFAULT_COOLDOWN_S = 5.0
+
+
+@dataclass(frozen=True)
+class ApiResult:
+    """A successful call: the JPEG bytes and what it cost."""
+
+    content: bytes
+    status: int
+    credits_consumed: Decimal | None
+    remaining_credits: Decimal | None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 6
+    timeout_s: float = 300.0
+    wait_initial_s: float = 1.0
+    wait_max_s: float = 30.0
+    wait_jitter_s: float = 1.0
+
+
+def parse_credits(value: str | None) -> Decimal | None:
+    """Credit headers may be missing or fractional: parse as decimals, ignore what is not a number."""
+    if value is None:
+        return None
+    try:
+        parsed = Decimal(value.strip())
+    except InvalidOperation:
+        return None
+    return parsed if parsed.is_finite() else None
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        detail = response.json().get("error")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        detail = None
+    return str(detail) if detail else response.reason_phrase or "no detail"
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date: rare enough to fall back to backoff
+
+
+def raise_for_status(response: httpx.Response) -> None:
+    """Map every documented status to its typed error; 200 returns."""
+    status = response.status_code
+    if status == 200:
+        return
+    detail = f"{status} {_error_text(response)}"
+    if status == 401:
+        raise MissingApiKey(f"Clipdrop refused the request: no API key was sent ({detail}); set CLIPDROP_API_KEY", status=status)
+    if status == 403:
+        raise InvalidApiKey(f"Clipdrop refused the API key ({detail}); check CLIPDROP_API_KEY", status=status)
+    if status == 402:
+        raise OutOfCredits(f"Clipdrop says the account has no credits left ({detail}); buy credits, then re-run", status=status)
+    if status == 429:
+        raise RateLimited(f"rate limited ({detail})", retry_after=_retry_after(response))
+    if status >= 500:
+        raise ServerError(f"server error ({detail})", status=status)
+    code = "bad_request" if status == 400 else f"http_{status}"
+    raise ImageRejected(f"image refused ({detail})", status=status, error_code=code)
+
+
+class ClipdropClient:
+    """Sends images to a Clipdrop image endpoint; thread-safe, one connection pool per client."""
+
+    def __init__(
+        self,
+        api_key: str,
+        *,
+        base_url: str = DEFAULT_API_URL,
+        rate_guard: RateGuard,
+        credit_guard: CreditGuard | None = None,
+        timeout_s: float = 60.0,
+        retry: RetryPolicy = RetryPolicy(),
+        max_connections: int = 16,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.rate_guard = rate_guard
+        self.credit_guard = credit_guard or CreditGuard()
+        self.retry = retry
+        self.retries_by_code: dict[str, int] = {}
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            headers={"x-api-key": api_key},
+            timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> ClipdropClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def surface_normals(self, image: bytes, filename: str, content_type: str) -> ApiResult:
+        return self.call(SURFACE_NORMALS_PATH, image, filename, content_type)
+
+    def call(self, path: str, image: bytes, filename: str, content_type: str) -> ApiResult:
+        """POST one image, retrying transient failures; raises a `ClipdropError` otherwise."""
+        for attempt in stamina.retry_context(
+            on=self._backoff,
+            attempts=self.retry.attempts,
+            timeout=self.retry.timeout_s,
+            wait_initial=self.retry.wait_initial_s,
+            wait_max=self.retry.wait_max_s,
+            wait_jitter=self.retry.wait_jitter_s,
+        ):
+            with attempt:
+                return self._send_once(path, image, filename, content_type)
+        raise AssertionError("unreachable")
+
+    def _backoff(self, error: Exception) -> bool | float:
+        """stamina hook: retry transient errors; a 429 pauses the whole key, then waits its turn."""
+        if not isinstance(error, TransientError):
+            return False
+        self.retries_by_code[error.error_code] = self.retries_by_code.get(error.error_code, 0) + 1
+        if isinstance(error, RateLimited):
+            pause = error.retry_after if error.retry_after is not None else DEFAULT_COOLDOWN_S
+            self.rate_guard.cooldown(pause)
+            return pause
+        return True
+
+    def _send_once(self, path: str, image: bytes, filename: str, content_type: str) -> ApiResult:
+        self.credit_guard.reserve()
+        consumed: Decimal | None = None
+        remaining: Decimal | None = None
+        try:
+            self.rate_guard.acquire()
+            with self._http.stream("POST", path, files={"image_file": (filename, image, content_type)}) as response:
+                remaining = parse_credits(response.headers.get("x-remaining-credits"))
+                if response.status_code != 200:
+                    response.read()
+                    raise_for_status(response)
+                # A success is charged even when the header is missing: assume the documented price.
+                reported = parse_credits(response.headers.get("x-credits-consumed"))
+                consumed = CREDITS_PER_CALL if reported is None else reported
+                body = self._read_body(response, consumed)
+            return ApiResult(body, response.status_code, consumed, remaining)
+        except OutOfCredits as error:
+            self.credit_guard.stop(error)
+            raise
+        except httpx.TimeoutException as error:
+            raise ApiTimeout(f"no answer within the timeout ({type(error).__name__})") from None
+        except httpx.TransportError as error:
+            raise ApiUnreachable(f"cannot reach {self.base_url} ({type(error).__name__})") from None
+        finally:
+            self.credit_guard.settle(consumed, remaining)
+
+    @staticmethod
+    def _read_body(response: httpx.Response, consumed: Decimal | None) -> bytes:
+        """Read a 200's body; a broken one is charged already, so it must not be retried."""
+        try:
+            body = response.read()
+        except httpx.TransportError as error:
+            raise InvalidResponse(
+                f"response body cut off ({type(error).__name__})", status=200, credits_consumed=consumed
+            ) from None
+        if not body.startswith(JPEG_MAGIC):
+            raise InvalidResponse("response body is not a JPEG", status=200, credits_consumed=consumed)
+        return body
+
+
+__all__ = [
+    "DEFAULT_API_URL",
+    "SURFACE_NORMALS_PATH",
+    "ApiResult",
+    "ClipdropClient",
+    "ClipdropError",
+    "RetryPolicy",
+    "parse_credits",
+    "raise_for_status",
+]

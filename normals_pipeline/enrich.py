@@ -1,0 +1,197 @@
+"""The enrichment loop: inventory rows in, normal maps stored and manifest rows out.
+
+For each image: read → prepare → (already have a map for these bytes? reuse it) → send → store.
+Normal maps are named by the content hash, so identical bytes are charged once, whatever their path.
+A bad image becomes a row with an error code; only what makes further sending pointless (key refused,
+credits gone, API unreachable) stops the loop, and every row done before that is kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from decimal import Decimal
+
+import pandas as pd
+
+from . import manifest
+from ._errors import ApiUnreachable, ClipdropError, ImageRejected, RunStopped
+from .client import ApiResult, ClipdropClient
+from .prepare import prepare
+from .storage import Storage
+
+NORMALS_DIR = "normals"
+# Codes whose rows are final: the same bytes would fail the same way, so a re-run does not resend them.
+FINAL_ERROR_CODES = frozenset(
+    {"bad_request", "empty_file", "unreadable_image", "unsupported_format", "too_many_pixels", "file_too_large"}
+)
+_EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image of the inventory."""
+
+    path: str
+    size: int
+    version: str
+
+
+@dataclass
+class ShardResult:
+    """What one pass over a shard did; `manifest` is the shard's full, merged manifest."""
+
+    manifest: pd.DataFrame
+    new_rows: int
+    requests: int
+    credits_consumed: Decimal
+    remaining_credits: Decimal | None
+    elapsed_s: float
+    errors: Counter[str] = field(default_factory=Counter)
+    stopped: Exception | None = None
+
+    @property
+    def enriched(self) -> int:
+        return int(self.manifest["error_code"].isna().sum())
+
+
+def normal_map_path(content_hash: str) -> str:
+    return f"{NORMALS_DIR}/{content_hash[:2]}/{content_hash}.jpg"
+
+
+def pending_items(items: Iterable[Item], previous: pd.DataFrame) -> list[Item]:
+    """Items without a final row for their current version: only these are (re)processed."""
+    final = previous["error_code"].isna() | previous["error_code"].isin(FINAL_ERROR_CODES)
+    done = dict(zip(previous.loc[final, "path"], previous.loc[final, "source_version"]))
+    return [item for item in items if done.get(item.path) != item.version]
+
+
+class Enricher:
+    """Runs the loop over one shard with a bounded pool of workers sharing one client."""
+
+    def __init__(self, dataset: Storage, output: Storage, client: ClipdropClient, concurrency: int = 4) -> None:
+        self.dataset = dataset
+        self.output = output
+        self.client = client
+        self.concurrency = max(1, concurrency)
+        self._stop = threading.Event()
+        self._stopped: Exception | None = None
+        self._hash_locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def run(
+        self,
+        items: list[Item],
+        previous: pd.DataFrame,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> ShardResult:
+        started = time.monotonic()
+        todo = pending_items(items, previous)
+        rows: list[dict] = []
+        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="enrich") as pool:
+            for done, row in enumerate(pool.map(self._process, todo), start=1):
+                if row is not None:
+                    rows.append(row)
+                if progress:
+                    progress(done, len(todo))
+        return self._result(items, previous, rows, time.monotonic() - started)
+
+    def _result(self, items: list[Item], previous: pd.DataFrame, rows: list[dict], elapsed: float) -> ShardResult:
+        new = manifest.to_frame(rows)
+        current = {item.path for item in items}
+        kept = previous[previous["path"].isin(current) & ~previous["path"].isin(new["path"])]
+        merged = pd.concat([kept, new], ignore_index=True) if len(kept) else new
+        merged = merged.sort_values("path", ignore_index=True)
+        guard = self.client.credit_guard
+        return ShardResult(
+            manifest=merged,
+            new_rows=len(rows),
+            requests=sum(1 for row in rows if row["http_status"] is not None),
+            credits_consumed=sum((Decimal(str(row["credits_consumed"])) for row in rows), Decimal(0)),
+            remaining_credits=guard.remaining,
+            elapsed_s=elapsed,
+            errors=Counter(row["error_code"] for row in rows if row["error_code"]),
+            stopped=self._stopped,
+        )
+
+    def _process(self, item: Item) -> dict | None:
+        """One image to one row; None when the run stopped before it was sent."""
+        if self._stop.is_set():
+            return None
+        try:
+            data = self.dataset.read_bytes(item.path)
+        except (OSError, ValueError) as error:
+            return _row(item, error=ImageRejected(f"cannot read the file ({type(error).__name__})", error_code="unreadable_file"))
+        digest = hashlib.sha256(data).hexdigest()
+        try:
+            prepared = prepare(data)
+        except ImageRejected as error:
+            return _row(item, digest, error=error)
+        try:
+            with self._lock_for(digest):
+                uri, result = self._normal_map(digest, prepared.data, prepared.content_type)
+        except (RunStopped, ApiUnreachable) as error:
+            self._halt(error)
+            return None
+        except ClipdropError as error:
+            return _row(item, digest, prepared.width, prepared.height, error=error)
+        except Exception as error:  # storage or a bug: stop cleanly so finished rows are still written
+            self._halt(error)
+            return None
+        return _row(item, digest, prepared.width, prepared.height, uri=uri, result=result)
+
+    def _normal_map(self, digest: str, data: bytes, content_type: str) -> tuple[str, ApiResult | None]:
+        """The map's URI, calling the API only if no map for these bytes is stored yet."""
+        path = normal_map_path(digest)
+        if self.output.exists(path):
+            return self.output.uri_for(path), None
+        if self._stop.is_set():
+            raise self._stopped  # type: ignore[misc]
+        result = self.client.surface_normals(data, f"image.{_EXTENSIONS[content_type]}", content_type)
+        self.output.write_bytes(path, result.content, content_type="image/jpeg")
+        return self.output.uri_for(path), result
+
+    def _lock_for(self, digest: str) -> threading.Lock:
+        """Duplicates in flight at once wait for the first, then reuse its map."""
+        with self._locks_guard:
+            return self._hash_locks.setdefault(digest, threading.Lock())
+
+    def _halt(self, error: Exception) -> None:
+        if not self._stop.is_set():
+            self._stopped = error
+            self._stop.set()
+
+
+def _row(
+    item: Item,
+    digest: str | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    *,
+    uri: str | None = None,
+    result: ApiResult | None = None,
+    error: ClipdropError | None = None,
+) -> dict:
+    charged = result.credits_consumed if result else getattr(error, "credits_consumed", None)
+    remaining = result.remaining_credits if result else None
+    return {
+        "path": item.path,
+        "content_hash": digest,
+        "size": item.size,
+        "source_version": item.version,
+        "width": width,
+        "height": height,
+        "normal_map_uri": uri,
+        "credits_consumed": float(charged or 0),
+        "remaining_credits": float(remaining) if remaining is not None else None,
+        "http_status": result.status if result else (error.status if error else None),
+        "error_code": error.error_code if error else None,
+        "error_message": error.message if error else None,
+        "processed_at": datetime.now(timezone.utc),
+    }

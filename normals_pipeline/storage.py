@@ -1,0 +1,281 @@
+"""One interface over a local folder and an S3 prefix.
+
+Every path handed in or out is relative to the storage root and '/'-separated, so
+the rest of the pipeline never cares where the dataset lives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import stat
+import tempfile
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import boto3
+from botocore.exceptions import ClientError
+
+# Files written through mkstemp are 0600; give them the mode a plain open() would.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC  # the resolved final component must not turn into a link
+
+
+class DatasetNotFound(FileNotFoundError):
+    """The dataset root (local folder or S3 bucket) does not exist."""
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    path: str  # relative to the root, '/'-separated
+    size: int
+    version: str  # local: f"{mtime_ns}-{size}"; S3: the ETag without quotes
+
+
+class Storage(Protocol):
+    uri: str
+
+    def walk(self) -> Iterator[FileEntry]: ...
+    def read_bytes(self, path: str) -> bytes: ...
+    def write_bytes(self, path: str, data: bytes, content_type: str | None = None) -> None: ...
+    def exists(self, path: str) -> bool: ...
+    def uri_for(self, path: str) -> str: ...
+    def list_prefix(self, prefix: str) -> list[str]: ...
+
+
+def _check_relative(path: str) -> None:
+    """Refuse paths that could address something outside the root."""
+    if not path or posixpath.isabs(path) or os.path.isabs(path):
+        raise ValueError(f"expected a non-empty relative path, got {path!r}")
+    if ".." in path.split("/"):
+        raise ValueError(f"path {path!r} must not contain '..'")
+
+
+def _normalise_prefix(prefix: str) -> str:
+    """'' for the root, else 'a/b/' (validated, exactly one trailing slash)."""
+    prefix = prefix.strip("/")
+    if prefix:
+        _check_relative(prefix)
+        prefix += "/"
+    return prefix
+
+
+def _sort_key(entry: os.DirEntry[str]) -> str:
+    # A directory sorts as 'name/', so the depth-first walk yields paths in plain string order.
+    return entry.name + "/" if entry.is_dir(follow_symlinks=False) else entry.name
+
+
+class LocalStorage:
+    """A dataset folder; reads never leave the folder, even through symlinks."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(os.path.abspath(root))
+        self.uri = self.root.as_uri()
+        self._top = str(self.root)
+        self._real_root = os.path.realpath(self._top)
+        self._real_prefix = self._real_root.rstrip(os.sep) + os.sep
+
+    def walk(self) -> Iterator[FileEntry]:
+        if not os.path.isdir(self._top):
+            raise DatasetNotFound(f"dataset not found: {self.uri} is not a directory")
+        return self._walk(self._top, "")
+
+    def read_bytes(self, path: str) -> bytes:
+        fd = os.open(self._contained(path), _READ_FLAGS)
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
+
+    def write_bytes(self, path: str, data: bytes, content_type: str | None = None) -> None:
+        """Write via a temp file + rename so readers never see a partial file."""
+        target = self._join(path)
+        parent = os.path.dirname(target)
+        if not self._inside(os.path.realpath(parent)):
+            raise PermissionError(f"refusing to write {path!r}: its folder resolves outside {self.uri}")
+        os.makedirs(parent, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fchmod(f.fileno(), _FILE_MODE)
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def exists(self, path: str) -> bool:
+        try:
+            return os.path.isfile(self._contained(path))
+        except PermissionError:
+            return False
+
+    def uri_for(self, path: str) -> str:
+        return Path(self._join(path)).as_uri()
+
+    def list_prefix(self, prefix: str) -> list[str]:
+        prefix = _normalise_prefix(prefix)
+        top = os.path.join(self._top, prefix) if prefix else self._top
+        if not os.path.isdir(top) or not self._inside(os.path.realpath(top)):
+            return []
+        return [entry.path for entry in self._walk(top, prefix)]
+
+    def _join(self, path: str) -> str:
+        _check_relative(path)
+        return os.path.join(self._top, path)
+
+    def _inside(self, real: str) -> bool:
+        return real == self._real_root or real.startswith(self._real_prefix)
+
+    def _contained(self, path: str) -> str:
+        """Resolve now (not at listing time), so a link swapped since cannot lead out."""
+        real = os.path.realpath(self._join(path))
+        if not self._inside(real):
+            raise PermissionError(f"refusing {path!r}: it resolves to {real}, outside {self.uri}")
+        return real
+
+    def _linked_file(self, link: str) -> os.stat_result | None:
+        """Stat of a symlink's target if it is a regular file inside the root, else None."""
+        real = os.path.realpath(link)
+        if not self._inside(real):
+            return None
+        try:
+            st = os.stat(real)
+        except OSError:
+            return None
+        return st if stat.S_ISREG(st.st_mode) else None
+
+    def _walk(self, top: str, rel_top: str) -> Iterator[FileEntry]:
+        """Depth-first over sorted scandir results; an explicit stack of open iterators."""
+        stack = [(iter(_scan(top)), rel_top)]
+        while stack:
+            entries, rel = stack[-1]
+            for entry in entries:
+                name = entry.name
+                if name[0] == ".":
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    try:
+                        children = _scan(entry.path)
+                    except FileNotFoundError:  # removed while we walk
+                        continue
+                    stack.append((iter(children), f"{rel}{name}/"))
+                    break
+                if entry.is_file(follow_symlinks=False):
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                elif entry.is_symlink():
+                    st = self._linked_file(entry.path)
+                    if st is None:
+                        continue
+                else:
+                    continue
+                yield FileEntry(rel + name, st.st_size, f"{st.st_mtime_ns}-{st.st_size}")
+            else:
+                stack.pop()
+
+
+def _scan(directory: str) -> list[os.DirEntry[str]]:
+    with os.scandir(directory) as it:
+        entries = list(it)
+    entries.sort(key=_sort_key)
+    return entries
+
+
+class S3Storage:
+    """An S3 prefix; `client` is any boto3 S3 client (endpoint, credentials are its business)."""
+
+    def __init__(self, bucket: str, prefix: str, client: Any, *, page_size: int = 1000) -> None:
+        if not bucket:
+            raise ValueError("S3 bucket name is empty")
+        self.bucket = bucket
+        self.prefix = _normalise_prefix(prefix)
+        self.client = client
+        self.page_size = page_size
+        self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
+
+    def walk(self) -> Iterator[FileEntry]:
+        return self._walk(self.prefix)
+
+    def read_bytes(self, path: str) -> bytes:
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(path))
+        except ClientError as err:
+            if _error_code(err) == "NoSuchKey":
+                raise FileNotFoundError(f"no such object: {self.uri_for(path)}") from err
+            raise
+        return response["Body"].read()
+
+    def write_bytes(self, path: str, data: bytes, content_type: str | None = None) -> None:
+        """One PUT: S3 never exposes a partially written object."""
+        extra = {"ContentType": content_type} if content_type else {}
+        self.client.put_object(Bucket=self.bucket, Key=self._key(path), Body=data, **extra)
+
+    def exists(self, path: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(path))
+        except ClientError as err:
+            if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return False
+            raise
+        return True
+
+    def uri_for(self, path: str) -> str:
+        return f"s3://{self.bucket}/{self._key(path)}"
+
+    def list_prefix(self, prefix: str) -> list[str]:
+        return [entry.path for entry in self._walk(self.prefix + _normalise_prefix(prefix))]
+
+    def _key(self, path: str) -> str:
+        _check_relative(path)
+        return self.prefix + path
+
+    def _walk(self, key_prefix: str) -> Iterator[FileEntry]:
+        skip = len(self.prefix)
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=key_prefix, PaginationConfig={"PageSize": self.page_size}
+        )
+        try:
+            for page in pages:
+                for obj in page.get("Contents", ()):
+                    rel = obj["Key"][skip:]
+                    if not rel or rel.endswith("/") or any(s.startswith(".") for s in rel.split("/")):
+                        continue
+                    yield FileEntry(rel, obj["Size"], obj["ETag"].strip('"'))
+        except ClientError as err:
+            if _error_code(err) == "NoSuchBucket":
+                raise DatasetNotFound(f"dataset not found: bucket of {self.uri} does not exist") from err
+            raise
+
+
+def _error_code(err: ClientError) -> str:
+    return str(err.response.get("Error", {}).get("Code", ""))
+
+
+def open_storage(uri: str, s3_client: Any = None) -> Storage:
+    """Open a plain path, a file:// URI or s3://bucket/prefix."""
+    if "://" not in uri:
+        return LocalStorage(uri)
+    parsed = urllib.parse.urlsplit(uri)
+    scheme = parsed.scheme.lower()
+    if scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(f"file URI with a remote host is not supported: {uri}")
+        return LocalStorage(os.fsdecode(urllib.parse.unquote_to_bytes(parsed.path)))
+    if scheme == "s3":
+        if not parsed.netloc:
+            raise ValueError(f"S3 URI has no bucket: {uri}")
+        client = s3_client if s3_client is not None else boto3.client("s3")
+        return S3Storage(parsed.netloc, parsed.path.lstrip("/"), client)
+    raise ValueError(
+        f"unsupported storage URI scheme {parsed.scheme!r} in {uri!r}: use a local path, file:// or s3://"
+    )

@@ -1,0 +1,139 @@
+"""Inventory: which files are images, stable shards, Parquet round-trip on local and S3 outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from normals_pipeline.inventory import (
+    INVENTORY_PATH,
+    InventoryMissing,
+    is_candidate,
+    partition_key,
+    partition_keys,
+    read_inventory,
+    shard_of,
+    take_inventory,
+    write_inventory,
+)
+from normals_pipeline.storage import FileEntry, LocalStorage, S3Storage
+
+
+class ListedStorage:
+    """Just enough Storage for take_inventory: a fixed listing."""
+
+    uri = "mem://listed"
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+
+    def walk(self) -> Iterator[FileEntry]:
+        return (FileEntry(p, len(p), f"v-{p}") for p in self.paths)
+
+
+@pytest.mark.parametrize(
+    "path", ["a.jpg", "A.JPG", "dir/b.Jpeg", "c.png", "d.PNG", "e.webp", "x/y/z.WebP", "v1.2/f.jpg"]
+)
+def test_image_suffixes_match_case_insensitively(path: str) -> None:
+    assert is_candidate(path)
+
+
+@pytest.mark.parametrize(
+    "path", ["a.gif", "b.jpg.txt", "c", "jpg", "dir.jpg/readme", ".jpg", "d.tiff", "e.jpgx", "f.pn"]
+)
+def test_non_images_are_not_candidates(path: str) -> None:
+    assert not is_candidate(path)
+
+
+def test_shard_values_are_pinned() -> None:
+    # Changing the hash would silently move every image to another partition.
+    assert shard_of("a.jpg", 16) == 9
+    assert shard_of("photos/2024/IMG_0001.JPG", 1000) == 961
+    assert shard_of("ünï/é.png", 7) == 0
+
+
+@given(st.text(min_size=1), st.integers(min_value=1, max_value=10_000))
+def test_shard_of_is_in_range(path: str, shards: int) -> None:
+    assert 0 <= shard_of(path, shards) < shards
+
+
+_segment = st.text(st.characters(exclude_characters="/.", exclude_categories=("Cs",)), min_size=1, max_size=8)
+_image_path = st.builds(
+    lambda parts, ext: "/".join(parts) + ext,
+    st.lists(_segment, min_size=1, max_size=3),
+    st.sampled_from([".jpg", ".PNG", ".webp", ".jpeg"]),
+)
+
+
+@given(
+    st.lists(_image_path, min_size=1, max_size=30, unique=True),
+    st.lists(_image_path, max_size=30),
+    st.integers(min_value=1, max_value=64),
+)
+def test_new_images_never_move_old_ones(old: list[str], new: list[str], shards: int) -> None:
+    before = take_inventory(ListedStorage(old), shards).to_pydict()
+    after = take_inventory(ListedStorage(sorted(set(old + new))), shards).to_pydict()
+    after_shards = dict(zip(after["path"], after["shard"]))
+    assert all(after_shards[p] == s for p, s in zip(before["path"], before["shard"]))
+
+
+def test_partition_keys_are_zero_padded() -> None:
+    assert partition_keys(1) == ["00"]
+    assert partition_keys(16) == [f"{i:02d}" for i in range(16)]
+    assert partition_keys(100)[-1] == "99"
+    assert partition_keys(101)[0] == "000" and partition_keys(101)[-1] == "100"
+    assert partition_key(7, 1000) == "007"
+    with pytest.raises(ValueError):
+        partition_key(16, 16)
+    with pytest.raises(ValueError):
+        partition_keys(0)
+
+
+def test_take_inventory_keeps_only_images_with_schema(tmp_path: Path) -> None:
+    for name in ["b.JPG", "sub/a.png", "notes.txt", ".hidden.jpg", "sub/c.gif"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"1234")
+    table = take_inventory(LocalStorage(tmp_path), 4)
+    assert table.schema.names == ["path", "size", "version", "shard"]
+    assert [f.type for f in table.schema] == [pa.string(), pa.int64(), pa.string(), pa.int32()]
+    assert table.column("path").to_pylist() == ["b.JPG", "sub/a.png"]
+    assert table.column("size").to_pylist() == [4, 4]
+    assert table.column("shard").to_pylist() == [shard_of("b.JPG", 4), shard_of("sub/a.png", 4)]
+
+
+def test_empty_dataset_gives_empty_inventory(tmp_path: Path) -> None:
+    table = take_inventory(LocalStorage(tmp_path), 8)
+    assert table.num_rows == 0 and table.schema.names == ["path", "size", "version", "shard"]
+
+
+def _round_trip(output: Any) -> None:
+    paths = [f"img{i}.jpg" for i in range(50)]
+    table = take_inventory(ListedStorage(paths), 4)
+    assert write_inventory(output, table) == output.uri_for(INVENTORY_PATH)
+    assert read_inventory(output).equals(table)
+    for shard in range(4):
+        part = read_inventory(output, shard)
+        assert set(part.column("shard").to_pylist()) <= {shard}
+        assert part.column("path").to_pylist() == [p for p in paths if shard_of(p, 4) == shard]
+
+
+def test_write_read_round_trip_local(tmp_path: Path) -> None:
+    _round_trip(LocalStorage(tmp_path))
+    assert sorted(p.name for p in (tmp_path / "inventory").iterdir()) == ["inventory.parquet"]
+
+
+def test_write_read_round_trip_s3(s3_client: Any, s3_bucket: str) -> None:
+    _round_trip(S3Storage(s3_bucket, "runs/out", s3_client))
+
+
+def test_missing_inventory_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(InventoryMissing, match="materialize the inventory asset first") as info:
+        read_inventory(LocalStorage(tmp_path))
+    assert isinstance(info.value, FileNotFoundError)
+    assert LocalStorage(tmp_path).uri_for(INVENTORY_PATH) in str(info.value)
