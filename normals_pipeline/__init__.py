@@ -1,0 +1,70 @@
+"""Enrich image datasets with portrait surface normals from the Clipdrop API.
+
+The core (this package's top level) has no Dagster import and works from a script:
+
+    from normals_pipeline import ClipdropClient, CreditGuard, Enricher, open_storage, rate_guard_for
+
+The Dagster layer lives in `normals_pipeline.orchestration`.
+"""
+
+from ._errors import (
+    ApiTimeout,
+    ApiUnreachable,
+    ClipdropError,
+    CreditLimitReached,
+    ImageRejected,
+    InvalidApiKey,
+    InvalidResponse,
+    MissingApiKey,
+    OutOfCredits,
+    RateLimited,
+    RunStopped,
+    ServerError,
+    TransientError,
+)
+from .client import DEFAULT_API_URL, ApiResult, ClipdropClient, RetryPolicy
+from .enrich import Enricher, Item, ShardResult
+from .guards import CreditGuard, RateGuard, rate_guard_for
+from .inventory import read_inventory, shard_of, take_inventory, write_inventory
+from .manifest import MANIFEST_SCHEMA, read_manifest, write_manifest
+from .prepare import PreparedImage, prepare
+from .storage import LocalStorage, S3Storage, Storage, open_storage
+
+__all__ = [
+    "DEFAULT_API_URL",
+    "MANIFEST_SCHEMA",
+    "ApiResult",
+    "ApiTimeout",
+    "ApiUnreachable",
+    "ClipdropClient",
+    "ClipdropError",
+    "CreditGuard",
+    "CreditLimitReached",
+    "Enricher",
+    "ImageRejected",
+    "InvalidApiKey",
+    "InvalidResponse",
+    "Item",
+    "LocalStorage",
+    "MissingApiKey",
+    "OutOfCredits",
+    "PreparedImage",
+    "RateGuard",
+    "RateLimited",
+    "RetryPolicy",
+    "RunStopped",
+    "S3Storage",
+    "ServerError",
+    "ShardResult",
+    "Storage",
+    "TransientError",
+    "open_storage",
+    "prepare",
+    "rate_guard_for",
+    "read_inventory",
+    "read_manifest",
+    "shard_of",
+    "take_inventory",
+    "write_inventory",
+    "write_manifest",
+]

@@ -23,6 +23,7 @@ from ._errors import (
     MissingApiKey,
     OutOfCredits,
     RateLimited,
+    RunStopped,
     ServerError,
     TransientError,
 )
@@ -164,11 +165,11 @@ class ClipdropClient:
         return True
 
     def _send_once(self, path: str, image: bytes, filename: str, content_type: str) -> ApiResult:
-        self.credit_guard.reserve()
+        self.rate_guard.acquire()
+        self.credit_guard.reserve()  # after the wait for a slot, so a stop during the wait is seen
         consumed: Decimal | None = None
         remaining: Decimal | None = None
         try:
-            self.rate_guard.acquire()
             with self._http.stream("POST", path, files={"image_file": (filename, image, content_type)}) as response:
                 remaining = parse_credits(response.headers.get("x-remaining-credits"))
                 if response.status_code != 200:
@@ -179,7 +180,7 @@ class ClipdropClient:
                 consumed = CREDITS_PER_CALL if reported is None else reported
                 body = self._read_body(response, consumed)
             return ApiResult(body, response.status_code, consumed, remaining)
-        except OutOfCredits as error:
+        except RunStopped as error:  # 401, 403, 402: no later request on this key can succeed
             self.credit_guard.stop(error)
             raise
         except httpx.TimeoutException as error:

@@ -23,6 +23,15 @@ def key_fingerprint(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()[:12]
 
 
+def paced_rates(rpm: int) -> list[Rate]:
+    """The minute allowance, preceded by one request per 60/rpm s where that is a distinct, coarser rate."""
+    minute = int(Duration.MINUTE)
+    rates = [Rate(rpm, minute)]
+    if 1 < rpm <= minute:
+        rates.insert(0, Rate(1, minute // rpm))
+    return rates
+
+
 class RateGuard:
     """At most `rpm` requests in any 60 s, spaced evenly, plus a cooldown all callers honour after a 429.
 
@@ -35,8 +44,7 @@ class RateGuard:
             raise ValueError(f"requests per minute must be at least 1, got {rpm}")
         self.rpm = rpm
         self.name = name
-        spacing_ms = max(1, int(Duration.MINUTE) // rpm)
-        self._limiter = Limiter(InMemoryBucket([Rate(1, spacing_ms), Rate(rpm, Duration.MINUTE)]))
+        self._limiter = Limiter(InMemoryBucket(paced_rates(rpm)))
         self._resume_at = 0.0
         self._lock = threading.Lock()
 
@@ -72,7 +80,7 @@ class CreditGuard:
     """Stops sending before the balance would fall under `floor` or this run would spend over `budget`.
 
     Requests in flight count as spent, so concurrent workers cannot jointly cross a limit.
-    Once stopped (a 402, or a limit reached), every later `reserve` raises the same error.
+    Once stopped (401, 403, 402, or a limit reached), every later `reserve` raises the same error.
     """
 
     def __init__(self, floor: Decimal = Decimal(0), budget: Decimal | None = None) -> None:
@@ -99,6 +107,8 @@ class CreditGuard:
                 self._stopped = CreditLimitReached(
                     f"credit floor of {self.floor} reached ({self.remaining} remaining); "
                     "buy credits or lower the floor to enrich the rest"
+                    if self.floor
+                    else f"no credits left ({self.remaining} remaining); buy credits to enrich the rest"
                 )
             if self._stopped is not None:
                 raise self._stopped
@@ -112,8 +122,9 @@ class CreditGuard:
             if remaining is not None:
                 self.remaining = remaining
 
-    def stop(self, error: OutOfCredits) -> None:
-        """The API said the balance is gone: nothing more is sent."""
+    def stop(self, error: RunStopped) -> None:
+        """The API refused the key or said the balance is gone: nothing more is sent."""
         with self._lock:
             self._stopped = error
-            self.remaining = Decimal(0)
+            if isinstance(error, OutOfCredits):
+                self.remaining = Decimal(0)

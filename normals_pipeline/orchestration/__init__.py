@@ -1,0 +1,6 @@
+"""The thin Dagster layer: resources, partitions, assets, checks, sensors and schedules over the core."""
+
+from .definitions import build_definitions
+from .resources import ClipdropResource, DatasetResource
+
+__all__ = ["ClipdropResource", "DatasetResource", "build_definitions"]

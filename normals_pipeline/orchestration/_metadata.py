@@ -1,0 +1,44 @@
+"""Materialization metadata: what a user looks at in the UI after a shard ran."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+from dagster import MetadataValue
+
+from ..enrich import ShardResult
+
+PREVIEW_COLUMNS = ["path", "error_code", "credits_consumed", "width", "height", "normal_map_uri"]
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    def cell(value: object) -> str:
+        return "" if pd.isna(value) else str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def shard_metadata(result: ShardResult, images: int, manifest_uri: str, retries: dict[str, int]) -> dict[str, Any]:
+    df = result.manifest
+    errors = df["error_code"].dropna().value_counts().to_dict()
+    rate = result.new_rows / result.elapsed_s if result.elapsed_s > 0 else 0.0
+    metadata: dict[str, Any] = {
+        "images": images,
+        "enriched": result.enriched,
+        "errors": sum(errors.values()),
+        "errors_by_code": MetadataValue.json({str(k): int(v) for k, v in errors.items()}),
+        "processed_this_run": result.new_rows,
+        "requests": result.requests,
+        "retries_by_code": MetadataValue.json(retries),
+        "credits_consumed": float(result.credits_consumed),
+        "images_per_second": round(rate, 3),
+        "manifest": MetadataValue.path(manifest_uri),
+        "preview": MetadataValue.md(markdown_table(df[PREVIEW_COLUMNS].head(10))),
+        "dagster/row_count": len(df),
+    }
+    if result.remaining_credits is not None:
+        metadata["remaining_credits"] = float(result.remaining_credits)
+    return metadata

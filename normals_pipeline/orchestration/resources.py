@@ -1,0 +1,61 @@
+"""Resources: thin `ConfigurableResource`s over the core's client and storage."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from decimal import Decimal
+
+from dagster import ConfigurableResource
+from dagster_aws.s3 import S3Resource
+from pydantic import Field
+
+from ..client import DEFAULT_API_URL, ClipdropClient
+from ..guards import CreditGuard, rate_guard_for
+from ..storage import Storage, open_storage
+
+
+class ClipdropResource(ConfigurableResource):
+    """The Clipdrop API behind its rate and credit guards. Pass the key as `EnvVar("CLIPDROP_API_KEY")`."""
+
+    api_key: str = Field(description="Clipdrop API key; give it as an EnvVar so it is never stored in config.")
+    api_url: str = Field(default=DEFAULT_API_URL, description="Base URL of the API (or of the emulator).")
+    requests_per_minute: int = Field(default=60, ge=1, description="The key's rate limit.")
+    concurrency: int = Field(default=4, ge=1, description="Images in flight at once per run.")
+    credit_floor: float = Field(default=0.0, ge=0, description="Stop sending before the balance would drop below this.")
+    run_budget: float | None = Field(default=None, ge=0, description="Most credits one run may spend; none: no limit.")
+    timeout_seconds: float = Field(default=60.0, gt=0, description="Per-request timeout.")
+
+    @contextmanager
+    def get_client(self) -> Iterator[ClipdropClient]:
+        """A client for one run: the rate guard is shared by the process, the credit guard is the run's."""
+        budget = Decimal(str(self.run_budget)) if self.run_budget is not None else None
+        client = ClipdropClient(
+            self.api_key,
+            base_url=self.api_url,
+            rate_guard=rate_guard_for(self.api_key, self.requests_per_minute),
+            credit_guard=CreditGuard(floor=Decimal(str(self.credit_floor)), budget=budget),
+            timeout_s=self.timeout_seconds,
+            max_connections=self.concurrency,
+        )
+        try:
+            yield client
+        finally:
+            client.close()
+
+
+class DatasetResource(ConfigurableResource):
+    """Where the images are and where results go: local folders or `s3://bucket/prefix` URIs."""
+
+    dataset_uri: str = Field(description="Folder or s3://bucket/prefix holding the images.")
+    output_uri: str = Field(description="Folder or s3://bucket/prefix for normal maps, inventory and manifest.")
+    s3: S3Resource = Field(default_factory=S3Resource, description="S3 client settings (endpoint, region, ...).")
+
+    def dataset(self) -> Storage:
+        return self._open(self.dataset_uri)
+
+    def output(self) -> Storage:
+        return self._open(self.output_uri)
+
+    def _open(self, uri: str) -> Storage:
+        return open_storage(uri, s3_client=self.s3.get_client() if uri.startswith("s3://") else None)

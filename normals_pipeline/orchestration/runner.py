@@ -1,0 +1,112 @@
+"""Run the whole pipeline in-process through the Dagster definitions: the inventory, then every shard.
+
+This is what `normals-pipeline run` and `demo` call, so a script run and a UI run execute the same
+assets, resources and checks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from dagster import DagsterEvent, DagsterInstance, Definitions, ExecuteInProcessResult
+
+from ..inventory import partition_keys
+from .assets import SURFACE_NORMALS
+from .definitions import INVENTORY_JOB, SHARD_JOB
+
+QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+class RunFailed(Exception):
+    """A step failed: the message is one line saying what happened and what to do.
+
+    `started` is False when nothing was sent yet (the inventory could not be taken).
+    """
+
+    def __init__(self, message: str, *, started: bool = True) -> None:
+        super().__init__(message)
+        self.started = started
+
+
+@dataclass
+class RunSummary:
+    images: int = 0
+    enriched: int = 0
+    credits_consumed: float = 0.0
+    requests: int = 0
+    remaining_credits: float | None = None
+    errors: Counter[str] = field(default_factory=Counter)
+
+    def add(self, metadata: dict) -> None:
+        self.images += int(metadata.get("images", 0))
+        self.enriched += int(metadata.get("enriched", 0))
+        self.credits_consumed += float(metadata.get("credits_consumed", 0.0))
+        self.requests += int(metadata.get("requests", 0))
+        self.errors.update(metadata.get("errors_by_code", {}))
+        if metadata.get("remaining_credits") is not None:
+            self.remaining_credits = float(metadata["remaining_credits"])
+
+
+def _plain(metadata: dict) -> dict:
+    return {key: getattr(value, "value", value) for key, value in metadata.items()}
+
+
+def _failure_message(result: ExecuteInProcessResult) -> tuple[str, dict]:
+    """The user-facing message of the first failed step, and its metadata if it gave any."""
+    for event in result.all_events:
+        if not event.is_step_failure:
+            continue
+        data = event.step_failure_data
+        if data.user_failure_data is not None:
+            return data.user_failure_data.description or data.user_failure_data.label, _plain(data.user_failure_data.metadata)
+        error = data.error.cause if data.error and data.error.cause else data.error
+        if error is not None:
+            first_line = error.message.strip().splitlines()[0]
+            return first_line.rsplit(": ", 1)[-1] if error.cls_name else first_line, {}
+    return "the run failed; see the Dagster event log", {}
+
+
+def _materialization(result: ExecuteInProcessResult) -> dict:
+    events: list[DagsterEvent] = [e for e in result.all_events if e.is_step_materialization]
+    for event in events:
+        materialization = event.step_materialization_data.materialization
+        if materialization.asset_key.to_user_string() == SURFACE_NORMALS:
+            return _plain(materialization.metadata)
+    return {}
+
+
+def default_instance() -> DagsterInstance:
+    """The user's instance when DAGSTER_HOME is set (runs show in the UI), else a throwaway one."""
+    return DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else DagsterInstance.ephemeral()
+
+
+def run_pipeline(
+    defs: Definitions,
+    shards: int,
+    instance: DagsterInstance,
+    progress: Callable[[str, dict], None] = lambda key, metadata: None,
+) -> RunSummary:
+    """Materialize the inventory, then each shard in turn; raise `RunFailed` at the first stop."""
+    inventory = defs.resolve_job_def(INVENTORY_JOB).execute_in_process(
+        instance=instance, raise_on_error=False, run_config=QUIET_LOGS
+    )
+    if not inventory.success:
+        raise RunFailed(_failure_message(inventory)[0], started=False)
+    summary = RunSummary()
+    shard_job = defs.resolve_job_def(SHARD_JOB)
+    for key in partition_keys(shards):
+        result = shard_job.execute_in_process(
+            partition_key=key, instance=instance, raise_on_error=False, run_config=QUIET_LOGS
+        )
+        if not result.success:
+            message, metadata = _failure_message(result)
+            summary.add(metadata)
+            progress(key, metadata)
+            raise RunFailed(message)
+        metadata = _materialization(result)
+        summary.add(metadata)
+        progress(key, metadata)
+    return summary

@@ -1,0 +1,86 @@
+"""Sensor and schedule, both off by default.
+
+The sensor lists the dataset each tick. If the listing differs from the stored inventory it asks for an
+inventory refresh; once the inventory matches, it asks for a run of each shard whose images changed
+since it last looked (per-shard digests in the cursor). The schedule refreshes the inventory daily.
+"""
+
+
+import hashlib
+import json
+from collections import defaultdict
+
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+from dagster import (
+    DefaultScheduleStatus,
+    DefaultSensorStatus,
+    RunRequest,
+    ScheduleDefinition,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    sensor,
+)
+
+from ..inventory import InventoryMissing, partition_key, read_inventory, take_inventory
+from .resources import DatasetResource
+
+if TYPE_CHECKING:
+    from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
+
+
+def shard_digests(table: pa.Table, shards: int) -> dict[str, str]:
+    """A digest of each non-empty shard's (path, version) pairs: it changes when an image is added or edited."""
+    lines: dict[int, list[str]] = defaultdict(list)
+    for path, version, shard in zip(*(table[c].to_pylist() for c in ("path", "version", "shard"))):
+        lines[shard].append(f"{path}\t{version}")
+    return {
+        partition_key(shard, shards): hashlib.sha256("\n".join(sorted(rows)).encode()).hexdigest()[:16]
+        for shard, rows in lines.items()
+    }
+
+
+def build_new_images_sensor(
+    shards: int, inventory_job: "UnresolvedAssetJobDefinition", shard_job: "UnresolvedAssetJobDefinition"
+):
+    @sensor(
+        name="new_images_sensor",
+        jobs=[inventory_job, shard_job],
+        minimum_interval_seconds=60,
+        default_status=DefaultSensorStatus.STOPPED,
+        description="Notices new or changed images and requests runs for the shards that have them.",
+    )
+    def new_images_sensor(context: SensorEvaluationContext, storage: DatasetResource):
+        listing = shard_digests(take_inventory(storage.dataset(), shards), shards)
+        try:
+            stored = shard_digests(read_inventory(storage.output()), shards)
+        except InventoryMissing:
+            stored = None
+        if stored != listing:
+            digest = hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()[:16]
+            return RunRequest(job_name=inventory_job.name, run_key=f"inventory-{digest}")
+        seen = json.loads(context.cursor) if context.cursor else {}
+        changed = sorted(key for key, digest in listing.items() if seen.get(key) != digest)
+        if not changed:
+            return SkipReason("no new or changed images")
+        return SensorResult(
+            run_requests=[
+                RunRequest(job_name=shard_job.name, partition_key=key, run_key=f"{key}-{listing[key]}")
+                for key in changed
+            ],
+            cursor=json.dumps(listing, sort_keys=True),
+        )
+
+    return new_images_sensor
+
+
+def build_daily_schedule(inventory_job: "UnresolvedAssetJobDefinition") -> ScheduleDefinition:
+    return ScheduleDefinition(
+        name="daily_inventory_schedule",
+        job=inventory_job,
+        cron_schedule="0 2 * * *",
+        default_status=DefaultScheduleStatus.STOPPED,
+        description="Refreshes the inventory daily at 02:00; with the sensor on, new images are then enriched.",
+    )

@@ -1,0 +1,136 @@
+"""The client against the emulator over real HTTP on loopback."""
+
+import io
+from decimal import Decimal
+
+import pytest
+from PIL import Image
+
+from normals_pipeline import (
+    ApiUnreachable,
+    ClipdropClient,
+    CreditGuard,
+    CreditLimitReached,
+    ImageRejected,
+    InvalidApiKey,
+    InvalidResponse,
+    MissingApiKey,
+    OutOfCredits,
+    RateGuard,
+    RetryPolicy,
+    ServerError,
+)
+from normals_pipeline.client import parse_credits
+from normals_pipeline.emulator import Faults
+
+FAST_RETRY = RetryPolicy(attempts=4, timeout_s=10, wait_initial_s=0.01, wait_max_s=0.05, wait_jitter_s=0.0)
+
+
+def jpeg(width: int = 64, height: int = 48) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 150, 120)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def make_client(url: str, key: str = "test-key", **kwargs) -> ClipdropClient:
+    kwargs.setdefault("rate_guard", RateGuard(100_000))
+    kwargs.setdefault("retry", FAST_RETRY)
+    return ClipdropClient(key, base_url=url, **kwargs)
+
+
+def test_success_returns_the_map_and_credits(emulator):
+    with make_client(emulator.url) as client:
+        result = client.surface_normals(jpeg(64, 48), "image.jpg", "image/jpeg")
+    assert Image.open(io.BytesIO(result.content)).size == (64, 48)
+    assert result.credits_consumed == 1 and result.remaining_credits == 999
+    assert emulator.stats()["charged"] == "1"
+
+
+@pytest.mark.parametrize(("value", "parsed"), [("1", Decimal(1)), ("0.2", Decimal("0.2")), (" 7 ", Decimal(7)), ("x", None), (None, None), ("NaN", None)])
+def test_credit_headers_are_decimals_or_nothing(value, parsed):
+    assert parse_credits(value) == parsed
+
+
+def test_missing_credit_headers_assume_the_documented_price(emulator_factory):
+    emulator = emulator_factory(credit_headers=False)
+    with make_client(emulator.url) as client:
+        result = client.surface_normals(jpeg(), "image.jpg", "image/jpeg")
+    assert result.credits_consumed == 1 and result.remaining_credits is None
+
+
+def test_no_key_is_a_clear_stop_without_the_key(emulator):
+    with make_client(emulator.url, key="") as client, pytest.raises(MissingApiKey) as raised:
+        client.surface_normals(jpeg(), "image.jpg", "image/jpeg")
+    assert raised.value.status == 401 and "CLIPDROP_API_KEY" in raised.value.message
+
+
+def test_unknown_key_never_appears_in_the_message(emulator):
+    with make_client(emulator.url, key="sk-canary-0451") as client, pytest.raises(InvalidApiKey) as raised:
+        client.surface_normals(jpeg(), "image.jpg", "image/jpeg")
+    assert raised.value.error_code == "invalid_api_key"
+    assert "canary" not in str(raised.value) and "canary" not in repr(raised.value)
+
+
+def test_bad_image_is_a_per_image_error(emulator):
+    with make_client(emulator.url) as client, pytest.raises(ImageRejected) as raised:
+        client.surface_normals(b"GIF89a not really", "image.gif", "image/gif")
+    assert raised.value.error_code == "bad_request" and raised.value.status == 400
+
+
+def test_402_stops_the_guard(emulator_factory):
+    emulator = emulator_factory(keys={"test-key": Decimal(0)})
+    with make_client(emulator.url) as client:
+        with pytest.raises(OutOfCredits) as raised:
+            client.surface_normals(jpeg(), "image.jpg", "image/jpeg")
+        assert raised.value.status == 402
+        with pytest.raises(OutOfCredits):  # the guard now refuses before sending
+            client.surface_normals(jpeg(), "image.jpg", "image/jpeg")
+    assert emulator.stats()["requests"] == 1
+
+
+def test_known_empty_balance_is_not_sent(emulator_factory):
+    emulator = emulator_factory(keys={"test-key": Decimal(1)})
+    with make_client(emulator.url) as client:
+        client.surface_normals(jpeg(), "image.jpg", "image/jpeg")
+        with pytest.raises(CreditLimitReached, match="no credits left"):
+            client.surface_normals(jpeg(), "image.jpg", "image/jpeg")
+    assert emulator.stats()["requests"] == 1
+
+
+def test_500s_are_retried(emulator_factory):
+    emulator = emulator_factory(faults=Faults(error_burst=2))
+    with make_client(emulator.url) as client:
+        result = client.surface_normals(jpeg(), "image.jpg", "image/jpeg")
+        assert client.retries_by_code == {"server_error": 2}
+    assert result.credits_consumed == 1
+
+
+def test_500s_give_up_after_the_attempts(emulator_factory):
+    emulator = emulator_factory(faults=Faults(error_rate=1.0))
+    with make_client(emulator.url) as client, pytest.raises(ServerError):
+        client.surface_normals(jpeg(), "image.jpg", "image/jpeg")
+    assert emulator.stats()["requests"] == FAST_RETRY.attempts
+
+
+def test_429_honours_retry_after_and_pauses_the_key(emulator_factory):
+    emulator = emulator_factory(faults=Faults(rate_limit_burst=1, retry_after=1))
+    guard = RateGuard(100_000)
+    with make_client(emulator.url, rate_guard=guard) as client:
+        result = client.surface_normals(jpeg(), "image.jpg", "image/jpeg")
+        assert client.retries_by_code == {"rate_limited": 1}
+    assert result.status == 200
+    assert guard._resume_at > 0
+
+
+def test_corrupt_body_is_charged_and_not_retried(emulator_factory):
+    emulator = emulator_factory(faults=Faults(corrupt_rate=1.0))
+    with make_client(emulator.url) as client, pytest.raises(InvalidResponse) as raised:
+        client.surface_normals(jpeg(), "image.jpg", "image/jpeg")
+    assert raised.value.credits_consumed == 1
+    assert emulator.stats()["requests"] == 1
+
+
+def test_unreachable_api_is_retried_then_raised():
+    with make_client("http://127.0.0.1:9") as client, pytest.raises(ApiUnreachable) as raised:
+        client.surface_normals(jpeg(), "image.jpg", "image/jpeg")
+    assert raised.value.error_code == "connection_error"

@@ -1,0 +1,150 @@
+"""End to end through the Dagster definitions: a folder (or S3) of portraits against the emulator."""
+
+import shutil
+from decimal import Decimal
+
+import pyarrow.dataset as ds
+import pytest
+from dagster import DagsterInstance
+
+from normals_pipeline.emulator import Faults
+from normals_pipeline.orchestration import ClipdropResource, DatasetResource, build_definitions
+from normals_pipeline.orchestration.runner import RunFailed, run_pipeline
+from normals_pipeline.synthetic import make_portraits
+
+SHARDS = 4
+
+
+@pytest.fixture
+def portraits(tmp_path):
+    folder = tmp_path / "portraits"
+    make_portraits(folder, 8)
+    (folder / "broken.jpg").write_bytes(b"not a jpeg at all")
+    (folder / ".hidden.jpg").write_bytes(b"hidden files are skipped")
+    (folder / "notes.txt").write_text("not a candidate")
+    first = sorted(p for p in folder.iterdir() if p.suffix == ".png")[0]
+    shutil.copy(first, folder / "duplicate of first.png")  # same bytes: charged once
+    return folder
+
+
+def definitions(dataset, output, url, **clipdrop):
+    resource = ClipdropResource(api_key="test-key", api_url=url, requests_per_minute=100_000, **clipdrop)
+    return build_definitions(dataset_uri=str(dataset), output_uri=str(output), shards=SHARDS, clipdrop=resource)
+
+
+def read_manifest(output):
+    return ds.dataset(str(output / "manifest"), partitioning="hive").to_table().to_pandas()
+
+
+def test_a_run_enriches_every_image_once_and_a_rerun_charges_nothing(portraits, tmp_path, emulator):
+    output = tmp_path / "out"
+    defs = definitions(portraits, output, emulator.url)
+    instance = DagsterInstance.ephemeral()
+
+    summary = run_pipeline(defs, SHARDS, instance)
+
+    df = read_manifest(output)
+    images = 10  # 8 portraits + broken + duplicate
+    assert len(df) == images and df["path"].is_unique
+    assert summary.images == images and summary.enriched == 9
+    assert dict(summary.errors) == {"unreadable_image": 1}
+    charged = Decimal(emulator.stats()["charged"])
+    assert charged == 8  # the duplicate reuses its twin's map
+    assert Decimal(str(df["credits_consumed"].sum())) == charged
+    assert df.loc[df["error_code"].isna(), "normal_map_uri"].str.startswith("file://").all()
+    assert not df["path"].str.contains("hidden").any()
+
+    again = run_pipeline(defs, SHARDS, instance)
+    assert Decimal(emulator.stats()["charged"]) == charged
+    assert again.credits_consumed == 0 and again.requests == 0
+    assert len(read_manifest(output)) == images
+
+
+def test_new_images_are_picked_up_without_moving_old_ones(portraits, tmp_path, emulator):
+    output = tmp_path / "out"
+    defs = definitions(portraits, output, emulator.url)
+    instance = DagsterInstance.ephemeral()
+    run_pipeline(defs, SHARDS, instance)
+    before = read_manifest(output).set_index("path")["partition"]
+
+    make_portraits(portraits / "later", 3, seed=7)
+    run_pipeline(defs, SHARDS, instance)
+
+    after = read_manifest(output).set_index("path")["partition"]
+    assert len(after) == len(before) + 3
+    assert (after[before.index] == before).all()
+    assert Decimal(emulator.stats()["charged"]) == 8 + 3
+
+
+def test_materialization_metadata_and_check(portraits, tmp_path, emulator):
+    output = tmp_path / "out"
+    defs = definitions(portraits, output, emulator.url)
+    instance = DagsterInstance.ephemeral()
+    defs.resolve_job_def("refresh_inventory").execute_in_process(instance=instance)
+    result = defs.resolve_job_def("enrich_shard").execute_in_process(partition_key="00", instance=instance)
+
+    [materialization] = result.asset_materializations_for_node("surface_normals")
+    metadata = materialization.metadata
+    for key in ("images", "enriched", "errors_by_code", "credits_consumed", "remaining_credits", "images_per_second", "preview"):
+        assert key in metadata
+    [check] = result.get_asset_check_evaluations()
+    assert check.passed
+
+
+def test_out_of_credits_stops_the_run_and_keeps_what_is_done(portraits, tmp_path, emulator_factory):
+    emulator = emulator_factory(faults=Faults(credits_after=3))
+    output = tmp_path / "out"
+    defs = definitions(portraits, output, emulator.url, concurrency=1)
+
+    with pytest.raises(RunFailed, match="no credits left"):
+        run_pipeline(defs, SHARDS, DagsterInstance.ephemeral())
+
+    df = read_manifest(output)
+    assert df["error_code"].isna().sum() >= 3
+    assert Decimal(str(df["credits_consumed"].sum())) == Decimal(emulator.stats()["charged"])
+
+
+def test_a_refused_key_fails_fast_with_a_clear_message(portraits, tmp_path, emulator):
+    resource = ClipdropResource(api_key="sk-wrong-canary", api_url=emulator.url)
+    defs = build_definitions(dataset_uri=str(portraits), output_uri=str(tmp_path / "o"), shards=SHARDS, clipdrop=resource)
+    with pytest.raises(RunFailed) as raised:
+        run_pipeline(defs, SHARDS, DagsterInstance.ephemeral())
+    assert "refused the API key" in str(raised.value) and "canary" not in str(raised.value)
+    assert emulator.stats()["requests"] == 1
+
+
+def test_a_missing_dataset_is_one_clear_line(tmp_path, emulator):
+    defs = definitions(tmp_path / "nope", tmp_path / "out", emulator.url)
+    with pytest.raises(RunFailed) as raised:
+        run_pipeline(defs, SHARDS, DagsterInstance.ephemeral())
+    assert "nope" in str(raised.value) and not raised.value.started
+
+
+def test_output_inside_the_dataset_is_refused(portraits, emulator):
+    defs = definitions(portraits, portraits / "out", emulator.url)
+    with pytest.raises(RunFailed, match="inside the dataset"):
+        run_pipeline(defs, SHARDS, DagsterInstance.ephemeral())
+
+
+def test_s3_dataset_to_s3_output(portraits, s3_client, s3_bucket, s3_endpoint, emulator):
+    for path in portraits.rglob("*"):
+        if path.is_file():
+            s3_client.put_object(Bucket=s3_bucket, Key=f"in/{path.relative_to(portraits).as_posix()}", Body=path.read_bytes())
+    storage = DatasetResource(dataset_uri=f"s3://{s3_bucket}/in", output_uri=f"s3://{s3_bucket}/out")
+    resource = ClipdropResource(api_key="test-key", api_url=emulator.url, requests_per_minute=100_000)
+    defs = build_definitions(dataset_uri="", output_uri="", shards=SHARDS, clipdrop=resource, storage=storage)
+    instance = DagsterInstance.ephemeral()
+
+    summary = run_pipeline(defs, SHARDS, instance)
+
+    assert summary.images == 10 and summary.enriched == 9
+    import pyarrow.fs
+
+    fs = pyarrow.fs.S3FileSystem(endpoint_override=s3_endpoint, access_key="testing", secret_key="testing", region="us-east-1")
+    df = ds.dataset(f"{s3_bucket}/out/manifest", filesystem=fs, partitioning="hive").to_table().to_pandas()
+    assert len(df) == 10
+    assert df.loc[df["error_code"].isna(), "normal_map_uri"].str.startswith(f"s3://{s3_bucket}/out/normals/").all()
+    assert Decimal(str(df["credits_consumed"].sum())) == Decimal(emulator.stats()["charged"]) == 8
+
+    run_pipeline(defs, SHARDS, instance)
+    assert Decimal(emulator.stats()["charged"]) == 8
