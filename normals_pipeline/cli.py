@@ -24,6 +24,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=4, help="images in flight at once")
     parser.add_argument("--credit-floor", type=float, default=0.0, help="stop before the balance drops below this")
     parser.add_argument("--budget", type=float, default=None, help="most credits one shard run may spend")
+    parser.add_argument("--max-attempts", type=int, default=6, help="tries per image for 429, 5xx and network errors")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,8 +62,8 @@ def run_command(args: argparse.Namespace) -> int:
 
     try:
         shards = args.shards if args.shards is not None else shard_count_from_env()
-        if shards < 1 or args.rpm < 1 or args.concurrency < 1:
-            raise ValueError("--shards, --rpm and --concurrency must be at least 1")
+        if min(shards, args.rpm, args.concurrency, args.max_attempts) < 1:
+            raise ValueError("--shards, --rpm, --concurrency and --max-attempts must be at least 1")
     except ValueError as error:
         return _fail(str(error), 2)
     return _run(args, shards)
@@ -82,6 +83,7 @@ def _run(args: argparse.Namespace, shards: int) -> int:
         concurrency=args.concurrency,
         credit_floor=args.credit_floor,
         run_budget=args.budget,
+        max_attempts=args.max_attempts,
     )
     defs = build_definitions(dataset_uri=args.dataset, output_uri=args.output, shards=shards, clipdrop=clipdrop)
     print(f"enriching {args.dataset} -> {args.output} ({shards} shards, {args.rpm} requests/min)", flush=True)

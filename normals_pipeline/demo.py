@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
 
@@ -40,14 +42,28 @@ def _sheet(dataset: Path, output: Path) -> Path:
     return contact_sheet(pairs, output / "contact_sheet.png")
 
 
+@contextmanager
+def _api_key(key: str) -> Iterator[None]:
+    """The demo's key for the runs it makes, without leaving it in the caller's environment."""
+    previous = os.environ.get("CLIPDROP_API_KEY")
+    os.environ["CLIPDROP_API_KEY"] = key
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["CLIPDROP_API_KEY"]
+        else:
+            os.environ["CLIPDROP_API_KEY"] = previous
+
+
 def run_demo(workdir: Path, images: int) -> int:
+    workdir = workdir.resolve()
     dataset, output = workdir / "portraits", workdir / "enriched"
     shutil.rmtree(workdir, ignore_errors=True)
     make_portraits(dataset, images)
     (dataset / "not-really-a-photo.jpg").write_bytes(b"this file is text, not a JPEG")
     config = EmulatorConfig(keys={DEMO_KEY: Decimal(100)}, rpm=60, latency=0.3)
-    with Emulator(config) as emulator:
-        os.environ["CLIPDROP_API_KEY"] = DEMO_KEY
+    with Emulator(config) as emulator, _api_key(DEMO_KEY):
         print(f"emulator: {emulator.url} (key {DEMO_KEY}, 100 credits, 60 requests/min)\n\nfirst run:")
         if code := _run_once(dataset, output, emulator.url):
             return code

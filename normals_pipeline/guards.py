@@ -119,8 +119,8 @@ class CreditGuard:
         with self._lock:
             self._in_flight -= 1
             self.spent += consumed or Decimal(0)
-            if remaining is not None:
-                self.remaining = remaining
+            if remaining is not None:  # answers arrive out of order: the lowest is the latest balance
+                self.remaining = remaining if self.remaining is None else min(self.remaining, remaining)
 
     def stop(self, error: RunStopped) -> None:
         """The API refused the key or said the balance is gone: nothing more is sent."""

@@ -3,7 +3,6 @@
 
 from dagster import (
     AssetExecutionContext,
-    BackfillPolicy,
     Failure,
     MaterializeResult,
     MetadataValue,
@@ -65,7 +64,6 @@ def build_assets(shards: int, partitions: StaticPartitionsDefinition) -> list:
         kinds={"parquet", "jpeg"},
         deps=[image_inventory],
         partitions_def=partitions,
-        backfill_policy=BackfillPolicy.multi_run(1),
         pool=POOL,
         check_specs=[manifest_check_spec(SURFACE_NORMALS)],
     )

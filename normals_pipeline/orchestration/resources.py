@@ -10,7 +10,7 @@ from dagster import ConfigurableResource
 from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
-from ..client import DEFAULT_API_URL, ClipdropClient
+from ..client import DEFAULT_API_URL, ClipdropClient, RetryPolicy
 from ..guards import CreditGuard, rate_guard_for
 from ..storage import Storage, open_storage
 
@@ -25,6 +25,7 @@ class ClipdropResource(ConfigurableResource):
     credit_floor: float = Field(default=0.0, ge=0, description="Stop sending before the balance would drop below this.")
     run_budget: float | None = Field(default=None, ge=0, description="Most credits one run may spend; none: no limit.")
     timeout_seconds: float = Field(default=60.0, gt=0, description="Per-request timeout.")
+    max_attempts: int = Field(default=6, ge=1, description="Tries per image for 429, 5xx, timeouts and connection errors.")
 
     @contextmanager
     def get_client(self) -> Iterator[ClipdropClient]:
@@ -36,6 +37,7 @@ class ClipdropResource(ConfigurableResource):
             rate_guard=rate_guard_for(self.api_key, self.requests_per_minute),
             credit_guard=CreditGuard(floor=Decimal(str(self.credit_floor)), budget=budget),
             timeout_s=self.timeout_seconds,
+            retry=RetryPolicy(attempts=self.max_attempts),
             max_connections=self.concurrency,
         )
         try:
