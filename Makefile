@@ -18,18 +18,20 @@ demo: $(STAMP)
 	$(BIN)/normals-pipeline demo
 
 test: $(STAMP)
+	$(BIN)/ruff check normals_pipeline tests definitions.py
 	$(BIN)/python -m pytest -q
 
-# The Dagster UI against the emulator on a local folder (the demo's portraits).
+# The Dagster UI (http://127.0.0.1:3000) against the emulator on synthetic portraits.
+DEV_ENV = NORMALS_DATASET=$(CURDIR)/dev-data/portraits NORMALS_OUTPUT=$(CURDIR)/dev-data/enriched \
+	CLIPDROP_API_URL=http://127.0.0.1:8765 CLIPDROP_API_KEY=emulator-key DAGSTER_HOME=$(CURDIR)/.dagster_home
 dev: $(STAMP)
-	$(BIN)/normals-pipeline demo --images 12 >/dev/null
-	NORMALS_DATASET=$(CURDIR)/demo-output/portraits NORMALS_OUTPUT=$(CURDIR)/demo-output/dev-output \
-	CLIPDROP_API_URL=http://127.0.0.1:8765 CLIPDROP_API_KEY=emulator-key DAGSTER_HOME=$(CURDIR)/.dagster_home \
-	sh -c 'mkdir -p $$DAGSTER_HOME && ($(BIN)/normals-pipeline emulator --port 8765 & trap "kill $$!" EXIT; \
-	       $(BIN)/dagster dev -w workspace.yaml)'
+	test -d dev-data/portraits || $(BIN)/normals-pipeline portraits dev-data/portraits --count 24
+	mkdir -p .dagster_home
+	$(BIN)/normals-pipeline emulator --port 8765 & emulator=$$!; trap "kill $$emulator" EXIT INT TERM; \
+	$(DEV_ENV) $(BIN)/dagster dev -w workspace.yaml
 
 emulator: $(STAMP)
 	$(BIN)/normals-pipeline emulator
 
 clean:
-	rm -rf $(VENV) demo-output .dagster_home .pytest_cache .hypothesis
+	rm -rf $(VENV) demo-output dev-data .dagster_home .pytest_cache .hypothesis

@@ -18,8 +18,12 @@ from .emulator import _cli as emulator_cli
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, help="folder or s3://bucket/prefix of images")
     parser.add_argument("--output", required=True, help="folder or s3://bucket/prefix for maps and manifest")
-    parser.add_argument("--api-url", default=os.environ.get("CLIPDROP_API_URL"), help="API base URL (default: the real API)")
-    parser.add_argument("--rpm", type=int, default=int(os.environ.get("CLIPDROP_RPM", "60")), help="the key's requests per minute")
+    parser.add_argument(
+        "--api-url", default=os.environ.get("CLIPDROP_API_URL"), help="API base URL (default: the real API)"
+    )
+    parser.add_argument(
+        "--rpm", type=int, default=int(os.environ.get("CLIPDROP_RPM", "60")), help="the key's requests per minute"
+    )
     parser.add_argument("--shards", type=int, default=None, help="number of partitions (default: NORMALS_SHARDS or 16)")
     parser.add_argument("--concurrency", type=int, default=4, help="images in flight at once")
     parser.add_argument("--credit-floor", type=float, default=0.0, help="stop before the balance drops below this")
@@ -35,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="synthetic portraits + emulator + a full run + a contact sheet")
     demo.add_argument("--workdir", type=Path, default=Path("demo-output"), help="where to put everything")
     demo.add_argument("--images", type=int, default=12, help="how many synthetic portraits")
+    portraits = commands.add_parser("portraits", help="write synthetic portraits to try the pipeline on")
+    portraits.add_argument("folder", type=Path)
+    portraits.add_argument("--count", type=int, default=12)
     return parser
 
 
@@ -110,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         return emulator_cli.run(args)
     if args.command == "run":
         return run_command(args)
+    if args.command == "portraits":
+        from .synthetic import make_portraits
+
+        print(f"{len(make_portraits(args.folder, args.count))} portraits in {args.folder.resolve()}")
+        return 0
     from .demo import run_demo
 
     return run_demo(args.workdir, args.images)

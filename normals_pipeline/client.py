@@ -88,11 +88,15 @@ def raise_for_status(response: httpx.Response) -> None:
         return
     detail = f"{status} {_error_text(response)}"
     if status == 401:
-        raise MissingApiKey(f"Clipdrop refused the request: no API key was sent ({detail}); set CLIPDROP_API_KEY", status=status)
+        raise MissingApiKey(
+            f"Clipdrop refused the request: no API key was sent ({detail}); set CLIPDROP_API_KEY", status=status
+        )
     if status == 403:
         raise InvalidApiKey(f"Clipdrop refused the API key ({detail}); check CLIPDROP_API_KEY", status=status)
     if status == 402:
-        raise OutOfCredits(f"Clipdrop says the account has no credits left ({detail}); buy credits, then re-run", status=status)
+        raise OutOfCredits(
+            f"Clipdrop says the account has no credits left ({detail}); buy credits, then re-run", status=status
+        )
     if status == 429:
         raise RateLimited(f"rate limited ({detail})", retry_after=_retry_after(response))
     if status >= 500:

@@ -26,14 +26,18 @@ DEMO_SHARDS = 4
 def _run_once(dataset: Path, output: Path, api_url: str) -> int:
     from .cli import main
 
-    return main(["run", "--dataset", str(dataset), "--output", str(output), "--api-url", api_url, "--shards", str(DEMO_SHARDS)])
+    return main(
+        ["run", "--dataset", str(dataset), "--output", str(output), "--api-url", api_url, "--shards", str(DEMO_SHARDS)]
+    )
 
 
 def _sheet(dataset: Path, output: Path) -> Path:
     """Input | normal map for every enriched image, from the manifest the run wrote."""
     import pyarrow.dataset as ds
 
-    table = ds.dataset(output / "manifest", partitioning="hive").to_table(columns=["path", "content_hash", "error_code"])
+    table = ds.dataset(output / "manifest", partitioning="hive").to_table(
+        columns=["path", "content_hash", "error_code"]
+    )
     pairs = []
     for row in sorted(table.to_pylist(), key=lambda r: r["path"]):
         if row["error_code"] is None:

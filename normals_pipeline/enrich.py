@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import pandas as pd
@@ -127,7 +127,10 @@ class Enricher:
         try:
             data = self.dataset.read_bytes(item.path)
         except (OSError, ValueError) as error:
-            return _row(item, error=ImageRejected(f"cannot read the file ({type(error).__name__})", error_code="unreadable_file"))
+            return _row(
+                item,
+                error=ImageRejected(f"cannot read the file ({type(error).__name__})", error_code="unreadable_file"),
+            )
         digest = hashlib.sha256(data).hexdigest()
         try:
             prepared = prepare(data)
@@ -193,5 +196,5 @@ def _row(
         "http_status": result.status if result else (error.status if error else None),
         "error_code": error.error_code if error else None,
         "error_message": error.message if error else None,
-        "processed_at": datetime.now(timezone.utc),
+        "processed_at": datetime.now(UTC),
     }

@@ -50,7 +50,10 @@ MANIFEST_SCHEMA = pandera.DataFrameSchema(
     {
         "path": pandera.Column(
             str,
-            [pandera.Check.str_length(min_value=1), pandera.Check(lambda s: ~s.str.startswith("/") & ~s.str.contains("\\\\", regex=False))],
+            [
+                pandera.Check.str_length(min_value=1),
+                pandera.Check(lambda s: ~s.str.startswith("/") & ~s.str.contains("\\\\", regex=False)),
+            ],
             unique=True,
         ),
         "content_hash": pandera.Column(str, pandera.Check.str_matches(r"^[0-9a-f]{64}$"), nullable=True),

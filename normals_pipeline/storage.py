@@ -276,6 +276,4 @@ def open_storage(uri: str, s3_client: Any = None) -> Storage:
             raise ValueError(f"S3 URI has no bucket: {uri}")
         client = s3_client if s3_client is not None else boto3.client("s3")
         return S3Storage(parsed.netloc, parsed.path.lstrip("/"), client)
-    raise ValueError(
-        f"unsupported storage URI scheme {parsed.scheme!r} in {uri!r}: use a local path, file:// or s3://"
-    )
+    raise ValueError(f"unsupported storage URI scheme {parsed.scheme!r} in {uri!r}: use a local path, file:// or s3://")

@@ -85,7 +85,9 @@ def _face(draw: ImageDraw.ImageDraw, cx: float, top: float, width: float, height
     for x in (cx - eye_dx, cx + eye_dx):
         draw.ellipse((x - eye_r, eye_y - eye_r * 0.6, x + eye_r, eye_y + eye_r * 0.6), fill=(30, 30, 30))
     mouth_y = top + 0.75 * height
-    draw.line((cx - 0.12 * width, mouth_y, cx + 0.12 * width, mouth_y), fill=(150, 60, 60), width=max(2, int(width * 0.02)))
+    draw.line(
+        (cx - 0.12 * width, mouth_y, cx + 0.12 * width, mouth_y), fill=(150, 60, 60), width=max(2, int(width * 0.02))
+    )
 
 
 def _save(image: Image.Image, path: Path) -> None:

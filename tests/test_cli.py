@@ -13,7 +13,22 @@ def dataset(tmp_path):
 
 
 def run(dataset, output, url, *extra):
-    return main(["run", "--dataset", str(dataset), "--output", str(output), "--api-url", url, "--rpm", "100000", "--shards", "2", *extra])
+    return main(
+        [
+            "run",
+            "--dataset",
+            str(dataset),
+            "--output",
+            str(output),
+            "--api-url",
+            url,
+            "--rpm",
+            "100000",
+            "--shards",
+            "2",
+            *extra,
+        ]
+    )
 
 
 def test_run_prints_a_summary_and_exits_0(dataset, tmp_path, emulator, monkeypatch, capsys):

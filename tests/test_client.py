@@ -9,7 +9,6 @@ from PIL import Image
 from normals_pipeline import (
     ApiUnreachable,
     ClipdropClient,
-    CreditGuard,
     CreditLimitReached,
     ImageRejected,
     InvalidApiKey,
@@ -46,7 +45,10 @@ def test_success_returns_the_map_and_credits(emulator):
     assert emulator.stats()["charged"] == "1"
 
 
-@pytest.mark.parametrize(("value", "parsed"), [("1", Decimal(1)), ("0.2", Decimal("0.2")), (" 7 ", Decimal(7)), ("x", None), (None, None), ("NaN", None)])
+@pytest.mark.parametrize(
+    ("value", "parsed"),
+    [("1", Decimal(1)), ("0.2", Decimal("0.2")), (" 7 ", Decimal(7)), ("x", None), (None, None), ("NaN", None)],
+)
 def test_credit_headers_are_decimals_or_nothing(value, parsed):
     assert parse_credits(value) == parsed
 

@@ -25,11 +25,11 @@ from normals_pipeline.emulator import (
     Emulator,
     EmulatorConfig,
     Faults,
+    _cli,
     fingerprint,
     format_decimal,
     render_normal_map,
 )
-from normals_pipeline.emulator import _cli
 
 Factory = Callable[..., Emulator]
 

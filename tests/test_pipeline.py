@@ -85,7 +85,15 @@ def test_materialization_metadata_and_check(portraits, tmp_path, emulator):
 
     [materialization] = result.asset_materializations_for_node("surface_normals")
     metadata = materialization.metadata
-    for key in ("images", "enriched", "errors_by_code", "credits_consumed", "remaining_credits", "images_per_second", "preview"):
+    for key in (
+        "images",
+        "enriched",
+        "errors_by_code",
+        "credits_consumed",
+        "remaining_credits",
+        "images_per_second",
+        "preview",
+    ):
         assert key in metadata
     [check] = result.get_asset_check_evaluations()
     assert check.passed
@@ -106,7 +114,9 @@ def test_out_of_credits_stops_the_run_and_keeps_what_is_done(portraits, tmp_path
 
 def test_a_refused_key_fails_fast_with_a_clear_message(portraits, tmp_path, emulator):
     resource = ClipdropResource(api_key="sk-wrong-canary", api_url=emulator.url)
-    defs = build_definitions(dataset_uri=str(portraits), output_uri=str(tmp_path / "o"), shards=SHARDS, clipdrop=resource)
+    defs = build_definitions(
+        dataset_uri=str(portraits), output_uri=str(tmp_path / "o"), shards=SHARDS, clipdrop=resource
+    )
     with pytest.raises(RunFailed) as raised:
         run_pipeline(defs, SHARDS, DagsterInstance.ephemeral())
     assert "refused the API key" in str(raised.value) and "canary" not in str(raised.value)
@@ -129,7 +139,9 @@ def test_output_inside_the_dataset_is_refused(portraits, emulator):
 def test_s3_dataset_to_s3_output(portraits, s3_client, s3_bucket, s3_endpoint, emulator):
     for path in portraits.rglob("*"):
         if path.is_file():
-            s3_client.put_object(Bucket=s3_bucket, Key=f"in/{path.relative_to(portraits).as_posix()}", Body=path.read_bytes())
+            s3_client.put_object(
+                Bucket=s3_bucket, Key=f"in/{path.relative_to(portraits).as_posix()}", Body=path.read_bytes()
+            )
     storage = DatasetResource(dataset_uri=f"s3://{s3_bucket}/in", output_uri=f"s3://{s3_bucket}/out")
     resource = ClipdropResource(api_key="test-key", api_url=emulator.url, requests_per_minute=100_000)
     defs = build_definitions(dataset_uri="", output_uri="", shards=SHARDS, clipdrop=resource, storage=storage)
@@ -140,7 +152,9 @@ def test_s3_dataset_to_s3_output(portraits, s3_client, s3_bucket, s3_endpoint, e
     assert summary.images == 10 and summary.enriched == 9
     import pyarrow.fs
 
-    fs = pyarrow.fs.S3FileSystem(endpoint_override=s3_endpoint, access_key="testing", secret_key="testing", region="us-east-1")
+    fs = pyarrow.fs.S3FileSystem(
+        endpoint_override=s3_endpoint, access_key="testing", secret_key="testing", region="us-east-1"
+    )
     df = ds.dataset(f"{s3_bucket}/out/manifest", filesystem=fs, partitioning="hive").to_table().to_pandas()
     assert len(df) == 10
     assert df.loc[df["error_code"].isna(), "normal_map_uri"].str.startswith(f"s3://{s3_bucket}/out/normals/").all()

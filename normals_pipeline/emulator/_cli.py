@@ -42,7 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     faults.add_argument("--slow-rate", type=float, default=0.0, help="fraction of requests delayed --slow-seconds")
     faults.add_argument("--slow-seconds", type=float, default=0.0)
     faults.add_argument("--truncate-rate", type=float, default=0.0, help="fraction of 200s cut short (charged)")
-    faults.add_argument("--corrupt-rate", type=float, default=0.0, help="fraction of 200s with a non-JPEG body (charged)")
+    faults.add_argument(
+        "--corrupt-rate", type=float, default=0.0, help="fraction of 200s with a non-JPEG body (charged)"
+    )
     faults.add_argument("--credits-after", type=int, default=None, help="answer 402 after N successes")
     faults.add_argument("--seed", type=int, default=0, help="seed of the fault randomness")
 

@@ -1,6 +1,5 @@
 """Assets: the dataset's inventory, and the partitioned surface normals that enrich it shard by shard."""
 
-
 from dagster import (
     AssetExecutionContext,
     Failure,
@@ -33,7 +32,9 @@ def _refuse_nested(dataset: Storage, output: Storage) -> None:
 def stop_message(error: Exception, api_url: str) -> str:
     """One line: what happened and what to do. Built from our own messages, which never hold the key."""
     if isinstance(error, ApiUnreachable):
-        return f"cannot reach the Clipdrop API at {api_url} ({error.message}); check the URL and the network, then re-run"
+        return (
+            f"cannot reach the Clipdrop API at {api_url} ({error.message}); check the URL and the network, then re-run"
+        )
     return error.message if isinstance(error, ClipdropError) else f"{type(error).__name__}: {error}"
 
 
@@ -74,7 +75,11 @@ def build_assets(shards: int, partitions: StaticPartitionsDefinition) -> list:
         key = context.partition_key
         dataset, output = storage.dataset(), storage.output()
         shard = int(key)
-        items = [Item(r["path"], r["size"], r["version"]) for r in read_inventory(output).to_pylist() if shard_of(r["path"], shards) == shard]
+        items = [
+            Item(r["path"], r["size"], r["version"])
+            for r in read_inventory(output).to_pylist()
+            if shard_of(r["path"], shards) == shard
+        ]
         previous = manifest.read_manifest(output, key)
         with clipdrop.get_client() as client:
             enricher = Enricher(dataset, output, client, concurrency=clipdrop.concurrency)

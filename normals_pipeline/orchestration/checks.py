@@ -13,7 +13,9 @@ MANIFEST_CHECK = "manifest_schema"
 
 
 def manifest_check_spec(asset_key: str) -> AssetCheckSpec:
-    return AssetCheckSpec(MANIFEST_CHECK, asset=asset_key, description="The shard's manifest matches the pandera schema.")
+    return AssetCheckSpec(
+        MANIFEST_CHECK, asset=asset_key, description="The shard's manifest matches the pandera schema."
+    )
 
 
 def check_manifest(df: pd.DataFrame) -> AssetCheckResult:

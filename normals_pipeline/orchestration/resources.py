@@ -25,7 +25,9 @@ class ClipdropResource(ConfigurableResource):
     credit_floor: float = Field(default=0.0, ge=0, description="Stop sending before the balance would drop below this.")
     run_budget: float | None = Field(default=None, ge=0, description="Most credits one run may spend; none: no limit.")
     timeout_seconds: float = Field(default=60.0, gt=0, description="Per-request timeout.")
-    max_attempts: int = Field(default=6, ge=1, description="Tries per image for 429, 5xx, timeouts and connection errors.")
+    max_attempts: int = Field(
+        default=6, ge=1, description="Tries per image for 429, 5xx, timeouts and connection errors."
+    )
 
     @contextmanager
     def get_client(self) -> Iterator[ClipdropClient]:

@@ -61,7 +61,9 @@ def _failure_message(result: ExecuteInProcessResult) -> tuple[str, dict]:
             continue
         data = event.step_failure_data
         if data.user_failure_data is not None:
-            return data.user_failure_data.description or data.user_failure_data.label, _plain(data.user_failure_data.metadata)
+            return data.user_failure_data.description or data.user_failure_data.label, _plain(
+                data.user_failure_data.metadata
+            )
         error = data.error.cause if data.error and data.error.cause else data.error
         if error is not None:
             first_line = error.message.strip().splitlines()[0]

@@ -5,11 +5,9 @@ inventory refresh; once the inventory matches, it asks for a run of each shard w
 since it last looked (per-shard digests in the cursor). The schedule refreshes the inventory daily.
 """
 
-
 import hashlib
 import json
 from collections import defaultdict
-
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
