@@ -121,7 +121,7 @@ class ClipdropClient:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.rate_guard = rate_guard
-        self.credit_guard = credit_guard or CreditGuard()
+        self.credit_guard = credit_guard or CreditGuard(state=rate_guard.state)
         self.retry = retry
         self.retries_by_code: dict[str, int] = {}
         self._http = httpx.Client(
@@ -170,7 +170,7 @@ class ClipdropClient:
 
     def _send_once(self, path: str, image: bytes, filename: str, content_type: str) -> ApiResult:
         self.rate_guard.acquire()
-        self.credit_guard.reserve()  # after the wait for a slot, so a stop during the wait is seen
+        lease = self.credit_guard.reserve()  # after the wait for a slot, so a stop during the wait is seen
         consumed: Decimal | None = None
         remaining: Decimal | None = None
         try:
@@ -186,13 +186,15 @@ class ClipdropClient:
             return ApiResult(body, response.status_code, consumed, remaining)
         except RunStopped as error:  # 401, 403, 402: no later request on this key can succeed
             self.credit_guard.stop(error)
+            if isinstance(error, OutOfCredits):
+                remaining = Decimal(0)  # tell every run sharing the key
             raise
         except httpx.TimeoutException as error:
             raise ApiTimeout(f"no answer within the timeout ({type(error).__name__})") from None
         except httpx.TransportError as error:
             raise ApiUnreachable(f"cannot reach {self.base_url} ({type(error).__name__})") from None
         finally:
-            self.credit_guard.settle(consumed, remaining)
+            self.credit_guard.settle(lease, consumed, remaining)
 
     @staticmethod
     def _read_body(response: httpx.Response, consumed: Decimal | None) -> bytes:

@@ -1,7 +1,8 @@
 """Guards in front of every request: one for the key's rate, one for its credits.
 
-Both are shared by every call that uses a key within this process (`rate_guard_for` keeps one per key
-and rate), so sequential and concurrent runs in one process never add up to more than the key allows.
+Both keep their state in a `KeyState` (see `_state`): by default a SQLite file per key, so every
+process on the host that uses the key shares one rate, one cooldown and one view of the balance;
+with a Redis URL, every host does.
 """
 
 from __future__ import annotations
@@ -9,13 +10,20 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+import uuid
 from decimal import Decimal
+from pathlib import Path
 
-from pyrate_limiter import Duration, InMemoryBucket, Limiter, Rate
+from pyrate_limiter import Duration, Limiter, Rate
 
 from ._errors import CreditLimitReached, OutOfCredits, RunStopped
+from ._state import KeyState, MemoryState, RedisState, SQLiteState, default_state_dir
 
 CREDITS_PER_CALL = Decimal(1)
+# The limiter counts a minute as a little longer than the server does: a request that reaches the server
+# later than its turn (a slow connect) must not let the next minute's first one land inside its window.
+WINDOW_MARGIN_MS = 250
+LEASE_TTL_S = 300.0  # longer than any request with its retries' single attempt; a killed run's leases lapse
 
 
 def key_fingerprint(api_key: str) -> str:
@@ -24,98 +32,116 @@ def key_fingerprint(api_key: str) -> str:
 
 
 def paced_rates(rpm: int) -> list[Rate]:
-    """The minute allowance, preceded by one request per 60/rpm s where that is a distinct, coarser rate."""
+    """At most `rpm` per (a little more than) a minute, and one request per 60/rpm s so the allowance is
+    spread evenly instead of sent in a burst that a fixed-window server would count twice."""
     minute = int(Duration.MINUTE)
-    rates = [Rate(rpm, minute)]
+    rates = [Rate(rpm, minute + WINDOW_MARGIN_MS)]
     if 1 < rpm <= minute:
         rates.insert(0, Rate(1, minute // rpm))
     return rates
 
 
 class RateGuard:
-    """At most `rpm` requests in any 60 s, spaced evenly, plus a cooldown all callers honour after a 429.
+    """At most `rpm` requests in any 60 s for everyone sharing `state`, and a shared pause after a 429."""
 
-    Two rates: the minute allowance itself, and one request per 60/rpm s so the allowance is spread
-    over the minute instead of sent in a burst that a fixed-window server would count twice.
-    """
-
-    def __init__(self, rpm: int, name: str = "clipdrop") -> None:
+    def __init__(self, rpm: int, state: KeyState | None = None, name: str = "clipdrop") -> None:
         if rpm < 1:
             raise ValueError(f"requests per minute must be at least 1, got {rpm}")
         self.rpm = rpm
         self.name = name
-        self._limiter = Limiter(InMemoryBucket(paced_rates(rpm)))
-        self._resume_at = 0.0
-        self._lock = threading.Lock()
+        self.state = state or MemoryState()
+        self._limiter = Limiter(self.state.bucket(paced_rates(rpm)), buffer_ms=5)
 
     def acquire(self) -> None:
         """Block until a request may be sent."""
         self._wait_out_cooldown()
         self._limiter.try_acquire(self.name)
+        self._wait_out_cooldown()  # a 429 seen by anyone while we waited for the slot
 
     def cooldown(self, seconds: float) -> None:
-        """Hold every caller of this guard for `seconds` (a 429 means the key is saturated for all)."""
-        with self._lock:
-            self._resume_at = max(self._resume_at, time.monotonic() + seconds)
+        """Hold every caller on the key for `seconds` (a 429 means the key is saturated for all)."""
+        self.state.cool_down(seconds)
 
     def _wait_out_cooldown(self) -> None:
-        while (delay := self._resume_at - time.monotonic()) > 0:
-            time.sleep(delay)
+        while (left := self.state.cooldown_left()) > 0:
+            time.sleep(left)
 
 
-_rate_guards: dict[tuple[str, int], RateGuard] = {}
-_rate_guards_lock = threading.Lock()
+_states: dict[tuple[str, str | None, Path | None], KeyState] = {}
+_rate_guards: dict[tuple[int, int], RateGuard] = {}
+_registry_lock = threading.Lock()
 
 
-def rate_guard_for(api_key: str, rpm: int) -> RateGuard:
-    """The process-wide guard of one key at one rate."""
-    ident = (key_fingerprint(api_key), rpm)
-    with _rate_guards_lock:
+def key_state(api_key: str, redis_url: str | None = None, folder: Path | None = None) -> KeyState:
+    """The process-wide handle on a key's shared state: Redis if a URL is given, else a SQLite file."""
+    fingerprint = key_fingerprint(api_key)
+    folder = None if redis_url else (folder or default_state_dir())
+    ident = (fingerprint, redis_url, folder)
+    with _registry_lock:
+        if ident not in _states:
+            _states[ident] = RedisState(redis_url, fingerprint) if redis_url else SQLiteState(folder, fingerprint)
+        return _states[ident]
+
+
+def rate_guard_for(api_key: str, rpm: int, redis_url: str | None = None) -> RateGuard:
+    """The process-wide rate guard of one key at one rate, over the key's shared state."""
+    state = key_state(api_key, redis_url)
+    with _registry_lock:
+        ident = (id(state), rpm)
         if ident not in _rate_guards:
-            _rate_guards[ident] = RateGuard(rpm, name=f"clipdrop-{ident[0]}")
+            _rate_guards[ident] = RateGuard(rpm, state, name=f"clipdrop-{key_fingerprint(api_key)}")
         return _rate_guards[ident]
 
 
 class CreditGuard:
-    """Stops sending before the balance would fall under `floor` or this run would spend over `budget`.
-
-    Requests in flight count as spent, so concurrent workers cannot jointly cross a limit.
+    """Stops sending before the key's balance would fall under `floor` or this run would spend over
+    `budget`. Requests in flight count as spent (leases in the shared state for the floor, a local
+    count for the budget), so concurrent workers and concurrent runs cannot jointly cross a limit.
     Once stopped (401, 403, 402, or a limit reached), every later `reserve` raises the same error.
     """
 
-    def __init__(self, floor: Decimal = Decimal(0), budget: Decimal | None = None) -> None:
+    def __init__(
+        self, floor: Decimal = Decimal(0), budget: Decimal | None = None, state: KeyState | None = None
+    ) -> None:
         self.floor = floor
         self.budget = budget
+        self.state = state or MemoryState()
         self.spent = Decimal(0)
         self.remaining: Decimal | None = None
         self._in_flight = 0
         self._stopped: RunStopped | None = None
         self._lock = threading.Lock()
 
-    def reserve(self) -> None:
-        """Claim one call's credits or raise the reason sending must stop."""
+    def reserve(self) -> str:
+        """Claim one call's credits and return the lease, or raise the reason sending must stop."""
         with self._lock:
             if self._stopped is not None:
                 raise self._stopped
-            committed = (self._in_flight + 1) * CREDITS_PER_CALL
-            if self.budget is not None and self.spent + committed > self.budget:
+            if self.budget is not None and self.spent + (self._in_flight + 1) * CREDITS_PER_CALL > self.budget:
                 self._stopped = CreditLimitReached(
                     f"run budget of {self.budget} credits reached ({self.spent} spent); "
                     "raise the budget to enrich the rest"
                 )
-            elif self.remaining is not None and self.remaining - committed < self.floor:
-                self._stopped = CreditLimitReached(
-                    f"credit floor of {self.floor} reached ({self.remaining} remaining); "
-                    "buy credits or lower the floor to enrich the rest"
-                    if self.floor
-                    else f"no credits left ({self.remaining} remaining); buy credits to enrich the rest"
-                )
-            if self._stopped is not None:
+                raise self._stopped
+            lease = uuid.uuid4().hex
+            reservation = self.state.reserve(lease, self.floor, CREDITS_PER_CALL, LEASE_TTL_S)
+            if not reservation.granted:
+                self._stopped = CreditLimitReached(self._floor_message(reservation.balance))
                 raise self._stopped
             self._in_flight += 1
+            return lease
 
-    def settle(self, consumed: Decimal | None, remaining: Decimal | None) -> None:
-        """Record what a finished call cost (None: not charged or not reported)."""
+    def _floor_message(self, balance: Decimal | None) -> str:
+        if self.floor:
+            return (
+                f"credit floor of {self.floor} reached ({balance} remaining, counting requests in flight); "
+                "buy credits or lower the floor to enrich the rest"
+            )
+        return f"no credits left ({balance} remaining); buy credits to enrich the rest"
+
+    def settle(self, lease: str, consumed: Decimal | None, remaining: Decimal | None) -> None:
+        """Record what a finished call cost (None: not charged, or not reported) and free its lease."""
+        self.state.settle(lease, remaining)
         with self._lock:
             self._in_flight -= 1
             self.spent += consumed or Decimal(0)

@@ -19,7 +19,7 @@ from normals_pipeline import (
     RetryPolicy,
     ServerError,
 )
-from normals_pipeline.client import parse_credits
+from normals_pipeline.client import DEFAULT_COOLDOWN_S, parse_credits
 from normals_pipeline.emulator import Faults
 
 FAST_RETRY = RetryPolicy(attempts=4, timeout_s=10, wait_initial_s=0.01, wait_max_s=0.05, wait_jitter_s=0.0)
@@ -117,11 +117,23 @@ def test_500s_give_up_after_the_attempts(emulator_factory):
 def test_429_honours_retry_after_and_pauses_the_key(emulator_factory):
     emulator = emulator_factory(faults=Faults(rate_limit_burst=1, retry_after=1))
     guard = RateGuard(100_000)
+    cooldowns = []
+    guard.cooldown = cooldowns.append  # type: ignore[method-assign]
     with make_client(emulator.url, rate_guard=guard) as client:
         result = client.surface_normals(jpeg(), "image.jpg", "image/jpeg")
         assert client.retries_by_code == {"rate_limited": 1}
     assert result.status == 200
-    assert guard._resume_at > 0
+    assert cooldowns == [1.0]  # every caller on the key pauses for Retry-After
+
+
+def test_429_without_retry_after_pauses_the_key_for_a_default(emulator_factory):
+    emulator = emulator_factory(faults=Faults(rate_limit_burst=1))
+    guard = RateGuard(100_000)
+    cooldowns = []
+    guard.cooldown = cooldowns.append  # type: ignore[method-assign]
+    with make_client(emulator.url, rate_guard=guard) as client:
+        client.surface_normals(jpeg(), "image.jpg", "image/jpeg")
+    assert cooldowns == [DEFAULT_COOLDOWN_S]
 
 
 def test_corrupt_body_is_charged_and_not_retried(emulator_factory):

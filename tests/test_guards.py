@@ -55,10 +55,8 @@ def test_budget_counts_requests_in_flight():
 
 def test_budget_frees_uncharged_reservations():
     guard = CreditGuard(budget=Decimal(1))
-    guard.reserve()
-    guard.settle(None, None)  # failed, not charged
-    guard.reserve()
-    guard.settle(Decimal(1), Decimal(10))
+    guard.settle(guard.reserve(), None, None)  # failed, not charged
+    guard.settle(guard.reserve(), Decimal(1), Decimal(10))
     with pytest.raises(CreditLimitReached):
         guard.reserve()
     assert guard.spent == 1
@@ -66,8 +64,7 @@ def test_budget_frees_uncharged_reservations():
 
 def test_floor_stops_before_crossing():
     guard = CreditGuard(floor=Decimal(5))
-    guard.reserve()
-    guard.settle(Decimal(1), Decimal(6))
+    guard.settle(guard.reserve(), Decimal(1), Decimal(6))
     guard.reserve()  # 6 - 1 = 5: allowed
     with pytest.raises(CreditLimitReached, match="floor of 5"):
         guard.reserve()  # would reach 4 with the one in flight
@@ -84,6 +81,5 @@ def test_out_of_credits_sticks():
 def test_fractional_prices_are_exact():
     guard = CreditGuard()
     for _ in range(10):
-        guard.reserve()
-        guard.settle(Decimal("0.1"), None)
+        guard.settle(guard.reserve(), Decimal("0.1"), None)
     assert guard.spent == Decimal("1.0")

@@ -401,13 +401,12 @@ class _Handler(BaseHTTPRequestHandler):
         if path.startswith("/_emulator/"):
             self._control(path)
             return
-        service = self.server.service
-        service.begin()
-        status = "aborted"  # if the connection breaks before an answer is written
+        self.server.service.begin()
+        self._counted = False
         try:
-            status = self._api(path)
+            self._api(path)
         finally:
-            service.end(status)
+            self._count("aborted")  # the connection broke before an answer was written
 
     def _api(self, path: str) -> str:
         arrived = self.server.service.config.clock()
@@ -474,11 +473,20 @@ class _Handler(BaseHTTPRequestHandler):
     def _send_json(self, payload: dict[str, Any]) -> None:
         self._send(_Reply(200, json.dumps(payload).encode()))
 
+    def _count(self, status: str) -> None:
+        """Record an API request once, before its answer goes out, so a client never sees stats lag."""
+        if getattr(self, "_counted", True):
+            return
+        self._counted = True
+        self.server.service.end(status)
+
     def _send(self, reply: _Reply) -> str:
         """Write the reply (or misbehave as asked); return the status label for the stats."""
         if reply.mode == "reset":
+            self._count("reset")
             self._reset_connection()
             return "reset"
+        self._count(str(reply.status))
         self.send_response(reply.status)
         self.send_header("Content-Type", reply.content_type)
         self.send_header("Content-Length", str(len(reply.body)))

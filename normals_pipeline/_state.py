@@ -1,0 +1,314 @@
+"""Where a key's shared state lives, so every process that uses the key obeys one set of limits.
+
+Three interchangeable stores, each holding per key: the rate bucket (pyrate-limiter), a cooldown after
+a 429, the last balance the API reported, and leases for requests in flight (a lease expires on its
+own, so a killed process cannot hold credits forever):
+
+- `MemoryState`: one process (tests, scripts);
+- `SQLiteState`: every process on one host, with no configuration (a file per key, named by a hash);
+- `RedisState`: every host; times come from the Redis server so clocks on different hosts do not matter.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Protocol
+
+from pyrate_limiter import InMemoryBucket, Rate, RedisBucket, SQLiteBucket
+from pyrate_limiter.abstracts import AbstractBucket, RateItem
+
+BALANCE_TTL_S = 300.0  # a balance older than this is only a guess: a top-up may have happened
+
+
+@dataclass(frozen=True)
+class Reservation:
+    granted: bool
+    balance: Decimal | None  # the shared balance when the decision was made
+
+
+class KeyState(Protocol):
+    def bucket(self, rates: list[Rate]) -> AbstractBucket: ...
+    def cooldown_left(self) -> float: ...
+    def cool_down(self, seconds: float) -> None: ...
+    def reserve(self, lease: str, floor: Decimal, cost: Decimal, ttl_s: float) -> Reservation: ...
+    def settle(self, lease: str, remaining: Decimal | None) -> None: ...
+    def balance(self) -> Decimal | None: ...
+
+
+def merged_balance(stored: Decimal | None, age_s: float, reported: Decimal, in_flight: int) -> Decimal:
+    """The balance after a report. Answers arrive out of order, so a rise no larger than the requests
+    in flight is a stale answer, not a top-up; a stale stored value gives way to any report."""
+    if stored is None or age_s >= BALANCE_TTL_S or reported < stored or reported - stored > in_flight:
+        return reported
+    return stored
+
+
+def _refused(balance: Decimal | None, age_s: float, in_flight: int, floor: Decimal, cost: Decimal) -> bool:
+    return balance is not None and age_s < BALANCE_TTL_S and balance - (in_flight + 1) * cost < floor
+
+
+class _StampedAtPut:
+    """Stamp each attempt with the bucket's clock. pyrate-limiter's blocking wait advances an item's
+    timestamp by the time it meant to sleep; a late wake-up then records a send earlier than it happened,
+    and another process may go too soon after it. The Limiter holds the bucket's lock around `put`."""
+
+    def put(self, item: RateItem) -> Any:
+        item.timestamp = self.now()  # type: ignore[attr-defined]
+        return super().put(item)  # type: ignore[misc]
+
+
+class _InMemoryBucket(_StampedAtPut, InMemoryBucket):
+    pass
+
+
+class _SQLiteBucket(_StampedAtPut, SQLiteBucket):
+    pass
+
+
+class MemoryState:
+    """State for one process only."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cooldown_until = 0.0
+        self._balance: tuple[Decimal, float] | None = None
+        self._leases: dict[str, float] = {}
+
+    def bucket(self, rates: list[Rate]) -> AbstractBucket:
+        return _InMemoryBucket(rates)
+
+    def cooldown_left(self) -> float:
+        return max(0.0, self._cooldown_until - time.time())
+
+    def cool_down(self, seconds: float) -> None:
+        with self._lock:
+            self._cooldown_until = max(self._cooldown_until, time.time() + seconds)
+
+    def _live_leases(self, now: float) -> int:
+        self._leases = {lease: expiry for lease, expiry in self._leases.items() if expiry > now}
+        return len(self._leases)
+
+    def reserve(self, lease: str, floor: Decimal, cost: Decimal, ttl_s: float) -> Reservation:
+        with self._lock:
+            now = time.time()
+            balance, at = self._balance or (None, now)
+            if _refused(balance, now - at, self._live_leases(now), floor, cost):
+                return Reservation(False, balance)
+            self._leases[lease] = now + ttl_s
+            return Reservation(True, balance)
+
+    def settle(self, lease: str, remaining: Decimal | None) -> None:
+        with self._lock:
+            now = time.time()
+            self._leases.pop(lease, None)
+            if remaining is not None:
+                stored, at = self._balance or (None, now)
+                self._balance = (merged_balance(stored, now - at, remaining, self._live_leases(now)), now)
+
+    def balance(self) -> Decimal | None:
+        return self._balance[0] if self._balance else None
+
+
+_SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS cooldown (id INTEGER PRIMARY KEY CHECK (id = 1), until REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS balance (id INTEGER PRIMARY KEY CHECK (id = 1), value TEXT NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS leases (id TEXT PRIMARY KEY, expires REAL NOT NULL);
+"""
+
+
+def default_state_dir() -> Path:
+    """`NORMALS_STATE_DIR`, else the user's cache folder: the same for every process of the user."""
+    if configured := os.environ.get("NORMALS_STATE_DIR"):
+        return Path(configured)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "normals-pipeline"
+
+
+class SQLiteState:
+    """State in SQLite files under `folder`, named by the key's fingerprint; SQLite's own locking makes
+    each read-modify-write atomic across processes, pyrate-limiter's file lock guards the bucket."""
+
+    def __init__(self, folder: Path, fingerprint: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self._rate_path = str(folder / f"{fingerprint}.rate.sqlite")
+        self._db = sqlite3.connect(
+            folder / f"{fingerprint}.state.sqlite", timeout=30, isolation_level=None, check_same_thread=False
+        )
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.executescript(_SQLITE_SCHEMA)
+
+    def bucket(self, rates: list[Rate]) -> AbstractBucket:
+        return _SQLiteBucket.init_from_file(rates, db_path=self._rate_path, use_file_lock=True)
+
+    def _transaction(self, work):  # type: ignore[no-untyped-def]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(self._db, time.time())
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            return result
+
+    def cooldown_left(self) -> float:
+        with self._lock:
+            row = self._db.execute("SELECT until FROM cooldown").fetchone()
+        return max(0.0, row[0] - time.time()) if row else 0.0
+
+    def cool_down(self, seconds: float) -> None:
+        def work(db: sqlite3.Connection, now: float) -> None:
+            db.execute(
+                "INSERT INTO cooldown VALUES (1, ?) ON CONFLICT(id) DO UPDATE SET until = max(until, excluded.until)",
+                (now + seconds,),
+            )
+
+        self._transaction(work)
+
+    @staticmethod
+    def _state(db: sqlite3.Connection, now: float) -> tuple[Decimal | None, float, int]:
+        db.execute("DELETE FROM leases WHERE expires <= ?", (now,))
+        in_flight = db.execute("SELECT count(*) FROM leases").fetchone()[0]
+        row = db.execute("SELECT value, at FROM balance").fetchone()
+        return (Decimal(row[0]), now - row[1], in_flight) if row else (None, 0.0, in_flight)
+
+    def reserve(self, lease: str, floor: Decimal, cost: Decimal, ttl_s: float) -> Reservation:
+        def work(db: sqlite3.Connection, now: float) -> Reservation:
+            balance, age, in_flight = self._state(db, now)
+            if _refused(balance, age, in_flight, floor, cost):
+                return Reservation(False, balance)
+            db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?)", (lease, now + ttl_s))
+            return Reservation(True, balance)
+
+        return self._transaction(work)
+
+    def settle(self, lease: str, remaining: Decimal | None) -> None:
+        def work(db: sqlite3.Connection, now: float) -> None:
+            db.execute("DELETE FROM leases WHERE id = ?", (lease,))
+            if remaining is None:
+                return
+            stored, age, in_flight = self._state(db, now)
+            value = merged_balance(stored, age, remaining, in_flight)
+            db.execute(
+                "INSERT INTO balance VALUES (1, ?, ?)"
+                " ON CONFLICT(id) DO UPDATE SET value = excluded.value, at = excluded.at",
+                (str(value), now),
+            )
+
+        self._transaction(work)
+
+    def balance(self) -> Decimal | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM balance").fetchone()
+        return Decimal(row[0]) if row else None
+
+
+class _RedisTimeBucket(_StampedAtPut, RedisBucket):
+    """pyrate-limiter's Redis bucket, timed by the Redis server instead of this host's clock."""
+
+    def now(self) -> int:
+        seconds, micros = self.redis.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    def limiter_lock(self) -> Any:
+        """A lock in Redis, so a timestamp taken and inserted by one process cannot interleave with
+        another's; it expires by itself if its holder dies."""
+        return self.redis.lock(f"{self.bucket_key}:lock", timeout=10, sleep=0.002)
+
+
+_REDIS_NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)"
+
+# KEYS: leases, balance. ARGV: lease, ttl_ms, floor, cost, balance_ttl_ms. Returns {granted, balance|false}.
+_REDIS_RESERVE = (
+    _REDIS_NOW
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local in_flight = redis.call('ZCARD', KEYS[1])
+local bal = redis.call('HMGET', KEYS[2], 'value', 'at')
+if bal[1] and now - tonumber(bal[2]) < tonumber(ARGV[5])
+   and tonumber(bal[1]) - (in_flight + 1) * tonumber(ARGV[4]) < tonumber(ARGV[3]) then
+  return {0, bal[1]}
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+return {1, bal[1] or false}
+"""
+)
+
+# KEYS: leases, balance. ARGV: lease, remaining ('' if none), balance_ttl_ms.
+_REDIS_SETTLE = (
+    _REDIS_NOW
+    + """
+redis.call('ZREM', KEYS[1], ARGV[1])
+if ARGV[2] == '' then return 0 end
+local in_flight = redis.call('ZCOUNT', KEYS[1], now, '+inf')
+local bal = redis.call('HMGET', KEYS[2], 'value', 'at')
+local r = tonumber(ARGV[2])
+if (not bal[1]) or now - tonumber(bal[2]) >= tonumber(ARGV[3]) or r < tonumber(bal[1])
+   or r - tonumber(bal[1]) > in_flight then
+  redis.call('HSET', KEYS[2], 'value', ARGV[2], 'at', now)
+else
+  redis.call('HSET', KEYS[2], 'at', now)
+end
+return 1
+"""
+)
+
+# KEYS: cooldown. ARGV: seconds (0 = only read). Returns the milliseconds left.
+_REDIS_COOLDOWN = (
+    _REDIS_NOW
+    + """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local wanted = now + math.floor(tonumber(ARGV[1]) * 1000)
+if wanted > current then
+  redis.call('SET', KEYS[1], wanted, 'PX', wanted - now + 1000)
+  current = wanted
+end
+return math.max(0, current - now)
+"""
+)
+
+
+class RedisState:
+    """State in Redis under `normals:<fingerprint>:*`, for processes on several hosts."""
+
+    def __init__(self, url: str, fingerprint: str) -> None:
+        import redis
+
+        self._redis: Any = redis.Redis.from_url(url)
+        prefix = f"normals:{fingerprint}"
+        self._keys = {name: f"{prefix}:{name}" for name in ("rate", "cooldown", "leases", "balance")}
+        self._reserve = self._redis.register_script(_REDIS_RESERVE)
+        self._settle = self._redis.register_script(_REDIS_SETTLE)
+        self._cooldown = self._redis.register_script(_REDIS_COOLDOWN)
+
+    def bucket(self, rates: list[Rate]) -> AbstractBucket:
+        return _RedisTimeBucket.init(rates, self._redis, self._keys["rate"])
+
+    def cooldown_left(self) -> float:
+        return int(self._cooldown(keys=[self._keys["cooldown"]], args=[0])) / 1000
+
+    def cool_down(self, seconds: float) -> None:
+        self._cooldown(keys=[self._keys["cooldown"]], args=[seconds])
+
+    def _ledger(self) -> list[str]:
+        return [self._keys["leases"], self._keys["balance"]]
+
+    def reserve(self, lease: str, floor: Decimal, cost: Decimal, ttl_s: float) -> Reservation:
+        args = [lease, int(ttl_s * 1000), str(floor), str(cost), int(BALANCE_TTL_S * 1000)]
+        granted, balance = self._reserve(keys=self._ledger(), args=args)
+        return Reservation(bool(granted), Decimal(balance.decode()) if balance else None)
+
+    def settle(self, lease: str, remaining: Decimal | None) -> None:
+        args = [lease, "" if remaining is None else str(remaining), int(BALANCE_TTL_S * 1000)]
+        self._settle(keys=self._ledger(), args=args)
+
+    def balance(self) -> Decimal | None:
+        value = self._redis.hget(self._keys["balance"], "value")
+        return Decimal(value.decode()) if value else None
