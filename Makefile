@@ -26,7 +26,7 @@ DEV_ENV = NORMALS_DATASET=$(CURDIR)/dev-data/portraits NORMALS_OUTPUT=$(CURDIR)/
 	CLIPDROP_API_URL=http://127.0.0.1:8765 CLIPDROP_API_KEY=emulator-key DAGSTER_HOME=$(CURDIR)/.dagster_home
 dev: $(STAMP)
 	test -d dev-data/portraits || $(BIN)/normals-pipeline portraits dev-data/portraits --count 24
-	mkdir -p .dagster_home
+	mkdir -p .dagster_home && cp dagster.yaml .dagster_home/dagster.yaml
 	$(BIN)/normals-pipeline emulator --port 8765 & emulator=$$!; trap "kill $$emulator" EXIT INT TERM; \
 	$(DEV_ENV) $(BIN)/dagster dev -w workspace.yaml
 

@@ -2,7 +2,8 @@
 
 Configured from the environment: NORMALS_DATASET and NORMALS_OUTPUT (folders or s3:// URIs),
 NORMALS_SHARDS (default 16), CLIPDROP_API_KEY, CLIPDROP_API_URL (default: the real API),
-CLIPDROP_RPM (default 60). S3 uses the standard AWS variables (AWS_ENDPOINT_URL, ...).
+CLIPDROP_RPM (default 60), NORMALS_REDIS_URL (share the key's rate and credits across hosts; default:
+across this host's processes). S3 uses the standard AWS variables (AWS_ENDPOINT_URL, ...).
 """
 
 import os
@@ -21,5 +22,6 @@ defs = build_definitions(
         api_key=EnvVar("CLIPDROP_API_KEY"),
         api_url=os.environ.get("CLIPDROP_API_URL", DEFAULT_API_URL),
         requests_per_minute=int(os.environ.get("CLIPDROP_RPM", "60")),
+        redis_url=os.environ.get("NORMALS_REDIS_URL"),
     ),
 )

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from pyrate_limiter import InMemoryBucket, Rate, RedisBucket, SQLiteBucket
 from pyrate_limiter.abstracts import AbstractBucket, RateItem
@@ -28,7 +28,7 @@ BALANCE_TTL_S = 300.0  # a balance older than this is only a guess: a top-up may
 
 @dataclass(frozen=True)
 class Reservation:
-    granted: bool
+    decision: Literal["grant", "refuse", "wait"]
     balance: Decimal | None  # the shared balance when the decision was made
 
 
@@ -49,8 +49,14 @@ def merged_balance(stored: Decimal | None, age_s: float, reported: Decimal, in_f
     return stored
 
 
-def _refused(balance: Decimal | None, age_s: float, in_flight: int, floor: Decimal, cost: Decimal) -> bool:
-    return balance is not None and age_s < BALANCE_TTL_S and balance - (in_flight + 1) * cost < floor
+def decide(
+    balance: Decimal | None, age_s: float, in_flight: int, floor: Decimal, cost: Decimal
+) -> Literal["grant", "refuse", "wait"]:
+    """Grant unless the balance, less what is in flight, would fall under the floor. With a floor and no
+    fresh balance, one request at a time goes out until an answer tells the balance."""
+    if balance is None or age_s >= BALANCE_TTL_S:
+        return "wait" if floor > 0 and in_flight > 0 else "grant"
+    return "refuse" if balance - (in_flight + 1) * cost < floor else "grant"
 
 
 class _StampedAtPut:
@@ -98,10 +104,10 @@ class MemoryState:
         with self._lock:
             now = time.time()
             balance, at = self._balance or (None, now)
-            if _refused(balance, now - at, self._live_leases(now), floor, cost):
-                return Reservation(False, balance)
-            self._leases[lease] = now + ttl_s
-            return Reservation(True, balance)
+            decision = decide(balance, now - at, self._live_leases(now), floor, cost)
+            if decision == "grant":
+                self._leases[lease] = now + ttl_s
+            return Reservation(decision, balance)
 
     def settle(self, lease: str, remaining: Decimal | None) -> None:
         with self._lock:
@@ -182,10 +188,10 @@ class SQLiteState:
     def reserve(self, lease: str, floor: Decimal, cost: Decimal, ttl_s: float) -> Reservation:
         def work(db: sqlite3.Connection, now: float) -> Reservation:
             balance, age, in_flight = self._state(db, now)
-            if _refused(balance, age, in_flight, floor, cost):
-                return Reservation(False, balance)
-            db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?)", (lease, now + ttl_s))
-            return Reservation(True, balance)
+            decision = decide(balance, age, in_flight, floor, cost)
+            if decision == "grant":
+                db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?)", (lease, now + ttl_s))
+            return Reservation(decision, balance)
 
         return self._transaction(work)
 
@@ -225,16 +231,18 @@ class _RedisTimeBucket(_StampedAtPut, RedisBucket):
 
 _REDIS_NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)"
 
-# KEYS: leases, balance. ARGV: lease, ttl_ms, floor, cost, balance_ttl_ms. Returns {granted, balance|false}.
+# KEYS: leases, balance. ARGV: lease, ttl_ms, floor, cost, balance_ttl_ms. The same rule as `decide`:
+# returns {1 grant | 0 refuse | 2 wait, balance|false}.
 _REDIS_RESERVE = (
     _REDIS_NOW
     + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local in_flight = redis.call('ZCARD', KEYS[1])
 local bal = redis.call('HMGET', KEYS[2], 'value', 'at')
-if bal[1] and now - tonumber(bal[2]) < tonumber(ARGV[5])
-   and tonumber(bal[1]) - (in_flight + 1) * tonumber(ARGV[4]) < tonumber(ARGV[3]) then
-  return {0, bal[1]}
+if bal[1] and now - tonumber(bal[2]) < tonumber(ARGV[5]) then
+  if tonumber(bal[1]) - (in_flight + 1) * tonumber(ARGV[4]) < tonumber(ARGV[3]) then return {0, bal[1]} end
+elseif tonumber(ARGV[3]) > 0 and in_flight > 0 then
+  return {2, false}
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 return {1, bal[1] or false}
@@ -302,8 +310,9 @@ class RedisState:
 
     def reserve(self, lease: str, floor: Decimal, cost: Decimal, ttl_s: float) -> Reservation:
         args = [lease, int(ttl_s * 1000), str(floor), str(cost), int(BALANCE_TTL_S * 1000)]
-        granted, balance = self._reserve(keys=self._ledger(), args=args)
-        return Reservation(bool(granted), Decimal(balance.decode()) if balance else None)
+        code, balance = self._reserve(keys=self._ledger(), args=args)
+        decision = {1: "grant", 0: "refuse", 2: "wait"}[int(code)]
+        return Reservation(decision, Decimal(balance.decode()) if balance else None)  # type: ignore[arg-type]
 
     def settle(self, lease: str, remaining: Decimal | None) -> None:
         args = [lease, "" if remaining is None else str(remaining), int(BALANCE_TTL_S * 1000)]

@@ -23,6 +23,7 @@ CREDITS_PER_CALL = Decimal(1)
 # The limiter counts a minute as a little longer than the server does: a request that reaches the server
 # later than its turn (a slow connect) must not let the next minute's first one land inside its window.
 WINDOW_MARGIN_MS = 250
+PROBE_WAIT_S = 0.05
 LEASE_TTL_S = 300.0  # longer than any request with its retries' single attempt; a killed run's leases lapse
 
 
@@ -114,22 +115,27 @@ class CreditGuard:
 
     def reserve(self) -> str:
         """Claim one call's credits and return the lease, or raise the reason sending must stop."""
-        with self._lock:
-            if self._stopped is not None:
-                raise self._stopped
-            if self.budget is not None and self.spent + (self._in_flight + 1) * CREDITS_PER_CALL > self.budget:
-                self._stopped = CreditLimitReached(
-                    f"run budget of {self.budget} credits reached ({self.spent} spent); "
-                    "raise the budget to enrich the rest"
-                )
-                raise self._stopped
-            lease = uuid.uuid4().hex
-            reservation = self.state.reserve(lease, self.floor, CREDITS_PER_CALL, LEASE_TTL_S)
-            if not reservation.granted:
-                self._stopped = CreditLimitReached(self._floor_message(reservation.balance))
-                raise self._stopped
-            self._in_flight += 1
-            return lease
+        lease = uuid.uuid4().hex
+        while True:
+            with self._lock:
+                self._check_budget()
+                reservation = self.state.reserve(lease, self.floor, CREDITS_PER_CALL, LEASE_TTL_S)
+                if reservation.decision == "grant":
+                    self._in_flight += 1
+                    return lease
+                if reservation.decision == "refuse":
+                    self._stopped = CreditLimitReached(self._floor_message(reservation.balance))
+                    raise self._stopped
+            time.sleep(PROBE_WAIT_S)  # another request is finding out the balance
+
+    def _check_budget(self) -> None:
+        if self._stopped is not None:
+            raise self._stopped
+        if self.budget is not None and self.spent + (self._in_flight + 1) * CREDITS_PER_CALL > self.budget:
+            self._stopped = CreditLimitReached(
+                f"run budget of {self.budget} credits reached ({self.spent} spent); raise the budget to enrich the rest"
+            )
+            raise self._stopped
 
     def _floor_message(self, balance: Decimal | None) -> str:
         if self.floor:

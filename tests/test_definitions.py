@@ -37,3 +37,16 @@ def test_workspace_validates_with_the_dagster_cli(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "All code locations passed validation" in result.stderr + result.stdout
+
+
+def test_the_documented_instance_settings_load(tmp_path):
+    from dagster import DagsterInstance
+    from dagster._core.run_coordinator.queued_run_coordinator import QueuedRunCoordinator
+
+    (tmp_path / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())
+    instance = DagsterInstance.from_config(str(tmp_path))
+    config = instance.get_concurrency_config()
+    assert isinstance(instance.run_coordinator, QueuedRunCoordinator)
+    assert config.run_queue_config.max_concurrent_runs == 4
+    assert config.pool_config.default_pool_limit == 4
+    assert config.pool_config.pool_granularity.value == "run"

@@ -108,3 +108,12 @@ def test_processes_sharing_a_key_share_one_rate(kind, tmp_path, request):
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     # 18 slots at one per 100 ms: one process each would send three at once.
     assert min(gaps) >= 0.08, gaps
+
+
+def test_with_a_floor_and_no_known_balance_one_request_finds_it_out(state):
+    guard = CreditGuard(floor=Decimal(1), state=state)
+    lease = guard.reserve()
+    assert state.reserve("other", Decimal(1), Decimal(1), 10).decision == "wait"
+    assert state.reserve("no-floor", Decimal(0), Decimal(1), 10).decision == "grant"
+    guard.settle(lease, Decimal(1), Decimal(5))
+    assert state.reserve("other", Decimal(1), Decimal(1), 10).decision == "grant"
