@@ -25,7 +25,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--rpm", type=int, default=int(os.environ.get("CLIPDROP_RPM", "60")), help="the key's requests per minute"
     )
     parser.add_argument("--shards", type=int, default=None, help="number of partitions (default: NORMALS_SHARDS or 16)")
-    parser.add_argument("--concurrency", type=int, default=4, help="images in flight at once")
+    parser.add_argument("--concurrency", type=int, default=8, help="images in flight at once")
     parser.add_argument("--credit-floor", type=float, default=0.0, help="stop before the balance drops below this")
     parser.add_argument("--budget", type=float, default=None, help="most credits one shard run may spend")
     parser.add_argument("--max-attempts", type=int, default=6, help="tries per image for 429, 5xx and network errors")
