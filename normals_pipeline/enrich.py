@@ -75,11 +75,19 @@ def pending_items(items: Iterable[Item], previous: pd.DataFrame) -> list[Item]:
 class Enricher:
     """Runs the loop over one shard with a bounded pool of workers sharing one client."""
 
-    def __init__(self, dataset: Storage, output: Storage, client: ClipdropClient, concurrency: int = 4) -> None:
+    def __init__(
+        self,
+        dataset: Storage,
+        output: Storage,
+        client: ClipdropClient,
+        concurrency: int = 4,
+        journal: Callable[[dict], None] | None = None,
+    ) -> None:
         self.dataset = dataset
         self.output = output
         self.client = client
         self.concurrency = max(1, concurrency)
+        self.journal = journal  # called with each finished row, from the worker that made it
         self._stop = threading.Event()
         self._stopped: Exception | None = None
         self._hash_locks: dict[str, threading.Lock] = {}
@@ -95,7 +103,7 @@ class Enricher:
         todo = pending_items(items, previous)
         rows: list[dict] = []
         with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="enrich") as pool:
-            for done, row in enumerate(pool.map(self._process, todo), start=1):
+            for done, row in enumerate(pool.map(self._process_and_journal, todo), start=1):
                 if row is not None:
                     rows.append(row)
                 if progress:
@@ -119,6 +127,12 @@ class Enricher:
             errors=Counter(row["error_code"] for row in rows if row["error_code"]),
             stopped=self._stopped,
         )
+
+    def _process_and_journal(self, item: Item) -> dict | None:
+        row = self._process(item)
+        if row is not None and self.journal is not None:
+            self.journal(row)
+        return row
 
     def _process(self, item: Item) -> dict | None:
         """One image to one row; None when the run stopped before it was sent."""

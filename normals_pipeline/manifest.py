@@ -2,11 +2,18 @@
 
 `<output>/manifest/partition=<key>/manifest.parquet` holds one shard, so
 `pyarrow.dataset.dataset("<output>/manifest", partitioning="hive")` reads a whole run.
+
+While a shard runs, each finished row is also written at once to its own small file in
+`<output>/journal/partition=<key>/`, so a run killed at any moment loses only the requests in flight:
+the next run folds the journal into the manifest, then clears it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+from datetime import datetime
 
 import pandas as pd
 import pandera.pandas as pandera
@@ -17,6 +24,7 @@ from .storage import Storage
 
 MANIFEST_DIR = "manifest"
 MANIFEST_FILE = "manifest.parquet"
+JOURNAL_DIR = "journal"
 
 ARROW_SCHEMA = pa.schema(
     [
@@ -114,3 +122,37 @@ def read_manifest(output: Storage, partition_key: str) -> pd.DataFrame:
         return empty_manifest()
     table = pq.read_table(io.BytesIO(output.read_bytes(path)), schema=ARROW_SCHEMA)
     return table.to_pandas(types_mapper=_PANDAS_TYPES.get)
+
+
+def _journal_dir(partition_key: str) -> str:
+    return f"{JOURNAL_DIR}/partition={partition_key}"
+
+
+def journal_row(output: Storage, partition_key: str, row: dict) -> None:
+    """Make one finished row durable now; one file per image path, so rewriting it is harmless."""
+    name = hashlib.sha256(row["path"].encode()).hexdigest()[:32]
+    payload = {**row, "processed_at": row["processed_at"].isoformat()}
+    output.write_bytes(f"{_journal_dir(partition_key)}/{name}.json", json.dumps(payload).encode(), "application/json")
+
+
+def read_journal(output: Storage, partition_key: str) -> pd.DataFrame:
+    """Rows a previous run finished but did not get to write into the manifest."""
+    rows = []
+    for path in output.list_prefix(_journal_dir(partition_key)):
+        row = json.loads(output.read_bytes(path))
+        rows.append({**row, "processed_at": datetime.fromisoformat(row["processed_at"])})
+    return to_frame(rows)
+
+
+def clear_journal(output: Storage, partition_key: str) -> None:
+    """Called once the manifest holds every journaled row."""
+    for path in output.list_prefix(_journal_dir(partition_key)):
+        output.delete(path)
+
+
+def with_journal(previous: pd.DataFrame, journal: pd.DataFrame) -> pd.DataFrame:
+    """The manifest as it would be had the last run finished: journaled rows replace older ones."""
+    if journal.empty:
+        return previous
+    kept = previous[~previous["path"].isin(journal["path"])]
+    return pd.concat([kept, journal], ignore_index=True) if len(kept) else journal.reset_index(drop=True)

@@ -47,6 +47,7 @@ class Storage(Protocol):
     def exists(self, path: str) -> bool: ...
     def uri_for(self, path: str) -> str: ...
     def list_prefix(self, prefix: str) -> list[str]: ...
+    def delete(self, path: str) -> None: ...  # a missing file is not an error
 
 
 def _check_relative(path: str) -> None:
@@ -126,6 +127,10 @@ class LocalStorage:
         if not os.path.isdir(top) or not self._inside(os.path.realpath(top)):
             return []
         return [entry.path for entry in self._walk(top, prefix)]
+
+    def delete(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._contained(path))
 
     def _join(self, path: str) -> str:
         _check_relative(path)
@@ -234,6 +239,9 @@ class S3Storage:
 
     def list_prefix(self, prefix: str) -> list[str]:
         return [entry.path for entry in self._walk(self.prefix + _normalise_prefix(prefix))]
+
+    def delete(self, path: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(path))
 
     def _key(self, path: str) -> str:
         _check_relative(path)

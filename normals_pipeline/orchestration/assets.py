@@ -80,12 +80,19 @@ def build_assets(shards: int, partitions: StaticPartitionsDefinition) -> list:
             for r in read_inventory(output).to_pylist()
             if shard_of(r["path"], shards) == shard
         ]
-        previous = manifest.read_manifest(output, key)
+        previous = manifest.with_journal(manifest.read_manifest(output, key), manifest.read_journal(output, key))
         with clipdrop.get_client() as client:
-            enricher = Enricher(dataset, output, client, concurrency=clipdrop.concurrency)
+            enricher = Enricher(
+                dataset,
+                output,
+                client,
+                concurrency=clipdrop.concurrency,
+                journal=lambda row: manifest.journal_row(output, key, row),
+            )
             result = enricher.run(items, previous, progress=_progress_logger(context))
             retries = dict(client.retries_by_code)
         uri = manifest.write_manifest(output, key, result.manifest)
+        manifest.clear_journal(output, key)
         metadata = shard_metadata(result, len(items), uri, retries)
         if result.stopped is not None:
             message = stop_message(result.stopped, clipdrop.api_url)
