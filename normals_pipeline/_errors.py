@@ -5,7 +5,8 @@ The shape follows the decision a caller has to make, not the HTTP status:
     ClipdropError
     ├── ImageRejected      one image is bad: record its code, go on          (400, other 4xx, local checks)
     ├── InvalidResponse    the API answered 200 but the body is unusable     (charged; recorded, not retried)
-    ├── TransientError     retried with backoff, then recorded               (429, 5xx, timeout, connection)
+    ├── NoAnswer           sent, but no answer in time: may be charged       (recorded, not retried)
+    ├── TransientError     retried with backoff, then recorded               (429, 5xx, connection, send timeout)
     │   ├── RateLimited
     │   ├── ServerError
     │   ├── ApiTimeout
@@ -56,6 +57,13 @@ class InvalidResponse(ClipdropError):
         self.credits_consumed = credits_consumed
 
 
+class NoAnswer(ClipdropError):
+    """The image was sent but no answer came within the timeout. The API may have processed and charged
+    it, so it is not resent in this run: a retry could charge twice. The next run sends it again."""
+
+    error_code = "timeout"
+
+
 class TransientError(ClipdropError):
     """Worth another try after a pause."""
 
@@ -75,7 +83,9 @@ class ServerError(TransientError):
 
 
 class ApiTimeout(TransientError):
-    error_code = "timeout"
+    """The request could not be delivered in time: nothing was processed, so it is safe to resend."""
+
+    error_code = "send_timeout"
 
 
 class ApiUnreachable(TransientError):

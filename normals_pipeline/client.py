@@ -21,6 +21,7 @@ from ._errors import (
     InvalidApiKey,
     InvalidResponse,
     MissingApiKey,
+    NoAnswer,
     OutOfCredits,
     RateLimited,
     RunStopped,
@@ -189,8 +190,12 @@ class ClipdropClient:
             if isinstance(error, OutOfCredits):
                 remaining = Decimal(0)  # tell every run sharing the key
             raise
+        except httpx.ReadTimeout:
+            raise NoAnswer("sent, but no answer within the timeout; it may have been charged") from None
+        except httpx.ConnectTimeout as error:
+            raise ApiUnreachable(f"cannot connect to {self.base_url} ({type(error).__name__})") from None
         except httpx.TimeoutException as error:
-            raise ApiTimeout(f"no answer within the timeout ({type(error).__name__})") from None
+            raise ApiTimeout(f"could not send the image in time ({type(error).__name__})") from None
         except httpx.TransportError as error:
             raise ApiUnreachable(f"cannot reach {self.base_url} ({type(error).__name__})") from None
         finally:

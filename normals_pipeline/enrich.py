@@ -112,6 +112,9 @@ class Enricher:
 
     def _result(self, items: list[Item], previous: pd.DataFrame, rows: list[dict], elapsed: float) -> ShardResult:
         new = manifest.to_frame(rows)
+        # A row replaced by a retry keeps what its earlier attempts cost: the manifest adds up to the bill.
+        spent_before = previous.set_index("path")["credits_consumed"]
+        new["credits_consumed"] += new["path"].map(spent_before).fillna(0.0)
         current = {item.path for item in items}
         kept = previous[previous["path"].isin(current) & ~previous["path"].isin(new["path"])]
         merged = pd.concat([kept, new], ignore_index=True) if len(kept) else new

@@ -1,0 +1,116 @@
+"""The fault matrix: each fault the emulator injects has one defined outcome, and in every case no image
+is lost and none is charged twice. The README's fault matrix points at these tests."""
+
+import time
+from decimal import Decimal
+
+import pytest
+
+from normals_pipeline import ClipdropClient, Enricher, Item, LocalStorage, RateGuard, RetryPolicy
+from normals_pipeline.emulator import Faults
+from normals_pipeline.manifest import empty_manifest
+from normals_pipeline.synthetic import make_portraits
+
+IMAGES = 10
+FAST = RetryPolicy(attempts=8, timeout_s=30, wait_initial_s=0.01, wait_max_s=0.05, wait_jitter_s=0.0)
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    make_portraits(tmp_path / "in", IMAGES)
+    storage = LocalStorage(tmp_path / "in")
+    return storage, [Item(e.path, e.size, e.version) for e in storage.walk()]
+
+
+def enrich(emulator, dataset, tmp_path, previous=None, timeout_s=10.0):
+    storage, items = dataset
+    client = ClipdropClient(
+        "test-key", base_url=emulator.url, rate_guard=RateGuard(100_000), retry=FAST, timeout_s=timeout_s
+    )
+    with client:
+        result = Enricher(storage, LocalStorage(tmp_path / "out"), client, concurrency=4).run(
+            items, empty_manifest() if previous is None else previous
+        )
+    return result, dict(client.retries_by_code)
+
+
+def charged(emulator) -> Decimal:
+    return Decimal(emulator.stats()["charged"])
+
+
+def settled(emulator) -> dict:
+    """Stats once the emulator has answered everything, including requests the client gave up on."""
+    deadline = time.monotonic() + 10
+    while (stats := emulator.stats())["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return stats
+
+
+def recorded(result) -> Decimal:
+    return Decimal(str(result.manifest["credits_consumed"].sum()))
+
+
+@pytest.mark.parametrize(
+    ("faults", "retried_as"),
+    [
+        (Faults(error_rate=0.3, seed=1), "server_error"),
+        (Faults(error_burst=5), "server_error"),
+        (Faults(rate_limit_burst=4, retry_after=0.2), "rate_limited"),
+        (Faults(reset_rate=0.3, seed=2), "connection_error"),
+    ],
+    ids=["500-rate", "500-burst", "429-burst", "connection-reset"],
+)
+def test_transient_faults_are_retried_until_every_image_is_enriched_once(
+    faults, retried_as, emulator_factory, dataset, tmp_path
+):
+    emulator = emulator_factory(faults=faults)
+    result, retries = enrich(emulator, dataset, tmp_path)
+    assert result.enriched == IMAGES and result.stopped is None
+    assert retries.get(retried_as, 0) > 0
+    assert charged(emulator) == IMAGES == recorded(result)
+
+
+@pytest.mark.parametrize("fault", ["truncate_rate", "corrupt_rate"])
+def test_a_broken_200_is_recorded_with_its_charge_and_resent_only_by_the_next_run(
+    fault, emulator_factory, dataset, tmp_path
+):
+    emulator = emulator_factory(faults=Faults(**{fault: 0.4, "seed": 3}))
+    result, _ = enrich(emulator, dataset, tmp_path)
+    broken = result.manifest[result.manifest["error_code"] == "invalid_response"]
+    assert len(broken) > 0 and (broken["credits_consumed"] == 1).all()
+    assert charged(emulator) == IMAGES == recorded(result)  # each image sent exactly once in this run
+
+    emulator.set_faults(Faults())
+    again, _ = enrich(emulator, dataset, tmp_path, previous=result.manifest)
+    assert again.enriched == IMAGES and again.new_rows == len(broken)
+    assert charged(emulator) == IMAGES + len(broken) == recorded(again)  # a retried row keeps its first charge
+
+
+def test_an_answer_slower_than_the_timeout_is_not_resent_in_the_same_run(emulator_factory, dataset, tmp_path):
+    emulator = emulator_factory(faults=Faults(slow_rate=0.3, slow_seconds=1.5, seed=4))
+    result, retries = enrich(emulator, dataset, tmp_path, timeout_s=0.5)
+    late = result.manifest[result.manifest["error_code"] == "timeout"]
+    assert len(late) > 0 and "timeout" not in retries
+    assert settled(emulator)["requests"] == IMAGES  # none sent twice: the API may have charged them
+
+    emulator.set_faults(Faults())
+    again, _ = enrich(emulator, dataset, tmp_path, previous=result.manifest, timeout_s=5)
+    assert again.enriched == IMAGES and again.new_rows == len(late)
+
+
+def test_402_in_mid_run_stops_sending_and_keeps_every_finished_row(emulator_factory, dataset, tmp_path):
+    emulator = emulator_factory(faults=Faults(credits_after=4))
+    result, _ = enrich(emulator, dataset, tmp_path)
+    assert result.stopped is not None and result.stopped.error_code == "out_of_credits"
+    assert result.enriched == 4 == charged(emulator) == recorded(result)
+    assert emulator.stats()["by_status"].get("402", 0) <= 4  # in-flight ones at most, then nothing is sent
+
+
+@pytest.mark.parametrize(("key", "code"), [("", "missing_api_key"), ("sk-unknown", "invalid_api_key")])
+def test_a_refused_key_stops_at_the_first_answer(key, code, emulator, dataset, tmp_path):
+    storage, items = dataset
+    client = ClipdropClient(key, base_url=emulator.url, rate_guard=RateGuard(60), retry=FAST)
+    with client:
+        result = Enricher(storage, LocalStorage(tmp_path / "out"), client, concurrency=4).run(items, empty_manifest())
+    assert result.stopped.error_code == code and result.new_rows == 0
+    assert emulator.stats()["requests"] == 1  # paced: the refusal lands before a second request is due
