@@ -16,6 +16,7 @@ from normals_pipeline.storage import Storage
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 INVENTORY_PATH = "inventory/inventory.parquet"
+SKIPPED_NAMES_KEY = "normals_pipeline.skipped_non_utf8_names"
 INVENTORY_SCHEMA = pa.schema(
     [
         pa.field("path", pa.string(), nullable=False),
@@ -73,13 +74,25 @@ def take_inventory(storage: Storage, shards: int) -> pa.Table:
     sizes: list[int] = []
     versions: list[str] = []
     shard_ids: list[int] = []
+    unnamable = 0
     for entry in storage.walk():
         if is_candidate(entry.path):
+            try:
+                shard = _shard(entry.path, shards)
+            except UnicodeEncodeError:  # a local name that is not UTF-8: no Parquet string can hold it
+                unnamable += 1
+                continue
             paths.append(entry.path)
             sizes.append(entry.size)
             versions.append(entry.version)
-            shard_ids.append(_shard(entry.path, shards))
-    return pa.table([paths, sizes, versions, shard_ids], schema=INVENTORY_SCHEMA)
+            shard_ids.append(shard)
+    schema = INVENTORY_SCHEMA.with_metadata({SKIPPED_NAMES_KEY: str(unnamable)})
+    return pa.table([paths, sizes, versions, shard_ids], schema=schema)
+
+
+def skipped_names(table: pa.Table) -> int:
+    """How many image files were left out because their names are not valid UTF-8."""
+    return int((table.schema.metadata or {}).get(SKIPPED_NAMES_KEY.encode(), b"0"))
 
 
 def write_inventory(output: Storage, table: pa.Table) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -137,3 +138,13 @@ def test_missing_inventory_says_what_to_do(tmp_path: Path) -> None:
         read_inventory(LocalStorage(tmp_path))
     assert isinstance(info.value, FileNotFoundError)
     assert LocalStorage(tmp_path).uri_for(INVENTORY_PATH) in str(info.value)
+
+
+def test_a_name_that_is_not_utf8_is_skipped_and_counted(tmp_path):
+    from normals_pipeline.inventory import skipped_names
+
+    (tmp_path / "fine.jpg").write_bytes(b"x")
+    os.close(os.open(os.path.join(os.fsencode(tmp_path), b"bad-\xff.jpg"), os.O_CREAT | os.O_WRONLY))
+    table = take_inventory(LocalStorage(tmp_path), 4)
+    assert table["path"].to_pylist() == ["fine.jpg"]
+    assert skipped_names(table) == 1

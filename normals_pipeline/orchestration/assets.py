@@ -12,7 +12,7 @@ from dagster import (
 from .. import manifest
 from .._errors import ApiUnreachable, ClipdropError
 from ..enrich import Enricher, Item
-from ..inventory import read_inventory, shard_of, take_inventory, write_inventory
+from ..inventory import read_inventory, shard_of, skipped_names, take_inventory, write_inventory
 from ..storage import Storage
 from ._metadata import shard_metadata
 from .checks import check_manifest, manifest_check_spec
@@ -48,6 +48,8 @@ def build_assets(shards: int, partitions: StaticPartitionsDefinition) -> list:
         uri = write_inventory(output, table)
         per_shard = table.group_by("shard").aggregate([("path", "count")]).to_pylist()
         context.log.info(f"{table.num_rows} images in {dataset.uri}")
+        if skipped := skipped_names(table):
+            context.log.warning(f"{skipped} image files skipped: their names are not valid UTF-8; rename them")
         return MaterializeResult(
             metadata={
                 "images": table.num_rows,
@@ -55,6 +57,7 @@ def build_assets(shards: int, partitions: StaticPartitionsDefinition) -> list:
                 "dataset": dataset.uri,
                 "inventory": MetadataValue.path(uri),
                 "shards_with_images": len(per_shard),
+                "skipped_non_utf8_names": skipped_names(table),
                 "dagster/row_count": table.num_rows,
             }
         )
