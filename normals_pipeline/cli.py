@@ -30,6 +30,12 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=float, default=None, help="most credits one shard run may spend")
     parser.add_argument("--max-attempts", type=int, default=6, help="tries per image for 429, 5xx and network errors")
     parser.add_argument(
+        "--oversize",
+        choices=["downscale", "refuse"],
+        default="downscale",
+        help="images over 25 megapixels: downscale to fit (default) or refuse",
+    )
+    parser.add_argument(
         "--redis-url",
         default=os.environ.get("NORMALS_REDIS_URL"),
         help="share the key's rate and credits across hosts (default: across this host's processes, via SQLite)",
@@ -97,6 +103,7 @@ def _run(args: argparse.Namespace, shards: int) -> int:
         run_budget=args.budget,
         max_attempts=args.max_attempts,
         redis_url=args.redis_url,
+        oversize=args.oversize,
     )
     defs = build_definitions(dataset_uri=args.dataset, output_uri=args.output, shards=shards, clipdrop=clipdrop)
     print(f"enriching {args.dataset} -> {args.output} ({shards} shards, {args.rpm} requests/min)", flush=True)

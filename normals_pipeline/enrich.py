@@ -23,13 +23,21 @@ import pandas as pd
 from . import manifest
 from ._errors import ApiUnreachable, ClipdropError, ImageRejected, RunStopped
 from .client import ApiResult, ClipdropClient
-from .prepare import prepare
+from .prepare import Oversize, PreparedImage, prepare
 from .storage import Storage
 
 NORMALS_DIR = "normals"
 # Codes whose rows are final: the same bytes would fail the same way, so a re-run does not resend them.
 FINAL_ERROR_CODES = frozenset(
-    {"bad_request", "empty_file", "unreadable_image", "unsupported_format", "too_many_pixels", "file_too_large"}
+    {
+        "bad_request",
+        "empty_file",
+        "unreadable_image",
+        "truncated_image",
+        "unsupported_format",
+        "too_many_pixels",
+        "file_too_large",
+    }
 )
 _EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
 
@@ -82,12 +90,14 @@ class Enricher:
         client: ClipdropClient,
         concurrency: int = 4,
         journal: Callable[[dict], None] | None = None,
+        oversize: Oversize = "downscale",
     ) -> None:
         self.dataset = dataset
         self.output = output
         self.client = client
         self.concurrency = max(1, concurrency)
         self.journal = journal  # called with each finished row, from the worker that made it
+        self.oversize = oversize
         self._stop = threading.Event()
         self._stopped: Exception | None = None
         self._hash_locks: dict[str, threading.Lock] = {}
@@ -150,7 +160,7 @@ class Enricher:
             )
         digest = hashlib.sha256(data).hexdigest()
         try:
-            prepared = prepare(data)
+            prepared = prepare(data, oversize=self.oversize)
         except ImageRejected as error:
             return _row(item, digest, error=error)
         try:
@@ -160,11 +170,11 @@ class Enricher:
             self._halt(error)
             return None
         except ClipdropError as error:
-            return _row(item, digest, prepared.width, prepared.height, error=error)
+            return _row(item, digest, prepared, error=error)
         except Exception as error:  # storage or a bug: stop cleanly so finished rows are still written
             self._halt(error)
             return None
-        return _row(item, digest, prepared.width, prepared.height, uri=uri, result=result)
+        return _row(item, digest, prepared, uri=uri, result=result)
 
     def _normal_map(self, digest: str, data: bytes, content_type: str) -> tuple[str, ApiResult | None]:
         """The map's URI, calling the API only if no map for these bytes is stored yet."""
@@ -191,8 +201,7 @@ class Enricher:
 def _row(
     item: Item,
     digest: str | None = None,
-    width: int | None = None,
-    height: int | None = None,
+    prepared: PreparedImage | None = None,
     *,
     uri: str | None = None,
     result: ApiResult | None = None,
@@ -205,8 +214,9 @@ def _row(
         "content_hash": digest,
         "size": item.size,
         "source_version": item.version,
-        "width": width,
-        "height": height,
+        "width": prepared.width if prepared else None,
+        "height": prepared.height if prepared else None,
+        "preparation": (",".join(prepared.steps) or None) if prepared else None,
         "normal_map_uri": uri,
         "credits_consumed": float(charged or 0),
         "remaining_credits": float(remaining) if remaining is not None else None,

@@ -91,6 +91,7 @@ def build_assets(shards: int, partitions: StaticPartitionsDefinition) -> list:
                 client,
                 concurrency=clipdrop.concurrency,
                 journal=lambda row: manifest.journal_row(output, key, row),
+                oversize=clipdrop.oversize,
             )
             result = enricher.run(items, previous, progress=_progress_logger(context))
             retries = dict(client.retries_by_code)

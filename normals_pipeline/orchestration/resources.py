@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from decimal import Decimal
+from typing import Literal
 
 from dagster import ConfigurableResource
 from dagster_aws.s3 import S3Resource
@@ -29,6 +30,9 @@ class ClipdropResource(ConfigurableResource):
     timeout_seconds: float = Field(default=60.0, gt=0, description="Per-request timeout.")
     max_attempts: int = Field(
         default=6, ge=1, description="Tries per image for 429, 5xx, timeouts and connection errors."
+    )
+    oversize: Literal["downscale", "refuse"] = Field(
+        default="downscale", description="Images over 25 megapixels: downscale them to fit, or refuse them."
     )
     redis_url: str | None = Field(
         default=None,
