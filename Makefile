@@ -33,5 +33,9 @@ dev: $(STAMP)
 emulator: $(STAMP)
 	$(BIN)/normals-pipeline emulator
 
+# The benchmark figures of bench/README.md (~6 min on 2 cores); writes bench/results/<date>-<host>.json.
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
 clean:
 	rm -rf $(VENV) demo-output dev-data .dagster_home .pytest_cache .hypothesis

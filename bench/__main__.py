@@ -1,0 +1,226 @@
+"""Run the benchmark figures, print a table, write bench/results/<date>-<host>.json.
+
+python -m bench                       # every figure (what `make bench` runs, ~8 min on 2 cores)
+python -m bench --only throughput     # one figure (repeatable, or comma-separated)
+python -m bench --quick               # small sizes: a smoke run of the harness, not a measurement
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import listing, resources, throughput
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    # figures 1 and 2: the emulator's limit and latency; each run sends more than one window's allowance,
+    # so a client that overshoots meets 429s instead of hiding inside the first minute.
+    rpm: int = 120
+    latency: float = 0.8
+    concurrency: int = 8
+    single_images: int = 150
+    naive_images: int = 30
+    concurrent_images: int = 60  # per run, three runs
+    # figure 3
+    cpu_images: int = 12
+    cpu_repeats: int = 2
+    photo_size: tuple[int, int] = (2000, 3000)
+    # figure 4
+    memory_small: int = 500
+    memory_large: int = 5000
+    memory_image_size: tuple[int, int] = (192, 240)
+    # figure 5
+    inventory_files: int = 100_000
+    inventory_repeats: int = 3
+    # targets (issue 3, item 6)
+    target_single: float = 0.98
+    target_concurrent: float = 0.97
+    target_cpu: float = 0.5
+    target_memory: float = 1.2
+    target_inventory: float = 2.0
+
+
+QUICK = Config(
+    rpm=600,
+    latency=0.2,
+    single_images=30,
+    naive_images=5,
+    concurrent_images=10,
+    cpu_images=3,
+    cpu_repeats=1,
+    photo_size=(1000, 1500),
+    memory_small=50,
+    memory_large=200,
+    inventory_files=10_000,
+    inventory_repeats=2,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Figure:
+    name: str
+    title: str
+    target: Callable[[Config], str]
+    run: Callable[[Config, Path], dict[str, Any]]
+
+
+FIGURES = [
+    Figure("throughput", "1 one run: successes/s ÷ limit", lambda c: f">= {c.target_single}", throughput.single_run),
+    Figure(
+        "concurrent",
+        "2 three runs, one key: ÷ limit",
+        lambda c: f">= {c.target_concurrent}",
+        throughput.concurrent_runs,
+    ),
+    Figure("cpu", "3 client CPU/img ÷ decode", lambda c: f"<= {c.target_cpu}", resources.client_cpu),
+    Figure("memory", "4 peak RSS large ÷ small shard", lambda c: f"<= {c.target_memory}", resources.peak_memory),
+    Figure("inventory", "5 inventory ÷ bare scandir", lambda c: f"<= {c.target_inventory}", listing.inventory_speed),
+]
+NAMES = [figure.name for figure in FIGURES]
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--only", action="append", default=[], metavar="NAME", help=f"run only these figures: {', '.join(NAMES)}"
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes: checks the harness, measures little")
+    parser.add_argument("--workdir", type=Path, default=None, help="where to put generated data (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the generated data and logs")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a figure misses its target")
+    parser.add_argument(
+        "--output", type=Path, default=None, help="JSON path (default: bench/results/<date>-<host>.json)"
+    )
+    args = parser.parse_args(argv)
+    args.only = [name.strip() for item in args.only for name in item.split(",") if name.strip()]
+    unknown = sorted(set(args.only) - set(NAMES))
+    if unknown:
+        parser.error(f"unknown figure(s) {', '.join(unknown)}: choose among {', '.join(NAMES)}")
+    return args
+
+
+def _machine() -> dict[str, Any]:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=RESULTS.parent
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(["git", "status", "--porcelain", "--", "normals_pipeline"], capture_output=True,
+                           text=True, cwd=RESULTS.parent).stdout.strip()
+        )  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = None, None
+    return {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "git_commit": commit,
+        "code_modified_since_commit": dirty,
+    }
+
+
+def _host() -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]", "", socket.gethostname().split(".")[0])
+    return name or "machine"
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    return f"{value:.3f}"
+
+
+def _table(config: Config, results: dict[str, dict[str, Any]]) -> str:
+    header = ("figure", "measured", "target", "pass", "naive", "detail")
+    rows = []
+    for figure in FIGURES:
+        if figure.name not in results:
+            continue
+        result = results[figure.name]
+        status = "ERROR" if "error" in result else ("pass" if result["passed"] else "FAIL")
+        detail = result.get("error") or result.get("note", "")
+        measured, naive = _fmt(result.get("measured")), _fmt(result.get("naive"))
+        rows.append((figure.title, measured, figure.target(config), status, naive, detail))
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header) - 1)]
+    lines = []
+    for row in [header, *rows]:
+        lines.append("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+        if row is header:
+            lines.append("  ".join("-" * width for width in widths) + "  " + "-" * 6)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    config = QUICK if args.quick else Config()
+    selected = [figure for figure in FIGURES if not args.only or figure.name in args.only]
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="normals-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = dt.datetime.now(dt.UTC)
+    machine = _machine()  # the commit before the figures run: it is the code they measure
+    clock = time.monotonic()
+    print(f"benchmark ({'quick' if args.quick else 'full'}), data in {workdir}", flush=True)
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        for figure in selected:
+            print(f"  {figure.title} ...", end=" ", flush=True)
+            figure_started = time.monotonic()
+            try:
+                result = figure.run(config, workdir / figure.name)
+            except Exception as error:  # one broken figure must not hide the others
+                result = {"passed": False, "error": f"{type(error).__name__}: {error}",
+                          "traceback": traceback.format_exc()}  # fmt: skip
+            result["target"] = figure.target(config)
+            result["seconds"] = round(time.monotonic() - figure_started, 1)
+            results[figure.name] = result
+            outcome = result.get("error") or f"{_fmt(result.get('measured'))} ({result['seconds']} s)"
+            print(outcome, flush=True)
+    finally:
+        if not args.keep and args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    report = {
+        "date": started.isoformat(timespec="seconds"),
+        "mode": "quick" if args.quick else "full",
+        "machine": machine,
+        "config": dataclasses.asdict(config),
+        "total_s": round(time.monotonic() - clock, 1),
+        "figures": results,
+    }
+    suffix = ("-quick" if args.quick else "") + (f"-{'-'.join(f.name for f in selected)}" if args.only else "")
+    path = args.output or RESULTS / f"{started:%Y-%m-%d}-{_host()}{suffix}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+    print()
+    print(_table(config, results))
+    print(f"\n{report['total_s']} s in all; raw numbers in {path}")
+    if any("error" in r for r in results.values()):
+        return 1
+    return 1 if args.strict and not all(r["passed"] for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
