@@ -24,7 +24,7 @@ from . import manifest
 from ._errors import ApiUnreachable, ClipdropError, ImageRejected, RunStopped
 from .client import ApiResult, ClipdropClient
 from .prepare import Oversize, PreparedImage, prepare
-from .storage import Storage
+from .storage import FileEntry, Storage
 
 NORMALS_DIR = "normals"
 # Codes whose rows are final: the same bytes would fail the same way, so a re-run does not resend them.
@@ -67,6 +67,20 @@ class ShardResult:
     @property
     def enriched(self) -> int:
         return int(self.manifest["error_code"].isna().sum())
+
+
+def current_items(dataset: Storage, listed: Iterable[FileEntry]) -> list[Item]:
+    """The listed files with their size and version, stat'ed here where the listing did not give them
+    (a local folder); a file removed since the listing is left out."""
+    items = []
+    for entry in listed:
+        if entry.version is None:
+            try:
+                entry = dataset.stat(entry.path)
+            except (FileNotFoundError, PermissionError):
+                continue
+        items.append(Item(entry.path, entry.size, entry.version))
+    return items
 
 
 def normal_map_path(content_hash: str) -> str:

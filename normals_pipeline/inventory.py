@@ -6,7 +6,7 @@ ones and a partition's work stays the same across re-inventories.
 
 from __future__ import annotations
 
-import hashlib
+import zlib
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -14,14 +14,14 @@ import pyarrow.parquet as pq
 
 from normals_pipeline.storage import Storage
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".webp")  # matched case-insensitively
 INVENTORY_PATH = "inventory/inventory.parquet"
 SKIPPED_NAMES_KEY = "normals_pipeline.skipped_non_utf8_names"
 INVENTORY_SCHEMA = pa.schema(
     [
         pa.field("path", pa.string(), nullable=False),
-        pa.field("size", pa.int64(), nullable=False),
-        pa.field("version", pa.string(), nullable=False),
+        pa.field("size", pa.int64()),  # null where the listing does not give it (a local folder)
+        pa.field("version", pa.string()),
         pa.field("shard", pa.int32(), nullable=False),
     ]
 )
@@ -31,12 +31,6 @@ class InventoryMissing(FileNotFoundError):
     """The inventory has not been written to this output yet."""
 
 
-def is_candidate(path: str) -> bool:
-    """True for image files by suffix (case-insensitive); a bare '.jpg' is a hidden file, not an image."""
-    name = path.rpartition("/")[2]
-    dot = name.rfind(".")
-    return dot > 0 and name[dot:].lower() in IMAGE_SUFFIXES
-
 
 def _check_shards(shards: int) -> None:
     if shards < 1:
@@ -44,12 +38,12 @@ def _check_shards(shards: int) -> None:
 
 
 def _shard(path: str, shards: int) -> int:
-    digest = hashlib.blake2b(path.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % shards
+    return zlib.crc32(path.encode("utf-8")) % shards
 
 
 def shard_of(path: str, shards: int) -> int:
-    """blake2b, not hash(): Python's str hash is salted per process."""
+    """CRC-32 of the UTF-8 path: stable across processes and versions (unlike `hash()`), and cheap
+    enough to compute for every file of a large listing."""
     _check_shards(shards)
     return _shard(path, shards)
 
@@ -68,26 +62,31 @@ def partition_keys(shards: int) -> list[str]:
 
 
 def take_inventory(storage: Storage, shards: int) -> pa.Table:
-    """Image files under `storage`, one row each, built column-wise for speed."""
+    """Image files under `storage`, one row each, in listing order, built column-wise for speed.
+
+    Size and version are what the store's listing gives for free (S3: size and ETag; a local folder:
+    nothing, the shard run stats its own files), so a listing costs little more than walking the names.
+    """
     _check_shards(shards)
-    paths: list[str] = []
-    sizes: list[int] = []
-    versions: list[str] = []
-    shard_ids: list[int] = []
-    unnamable = 0
-    for entry in storage.walk():
-        if is_candidate(entry.path):
-            try:
-                shard = _shard(entry.path, shards)
-            except UnicodeEncodeError:  # a local name that is not UTF-8: no Parquet string can hold it
-                unnamable += 1
-                continue
-            paths.append(entry.path)
-            sizes.append(entry.size)
-            versions.append(entry.version)
-            shard_ids.append(shard)
+    paths, sizes, versions = storage.listing(IMAGE_SUFFIXES)
+    try:
+        shard_ids = [zlib.crc32(path.encode()) % shards for path in paths]  # `_shard`, inlined: the hot loop
+        unnamable = 0
+    except UnicodeEncodeError:  # a local name that is not UTF-8: no Parquet string can hold it
+        keep = [i for i, path in enumerate(paths) if _encodable(path)]
+        unnamable = len(paths) - len(keep)
+        paths, sizes, versions = ([column[i] for i in keep] for column in (paths, sizes, versions))
+        shard_ids = [_shard(path, shards) for path in paths]
     schema = INVENTORY_SCHEMA.with_metadata({SKIPPED_NAMES_KEY: str(unnamable)})
     return pa.table([paths, sizes, versions, shard_ids], schema=schema)
+
+
+def _encodable(path: str) -> bool:
+    try:
+        path.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def skipped_names(table: pa.Table) -> int:

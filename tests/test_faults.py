@@ -6,9 +6,11 @@ from decimal import Decimal
 
 import pytest
 
-from normals_pipeline import ClipdropClient, Enricher, Item, LocalStorage, RateGuard, RetryPolicy
+from normals_pipeline import ClipdropClient, Enricher, LocalStorage, RateGuard, RetryPolicy
 from normals_pipeline.emulator import Faults
+from normals_pipeline.enrich import current_items
 from normals_pipeline.manifest import empty_manifest
+from normals_pipeline.storage import FileEntry
 from normals_pipeline.synthetic import make_portraits
 
 IMAGES = 10
@@ -19,7 +21,7 @@ FAST = RetryPolicy(attempts=8, timeout_s=30, wait_initial_s=0.01, wait_max_s=0.0
 def dataset(tmp_path):
     make_portraits(tmp_path / "in", IMAGES)
     storage = LocalStorage(tmp_path / "in")
-    return storage, [Item(e.path, e.size, e.version) for e in storage.walk()]
+    return storage, current_items(storage, (FileEntry(path, None, None) for path in storage.listing().paths))
 
 
 def enrich(emulator, dataset, tmp_path, previous=None, timeout_s=10.0):

@@ -24,7 +24,7 @@ def _write(path: Path, data: bytes = b"x") -> Path:
 
 
 def _paths(storage: Any) -> list[str]:
-    return [entry.path for entry in storage.walk()]
+    return storage.listing().paths
 
 
 @pytest.fixture
@@ -37,16 +37,18 @@ def root(tmp_path: Path) -> Path:
 # --- local ---------------------------------------------------------------------------------
 
 
-def test_walk_recurses_sorted_and_reports_size_and_version(root: Path) -> None:
+def test_listing_recurses_without_a_stat_and_stat_gives_size_and_version(root: Path) -> None:
     _write(root / "b.jpg", b"12345")
     _write(root / "a" / "z.png")
     _write(root / "a.txt")
     _write(root / "a" / "b" / "c.jpg")
-    entries = list(LocalStorage(root).walk())
-    assert [e.path for e in entries] == sorted(e.path for e in entries)
-    assert set(_paths(LocalStorage(root))) == {"b.jpg", "a/z.png", "a.txt", "a/b/c.jpg"}
+    storage = LocalStorage(root)
+    assert set(_paths(storage)) == {"b.jpg", "a/z.png", "a.txt", "a/b/c.jpg"}
+    listing = storage.listing()
+    assert set(listing.sizes) == set(listing.versions) == {None}
+    assert set(storage.listing((".jpg", ".png")).paths) == {"b.jpg", "a/z.png", "a/b/c.jpg"}
     st = (root / "b.jpg").stat()
-    assert FileEntry("b.jpg", 5, f"{st.st_mtime_ns}-5") in entries
+    assert storage.stat("b.jpg") == FileEntry("b.jpg", 5, f"{st.st_mtime_ns}-5")
 
 
 def test_hidden_files_and_directories_are_skipped(root: Path) -> None:
@@ -161,9 +163,9 @@ def test_list_prefix_returns_root_relative_paths(root: Path) -> None:
 
 def test_missing_or_non_directory_root_raises_dataset_not_found(tmp_path: Path) -> None:
     with pytest.raises(DatasetNotFound, match="nope"):
-        list(LocalStorage(tmp_path / "nope").walk())
+        LocalStorage(tmp_path / "nope").listing()
     with pytest.raises(DatasetNotFound):
-        list(LocalStorage(_write(tmp_path / "file")).walk())
+        LocalStorage(_write(tmp_path / "file")).listing()
     assert issubclass(DatasetNotFound, FileNotFoundError)
 
 
@@ -183,18 +185,18 @@ def test_open_storage_accepts_paths_and_rejects_unknown_schemes(root: Path, s3_c
 # --- S3 (moto server over HTTP) -----------------------------------------------------------
 
 
-def test_s3_walk_paginates_and_skips_hidden_and_markers(s3_client: Any, s3_bucket: str) -> None:
+def test_s3_listing_paginates_and_skips_hidden_and_markers(s3_client: Any, s3_bucket: str) -> None:
     keys = [f"ds/img{i:02d}.jpg" for i in range(7)] + ["ds/sub/deep.png"]
     for key in keys + ["ds/.hidden.jpg", "ds/.cache/x.jpg", "ds/sub/", "outside.jpg", "ds2/x.jpg"]:
         s3_client.put_object(Bucket=s3_bucket, Key=key, Body=b"abc")
     calls: list[str] = []
     s3_client.meta.events.register("before-call.s3.ListObjectsV2", lambda **kw: calls.append("list"))
     storage = S3Storage(s3_bucket, "ds", s3_client, page_size=2)
-    entries = list(storage.walk())
+    listing = storage.listing()
     assert len(calls) >= 6  # 12 keys under ds/, two per page
-    assert [e.path for e in entries] == [k.removeprefix("ds/") for k in keys]
+    assert listing.paths == [k.removeprefix("ds/") for k in keys]
     head = s3_client.head_object(Bucket=s3_bucket, Key="ds/img00.jpg")
-    assert entries[0] == FileEntry("img00.jpg", 3, head["ETag"].strip('"'))
+    assert (listing.sizes[0], listing.versions[0]) == (3, head["ETag"].strip('"'))
 
 
 def test_s3_write_read_exists_round_trip(s3_client: Any, s3_bucket: str) -> None:
@@ -215,9 +217,18 @@ def test_s3_write_read_exists_round_trip(s3_client: Any, s3_bucket: str) -> None
 def test_s3_missing_bucket_raises_dataset_not_found(s3_client: Any) -> None:
     storage = S3Storage("no-such-bucket-here", "", s3_client)
     with pytest.raises(DatasetNotFound, match="s3://no-such-bucket-here"):
-        list(storage.walk())
+        storage.listing()
 
 
 def test_open_storage_without_client_uses_standard_aws_env(s3_client: Any, s3_bucket: str) -> None:
     s3_client.put_object(Bucket=s3_bucket, Key="p/a.jpg", Body=b"abc")
     assert _paths(open_storage(f"s3://{s3_bucket}/p")) == ["a.jpg"]
+
+
+def test_s3_stat_gives_size_and_etag(s3_client: Any, s3_bucket: str) -> None:
+    storage = S3Storage(s3_bucket, "p", s3_client)
+    storage.write_bytes("x.jpg", b"12345")
+    entry = storage.stat("x.jpg")
+    assert (entry.path, entry.size) == ("x.jpg", 5) and entry.version
+    with pytest.raises(FileNotFoundError):
+        storage.stat("missing.jpg")

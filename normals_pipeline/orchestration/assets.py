@@ -11,9 +11,9 @@ from dagster import (
 
 from .. import manifest
 from .._errors import ApiUnreachable, ClipdropError
-from ..enrich import Enricher, Item
+from ..enrich import Enricher, current_items
 from ..inventory import read_inventory, shard_of, skipped_names, take_inventory, write_inventory
-from ..storage import Storage
+from ..storage import FileEntry, Storage
 from ._metadata import shard_metadata
 from .checks import check_manifest, manifest_check_spec
 from .resources import ClipdropResource, DatasetResource
@@ -53,7 +53,6 @@ def build_assets(shards: int, partitions: StaticPartitionsDefinition) -> list:
         return MaterializeResult(
             metadata={
                 "images": table.num_rows,
-                "bytes": int(sum(table["size"].to_pylist())),
                 "dataset": dataset.uri,
                 "inventory": MetadataValue.path(uri),
                 "shards_with_images": len(per_shard),
@@ -78,11 +77,8 @@ def build_assets(shards: int, partitions: StaticPartitionsDefinition) -> list:
         key = context.partition_key
         dataset, output = storage.dataset(), storage.output()
         shard = int(key)
-        items = [
-            Item(r["path"], r["size"], r["version"])
-            for r in read_inventory(output).to_pylist()
-            if shard_of(r["path"], shards) == shard
-        ]
+        listed = [FileEntry(*row.values()) for row in read_inventory(output).drop(["shard"]).to_pylist()]
+        items = current_items(dataset, [entry for entry in listed if shard_of(entry.path, shards) == shard])
         previous = manifest.with_journal(manifest.read_manifest(output, key), manifest.read_journal(output, key))
         with clipdrop.get_client() as client:
             enricher = Enricher(

@@ -65,9 +65,9 @@ def _failure_message(result: ExecuteInProcessResult) -> tuple[str, dict]:
                 data.user_failure_data.metadata
             )
         error = data.error.cause if data.error and data.error.cause else data.error
-        if error is not None:
-            first_line = error.message.strip().splitlines()[0]
-            return first_line.rsplit(": ", 1)[-1] if error.cls_name else first_line, {}
+        if error is not None:  # "pkg.module.DatasetNotFound: dataset not found: ..." -> without the module path
+            qualified, _, text = error.message.strip().splitlines()[0].partition(": ")
+            return f"{qualified.rsplit('.', 1)[-1]}: {text}", {}
     return "the run failed; see the Dagster event log", {}
 
 
