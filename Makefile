@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/normals-pipeline demo
 
 test: $(STAMP)
-	$(BIN)/ruff check normals_pipeline tests definitions.py
+	$(BIN)/ruff check normals_pipeline tests bench definitions.py
 	$(BIN)/python -m pytest -q
 
 # The Dagster UI (http://127.0.0.1:3000) against the emulator on synthetic portraits.
