@@ -115,6 +115,7 @@ class Enricher:
         self._stop = threading.Event()
         self._stopped: Exception | None = None
         self._hash_locks: dict[str, threading.Lock] = {}
+        self._spent_before: dict[str, float] = {}
         self._locks_guard = threading.Lock()
 
     def run(
@@ -125,6 +126,8 @@ class Enricher:
     ) -> ShardResult:
         started = time.monotonic()
         todo = pending_items(items, previous)
+        # A redone row keeps what its earlier attempts cost, so the manifest adds up to the bill.
+        self._spent_before = dict(zip(previous["path"], previous["credits_consumed"]))
         rows: list[dict] = []
         with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="enrich") as pool:
             for done, row in enumerate(pool.map(self._process_and_journal, todo), start=1):
@@ -136,9 +139,6 @@ class Enricher:
 
     def _result(self, items: list[Item], previous: pd.DataFrame, rows: list[dict], elapsed: float) -> ShardResult:
         new = manifest.to_frame(rows)
-        # A row replaced by a retry keeps what its earlier attempts cost: the manifest adds up to the bill.
-        spent_before = previous.set_index("path")["credits_consumed"]
-        new["credits_consumed"] += new["path"].map(spent_before).fillna(0.0)
         current = {item.path for item in items}
         kept = previous[previous["path"].isin(current) & ~previous["path"].isin(new["path"])]
         merged = pd.concat([kept, new], ignore_index=True) if len(kept) else new
@@ -148,17 +148,23 @@ class Enricher:
             manifest=merged,
             new_rows=len(rows),
             requests=sum(1 for row in rows if row["http_status"] is not None),
-            credits_consumed=sum((Decimal(str(row["credits_consumed"])) for row in rows), Decimal(0)),
+            credits_consumed=sum((self._charged(row) for row in rows), Decimal(0)),
             remaining_credits=guard.remaining,
             elapsed_s=elapsed,
             errors=Counter(row["error_code"] for row in rows if row["error_code"]),
             stopped=self._stopped,
         )
 
+    def _charged(self, row: dict) -> Decimal:
+        """What this run paid for a row: its total less what earlier attempts had cost."""
+        return Decimal(str(row["credits_consumed"])) - Decimal(str(self._spent_before.get(row["path"], 0.0)))
+
     def _process_and_journal(self, item: Item) -> dict | None:
         row = self._process(item)
-        if row is not None and self.journal is not None:
-            self.journal(row)
+        if row is not None:
+            row["credits_consumed"] += self._spent_before.get(item.path, 0.0)
+            if self.journal is not None:
+                self.journal(row)
         return row
 
     def _process(self, item: Item) -> dict | None:
