@@ -36,11 +36,12 @@ def _decode_cpu(paths: list[Path], repeats: int = 3) -> list[float]:
 
 def _enrich_cpu(url: str, key: str, dataset: Path, output: Path, concurrency: int) -> dict[str, Any]:
     """Process CPU of the core `Enricher` over every image of `dataset` (the emulator is elsewhere)."""
-    from normals_pipeline import ClipdropClient, CreditGuard, Enricher, Item, LocalStorage, RateGuard, take_inventory
+    from normals_pipeline import ClipdropClient, CreditGuard, Enricher, LocalStorage, RateGuard, take_inventory
+    from normals_pipeline.enrich import current_items
     from normals_pipeline.manifest import empty_manifest
 
     source, target = LocalStorage(dataset), LocalStorage(output)
-    items = [Item(r["path"], r["size"], r["version"]) for r in take_inventory(source, 1).to_pylist()]
+    items = current_items(source, take_inventory(source, 1))
     with ClipdropClient(
         key, base_url=url, rate_guard=RateGuard(UNLIMITED_RPM), credit_guard=CreditGuard(), max_connections=concurrency
     ) as client:

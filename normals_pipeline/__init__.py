@@ -24,7 +24,7 @@ from ._errors import (
     TransientError,
 )
 from .client import DEFAULT_API_URL, ApiResult, ClipdropClient, RetryPolicy
-from .enrich import Enricher, Item, ShardResult
+from .enrich import Enricher, Item, ShardResult, current_items
 from .guards import CreditGuard, RateGuard, rate_guard_for
 from .inventory import read_inventory, shard_of, take_inventory, write_inventory
 from .manifest import MANIFEST_SCHEMA, read_manifest, write_manifest
@@ -60,6 +60,7 @@ __all__ = [
     "ShardResult",
     "Storage",
     "TransientError",
+    "current_items",
     "open_storage",
     "prepare",
     "rate_guard_for",

@@ -11,20 +11,21 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 
 import pandas as pd
+import pyarrow as pa
 
 from . import manifest
 from ._errors import ApiUnreachable, ClipdropError, ImageRejected, RunStopped
 from .client import ApiResult, ClipdropClient
 from .prepare import Oversize, PreparedImage, prepare
-from .storage import FileEntry, Storage
+from .storage import Storage
 
 NORMALS_DIR = "normals"
 # Codes whose rows are final: the same bytes would fail the same way, so a re-run does not resend them.
@@ -69,17 +70,17 @@ class ShardResult:
         return int(self.manifest["error_code"].isna().sum())
 
 
-def current_items(dataset: Storage, listed: Iterable[FileEntry]) -> list[Item]:
-    """The listed files with their size and version, stat'ed here where the listing did not give them
-    (a local folder); a file removed since the listing is left out."""
+def current_items(dataset: Storage, inventory: pa.Table) -> list[Item]:
+    """The inventory's files with their size and version, stat'ed here where the listing did not give
+    them (a local folder); a file removed since the listing is left out."""
     items = []
-    for entry in listed:
-        if entry.version is None:
+    for path, size, version in zip(*(inventory[column].to_pylist() for column in ("path", "size", "version"))):
+        if version is None:
             try:
-                entry = dataset.stat(entry.path)
+                path, size, version = dataset.stat(path)
             except (FileNotFoundError, PermissionError):
                 continue
-        items.append(Item(entry.path, entry.size, entry.version))
+        items.append(Item(path, size, version))
     return items
 
 
@@ -129,12 +130,20 @@ class Enricher:
         # A redone row keeps what its earlier attempts cost, so the manifest adds up to the bill.
         self._spent_before = dict(zip(previous["path"], previous["credits_consumed"]))
         rows: list[dict] = []
+
+        def collect(finished: set[Future[dict | None]]) -> None:
+            rows.extend(row for future in finished if (row := future.result()) is not None)
+            if progress:
+                progress(len(todo) - len(waiting) - len(queue), len(todo))
+
+        queue = deque(todo)
+        waiting: set[Future[dict | None]] = set()
         with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="enrich") as pool:
-            for done, row in enumerate(pool.map(self._process_and_journal, todo), start=1):
-                if row is not None:
-                    rows.append(row)
-                if progress:
-                    progress(done, len(todo))
+            while queue or waiting:  # a few futures at a time, not one per image: memory stays flat
+                while queue and len(waiting) < 2 * self.concurrency:
+                    waiting.add(pool.submit(self._process_and_journal, queue.popleft()))
+                finished, waiting = wait(waiting, return_when=FIRST_COMPLETED)
+                collect(finished)
         return self._result(items, previous, rows, time.monotonic() - started)
 
     def _result(self, items: list[Item], previous: pd.DataFrame, rows: list[dict], elapsed: float) -> ShardResult:

@@ -17,6 +17,7 @@ from normals_pipeline.storage import Storage
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".webp")  # matched case-insensitively
 INVENTORY_PATH = "inventory/inventory.parquet"
 SKIPPED_NAMES_KEY = "normals_pipeline.skipped_non_utf8_names"
+SHARDS_KEY = "normals_pipeline.shards"
 INVENTORY_SCHEMA = pa.schema(
     [
         pa.field("path", pa.string(), nullable=False),
@@ -29,6 +30,10 @@ INVENTORY_SCHEMA = pa.schema(
 
 class InventoryMissing(FileNotFoundError):
     """The inventory has not been written to this output yet."""
+
+
+class InventoryMismatch(ValueError):
+    """The inventory was taken with another shard count than the pipeline's."""
 
 
 
@@ -77,7 +82,7 @@ def take_inventory(storage: Storage, shards: int) -> pa.Table:
         unnamable = len(paths) - len(keep)
         paths, sizes, versions = ([column[i] for i in keep] for column in (paths, sizes, versions))
         shard_ids = [_shard(path, shards) for path in paths]
-    schema = INVENTORY_SCHEMA.with_metadata({SKIPPED_NAMES_KEY: str(unnamable)})
+    schema = INVENTORY_SCHEMA.with_metadata({SKIPPED_NAMES_KEY: str(unnamable), SHARDS_KEY: str(shards)})
     return pa.table([paths, sizes, versions, shard_ids], schema=schema)
 
 
@@ -102,8 +107,9 @@ def write_inventory(output: Storage, table: pa.Table) -> str:
     return output.uri_for(INVENTORY_PATH)
 
 
-def read_inventory(output: Storage, shard: int | None = None) -> pa.Table:
-    """The whole inventory, or only the rows of one shard."""
+def read_inventory(output: Storage, shard: int | None = None, shards: int | None = None) -> pa.Table:
+    """The whole inventory, or only the rows of one shard of `shards` (which must be the count the
+    inventory was taken with: a different count puts images in other shards)."""
     try:
         data = output.read_bytes(INVENTORY_PATH)
     except FileNotFoundError as err:
@@ -111,4 +117,10 @@ def read_inventory(output: Storage, shard: int | None = None) -> pa.Table:
             f"no inventory at {output.uri_for(INVENTORY_PATH)}: materialize the inventory asset first"
         ) from err
     table = pq.read_table(pa.BufferReader(data))
+    taken_with = int((table.schema.metadata or {}).get(SHARDS_KEY.encode(), b"0"))
+    if shards is not None and taken_with != shards:
+        raise InventoryMismatch(
+            f"the inventory was taken for {taken_with} shards but the pipeline uses {shards}: "
+            "materialize the inventory asset again"
+        )
     return table if shard is None else table.filter(pc.equal(table["shard"], shard))

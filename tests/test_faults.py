@@ -9,8 +9,8 @@ import pytest
 from normals_pipeline import ClipdropClient, Enricher, LocalStorage, RateGuard, RetryPolicy
 from normals_pipeline.emulator import Faults
 from normals_pipeline.enrich import current_items
+from normals_pipeline.inventory import take_inventory
 from normals_pipeline.manifest import empty_manifest
-from normals_pipeline.storage import FileEntry
 from normals_pipeline.synthetic import make_portraits
 
 IMAGES = 10
@@ -21,7 +21,7 @@ FAST = RetryPolicy(attempts=8, timeout_s=30, wait_initial_s=0.01, wait_max_s=0.0
 def dataset(tmp_path):
     make_portraits(tmp_path / "in", IMAGES)
     storage = LocalStorage(tmp_path / "in")
-    return storage, current_items(storage, (FileEntry(path, None, None) for path in storage.listing().paths))
+    return storage, current_items(storage, take_inventory(storage, 1))
 
 
 def enrich(emulator, dataset, tmp_path, previous=None, timeout_s=10.0):

@@ -144,3 +144,13 @@ def test_a_name_that_is_not_utf8_is_skipped_and_counted(tmp_path):
     table = take_inventory(LocalStorage(tmp_path), 4)
     assert table["path"].to_pylist() == ["fine.jpg"]
     assert skipped_names(table) == 1
+
+
+def test_reading_with_another_shard_count_says_to_take_the_inventory_again(tmp_path: Path) -> None:
+    from normals_pipeline.inventory import InventoryMismatch
+
+    output = LocalStorage(tmp_path)
+    write_inventory(output, take_inventory(ListedStorage(["a.jpg"]), 16))
+    assert read_inventory(output, 0, 16).num_rows <= 1
+    with pytest.raises(InventoryMismatch, match="taken for 16 shards but the pipeline uses 8"):
+        read_inventory(output, 0, 8)

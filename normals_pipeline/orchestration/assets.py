@@ -12,8 +12,8 @@ from dagster import (
 from .. import manifest
 from .._errors import ApiUnreachable, ClipdropError
 from ..enrich import Enricher, current_items
-from ..inventory import read_inventory, shard_of, skipped_names, take_inventory, write_inventory
-from ..storage import FileEntry, Storage
+from ..inventory import read_inventory, skipped_names, take_inventory, write_inventory
+from ..storage import Storage
 from ._metadata import shard_metadata
 from .checks import check_manifest, manifest_check_spec
 from .resources import ClipdropResource, DatasetResource
@@ -77,8 +77,7 @@ def build_assets(shards: int, partitions: StaticPartitionsDefinition) -> list:
         key = context.partition_key
         dataset, output = storage.dataset(), storage.output()
         shard = int(key)
-        listed = [FileEntry(*row.values()) for row in read_inventory(output).drop(["shard"]).to_pylist()]
-        items = current_items(dataset, [entry for entry in listed if shard_of(entry.path, shards) == shard])
+        items = current_items(dataset, read_inventory(output, shard, shards))
         previous = manifest.with_journal(manifest.read_manifest(output, key), manifest.read_journal(output, key))
         with clipdrop.get_client() as client:
             enricher = Enricher(
