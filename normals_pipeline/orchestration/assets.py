@@ -107,9 +107,12 @@ def build_assets(shards: int, partitions: StaticPartitionsDefinition) -> list:
 def _progress_logger(context: AssetExecutionContext):
     """Log progress about every 10% so long shards show life without flooding the event log."""
 
+    logged = [0]
+
     def report(done: int, total: int) -> None:
         step = max(1, total // 10)
-        if done == total or done % step == 0:
+        if done == total or done // step > logged[0]:  # `done` moves by several at once
+            logged[0] = done // step
             context.log.info(f"{done}/{total} images processed")
 
     return report
