@@ -7,6 +7,7 @@ and also pauses every other caller on the key. Nothing here knows about Dagster.
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
@@ -125,6 +126,7 @@ class ClipdropClient:
         self.credit_guard = credit_guard or CreditGuard(state=rate_guard.state)
         self.retry = retry
         self.retries_by_code: dict[str, int] = {}
+        self._count_lock = threading.Lock()
         self._http = httpx.Client(
             base_url=self.base_url,
             headers={"x-api-key": api_key},
@@ -162,7 +164,8 @@ class ClipdropClient:
         """stamina hook: retry transient errors; a 429 pauses the whole key, then waits its turn."""
         if not isinstance(error, TransientError):
             return False
-        self.retries_by_code[error.error_code] = self.retries_by_code.get(error.error_code, 0) + 1
+        with self._count_lock:  # workers retry concurrently
+            self.retries_by_code[error.error_code] = self.retries_by_code.get(error.error_code, 0) + 1
         if isinstance(error, RateLimited):
             pause = error.retry_after if error.retry_after is not None else DEFAULT_COOLDOWN_S
             self.rate_guard.cooldown(pause)
