@@ -18,11 +18,13 @@ import time
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from collections.abc import Callable
+from typing import Any, Literal, Protocol, TypeVar
 
 from pyrate_limiter import InMemoryBucket, Rate, RedisBucket, SQLiteBucket
 from pyrate_limiter.abstracts import AbstractBucket, RateItem
 
+T = TypeVar("T")
 BALANCE_TTL_S = 300.0  # a balance older than this is only a guess: a top-up may have happened
 
 
@@ -153,7 +155,8 @@ class SQLiteState:
     def bucket(self, rates: list[Rate]) -> AbstractBucket:
         return _SQLiteBucket.init_from_file(rates, db_path=self._rate_path, use_file_lock=True)
 
-    def _transaction(self, work):  # type: ignore[no-untyped-def]
+    def _transaction(self, work: Callable[[sqlite3.Connection, float], T]) -> T:
+        """Run `work(db, now)` as one write transaction: other processes wait for it (BEGIN IMMEDIATE)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
