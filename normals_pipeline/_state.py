@@ -15,10 +15,10 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, Literal, Protocol, TypeVar
 
 from pyrate_limiter import InMemoryBucket, Rate, RedisBucket, SQLiteBucket
