@@ -33,7 +33,7 @@ def shard_metadata(result: ShardResult, images: int, manifest_uri: str, retries:
         "processed_this_run": result.new_rows,
         "requests": result.requests,
         "retries_by_code": MetadataValue.json(retries),
-        "http_429": retries.get("rate_limited", 0) + errors.get("rate_limited", 0),
+        "http_429": retries.get("rate_limited", 0) + result.errors["rate_limited"],  # this run's, like retries
         "credits_consumed": float(result.credits_consumed),
         "images_per_second": round(rate, 3),
         "manifest": MetadataValue.path(manifest_uri),
