@@ -43,12 +43,12 @@ class KeyState(Protocol):
     def balance(self) -> Decimal | None: ...
 
 
-def merged_balance(stored: Decimal | None, age_s: float, reported: Decimal, in_flight: int) -> Decimal:
-    """The balance after a report. Answers arrive out of order, so a rise no larger than the requests
-    in flight is a stale answer, not a top-up; a stale stored value gives way to any report."""
-    if stored is None or age_s >= BALANCE_TTL_S or reported < stored or reported - stored > in_flight:
-        return reported
-    return stored
+def takes_report(stored: Decimal | None, age_s: float, reported: Decimal) -> bool:
+    """Whether a reported balance replaces the stored one. Answers arrive out of order (and the order
+    the server charged in is not known here), so while the stored value is fresh only a lower report is
+    taken; a rise is believed once the stored value has aged out, so a top-up shows within the TTL and,
+    until then, the guards err on the side of spending less."""
+    return stored is None or age_s >= BALANCE_TTL_S or reported <= stored
 
 
 def decide(
@@ -115,9 +115,9 @@ class MemoryState:
         with self._lock:
             now = time.time()
             self._leases.pop(lease, None)
-            if remaining is not None:
-                stored, at = self._balance or (None, now)
-                self._balance = (merged_balance(stored, now - at, remaining, self._live_leases(now)), now)
+            stored, at = self._balance or (None, now)
+            if remaining is not None and takes_report(stored, now - at, remaining):
+                self._balance = (remaining, now)
 
     def balance(self) -> Decimal | None:
         return self._balance[0] if self._balance else None
@@ -203,13 +203,13 @@ class SQLiteState:
             db.execute("DELETE FROM leases WHERE id = ?", (lease,))
             if remaining is None:
                 return
-            stored, age, in_flight = self._state(db, now)
-            value = merged_balance(stored, age, remaining, in_flight)
-            db.execute(
-                "INSERT INTO balance VALUES (1, ?, ?)"
-                " ON CONFLICT(id) DO UPDATE SET value = excluded.value, at = excluded.at",
-                (str(value), now),
-            )
+            stored, age, _ = self._state(db, now)
+            if takes_report(stored, age, remaining):
+                db.execute(
+                    "INSERT INTO balance VALUES (1, ?, ?)"
+                    " ON CONFLICT(id) DO UPDATE SET value = excluded.value, at = excluded.at",
+                    (str(remaining), now),
+                )
 
         self._transaction(work)
 
@@ -252,20 +252,15 @@ return {1, bal[1] or false}
 """
 )
 
-# KEYS: leases, balance. ARGV: lease, remaining ('' if none), balance_ttl_ms.
+# KEYS: leases, balance. ARGV: lease, remaining ('' if none), balance_ttl_ms. The rule of `takes_report`.
 _REDIS_SETTLE = (
     _REDIS_NOW
     + """
 redis.call('ZREM', KEYS[1], ARGV[1])
 if ARGV[2] == '' then return 0 end
-local in_flight = redis.call('ZCOUNT', KEYS[1], now, '+inf')
 local bal = redis.call('HMGET', KEYS[2], 'value', 'at')
-local r = tonumber(ARGV[2])
-if (not bal[1]) or now - tonumber(bal[2]) >= tonumber(ARGV[3]) or r < tonumber(bal[1])
-   or r - tonumber(bal[1]) > in_flight then
+if (not bal[1]) or now - tonumber(bal[2]) >= tonumber(ARGV[3]) or tonumber(ARGV[2]) <= tonumber(bal[1]) then
   redis.call('HSET', KEYS[2], 'value', ARGV[2], 'at', now)
-else
-  redis.call('HSET', KEYS[2], 'at', now)
 end
 return 1
 """

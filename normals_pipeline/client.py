@@ -190,8 +190,6 @@ class ClipdropClient:
             return ApiResult(body, response.status_code, consumed, remaining)
         except RunStopped as error:  # 401, 403, 402: no later request on this key can succeed
             self.credit_guard.stop(error)
-            if isinstance(error, OutOfCredits):
-                remaining = Decimal(0)  # tell every run sharing the key
             raise
         except httpx.ReadTimeout:
             raise NoAnswer("sent, but no answer within the timeout; it may have been charged") from None

@@ -108,7 +108,6 @@ class CreditGuard:
         self.budget = budget
         self.state = state or MemoryState()
         self.spent = Decimal(0)
-        self.remaining: Decimal | None = None
         self._in_flight = 0
         self._stopped: RunStopped | None = None
         self._lock = threading.Lock()
@@ -151,12 +150,15 @@ class CreditGuard:
         with self._lock:
             self._in_flight -= 1
             self.spent += consumed or Decimal(0)
-            if remaining is not None:  # answers arrive out of order: the lowest is the latest balance
-                self.remaining = remaining if self.remaining is None else min(self.remaining, remaining)
+
+    @property
+    def remaining(self) -> Decimal | None:
+        """The key's balance as last reported to anyone sharing the state (out-of-order answers merged)."""
+        return self.state.balance()
 
     def stop(self, error: RunStopped) -> None:
         """The API refused the key or said the balance is gone: nothing more is sent."""
         with self._lock:
             self._stopped = error
-            if isinstance(error, OutOfCredits):
-                self.remaining = Decimal(0)
+        if isinstance(error, OutOfCredits):
+            self.state.settle("", Decimal(0))  # no lease to free; tells every run sharing the key

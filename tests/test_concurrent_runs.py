@@ -39,8 +39,11 @@ def test_concurrent_runs_stop_together_at_the_credit_floor(tmp_path, emulator_fa
 
     results = start_runs(tmp_path, emulator.url, 2, "--credit-floor", "4")
 
-    assert Decimal(emulator.stats()["charged"]) == 8  # 12 credits, floor 4: never below it
-    assert manifest_credits(tmp_path, 2) == 8  # and every charged image has its row
+    charged = Decimal(emulator.stats()["charged"])
+    # 12 credits, floor 4: never below it. A guard cannot tell which requests in flight the last reported
+    # balance already counts, so it may stop up to one run's in-flight requests (4) early, never late.
+    assert 8 - 4 <= charged <= 8
+    assert manifest_credits(tmp_path, 2) == charged  # and every charged image has its row
     stopped = [err for code, _, err in results if code == 1]
     assert stopped and all("credit floor of 4" in err for err in stopped)
     assert all(code in (0, 1) for code, _, _ in results)

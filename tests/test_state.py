@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from normals_pipeline._errors import CreditLimitReached
-from normals_pipeline._state import BALANCE_TTL_S, MemoryState, RedisState, SQLiteState, merged_balance
+from normals_pipeline._state import BALANCE_TTL_S, MemoryState, RedisState, SQLiteState, takes_report
 from normals_pipeline.guards import CreditGuard, RateGuard, key_fingerprint
 
 RPM = 600  # one request per 100 ms: fast enough for a test, slow enough to see the spacing
@@ -29,20 +29,24 @@ def state(request, tmp_path):
 @given(
     stored=st.none() | st.decimals(0, 1000, places=1),
     reported=st.decimals(0, 1000, places=1),
-    in_flight=st.integers(0, 20),
+    age=st.floats(0, 2 * BALANCE_TTL_S),
 )
-def test_merged_balance_never_rises_within_reordering(stored, reported, in_flight):
-    merged = merged_balance(stored, 0.0, reported, in_flight)
-    if stored is None or reported <= stored:
-        assert merged == reported
-    elif reported - stored <= in_flight:
-        assert merged == stored  # a late answer from before other charges
-    else:
-        assert merged == reported  # more than reordering explains: a top-up
+def test_a_fresh_balance_only_goes_down(stored, reported, age):
+    # A late answer from before other charges must not raise the balance the floor is checked against.
+    expected = stored is None or age >= BALANCE_TTL_S or reported <= stored
+    assert takes_report(stored, age, reported) == expected
+
+
+def test_a_late_higher_answer_does_not_raise_the_shared_balance(state):
+    guard = CreditGuard(state=state)
+    early, late = guard.reserve(), guard.reserve()
+    guard.settle(late, Decimal(1), Decimal(8))  # the server charged `early` first, but its answer comes last
+    guard.settle(early, Decimal(1), Decimal(9))
+    assert state.balance() == 8 == guard.remaining
 
 
 def test_a_stale_balance_gives_way():
-    assert merged_balance(Decimal(5), BALANCE_TTL_S, Decimal(6), 10) == 6
+    assert takes_report(Decimal(5), BALANCE_TTL_S, Decimal(6))
 
 
 def test_floor_counts_leases_of_everyone_sharing_the_state(state):
