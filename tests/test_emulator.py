@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
+import random
 import struct
 import time
 import zlib
@@ -73,6 +75,10 @@ def assert_error(response: httpx.Response, status: int, message: str | None = No
     if message is not None:
         assert error == message
     return error
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def decode(response: httpx.Response) -> np.ndarray:
@@ -299,7 +305,56 @@ def test_reset_closes_the_connection_without_charging(emulator_factory: Factory)
     with pytest.raises(httpx.TransportError):
         post(emulator)
     assert emulator.credits(TEST_KEY) == 1000
-    assert emulator.stats()["by_status"] == {"reset": 1}
+    stats = emulator.stats()
+    assert (stats["by_status"], stats["charged"], stats["charged_by_content"]) == ({"reset": 1}, "0", {})
+
+
+def test_drop_charges_then_resets_the_connection(emulator_factory: Factory) -> None:
+    """The API charged, then the connection broke before the answer arrived."""
+    emulator = emulator_factory(faults=Faults(drop_rate=1.0))
+    with pytest.raises(httpx.TransportError):
+        post(emulator)
+    assert emulator.credits(TEST_KEY) == 999
+    stats = emulator.stats()
+    assert (stats["requests"], stats["by_status"], stats["charged"]) == (1, {"dropped": 1}, "1")
+    assert stats["keys"][fingerprint(TEST_KEY)] == {"requests": 1, "charged": "1", "remaining": "999"}
+    assert (stats["charged_by_content"], stats["charged_twice"]) == ({sha256(SMALL_PNG): 1}, 0)
+
+
+def test_drops_are_reproducible_with_a_seed(emulator_factory: Factory) -> None:
+    def outcomes(emulator: Emulator) -> list[int | str]:
+        results: list[int | str] = []
+        for _ in range(12):
+            try:
+                results.append(post(emulator).status_code)
+            except httpx.TransportError:
+                results.append("dropped")
+        return results
+
+    faults = Faults(drop_rate=0.5, seed=11)
+    first, second = emulator_factory(faults=faults), emulator_factory(faults=faults)
+    sequence = outcomes(first)
+    assert sequence == outcomes(second)
+    assert set(sequence) == {200, "dropped"}
+    assert first.credits(TEST_KEY) == 1000 - 12  # every one of them was charged
+    assert first.stats()["by_status"] == {"200": sequence.count(200), "dropped": sequence.count("dropped")}
+
+
+def test_existing_seeds_draw_as_before_drops_existed(emulator_factory: Factory) -> None:
+    """Without drop_rate, five numbers per request (reset, slow, error, truncate, corrupt), as before."""
+    rng = random.Random(7)
+    expected = [500 if [rng.random() for _ in range(5)][2] < 0.5 else 200 for _ in range(12)]
+    assert statuses(emulator_factory(faults=Faults(error_rate=0.5, seed=7)), 12) == expected
+
+
+def test_drop_ranks_after_reset_and_error(emulator_factory: Factory) -> None:
+    emulator = emulator_factory(faults=Faults(error_rate=1.0, drop_rate=1.0))
+    assert statuses(emulator, 2) == [500, 500]
+    emulator.set_faults(Faults(reset_rate=1.0, drop_rate=1.0))
+    with pytest.raises(httpx.TransportError):
+        post(emulator)
+    assert emulator.stats()["by_status"] == {"500": 2, "reset": 1}
+    assert emulator.credits(TEST_KEY) == 1000
 
 
 def test_truncated_answer_raises_but_is_charged(emulator_factory: Factory) -> None:
@@ -314,6 +369,57 @@ def test_corrupt_answer_is_not_a_jpeg_but_is_charged(emulator_factory: Factory) 
     assert (response.status_code, response.headers["content-type"]) == (200, "image/jpeg")
     assert not response.content.startswith(b"\xff\xd8")
     assert response.headers["x-remaining-credits"] == "999"
+
+
+# -- charges per content ---------------------------------------------------
+
+
+def test_identical_bytes_charged_twice_are_one_content(emulator: Emulator) -> None:
+    assert statuses(emulator, 2) == [200, 200]
+    stats = emulator.stats()
+    assert (stats["charged_by_content"], stats["charged_twice"]) == ({sha256(SMALL_PNG): 2}, 1)
+    assert stats == httpx.get(emulator.url + "/_emulator/stats").json()
+
+
+def test_different_images_are_not_charged_twice(emulator: Emulator) -> None:
+    other = portrait((48, 40))
+    assert (post(emulator).status_code, post(emulator, other).status_code) == (200, 200)
+    stats = emulator.stats()
+    assert stats["charged_by_content"] == {sha256(SMALL_PNG): 1, sha256(other): 1}
+    assert stats["charged_twice"] == 0
+
+
+def test_charges_per_content_count_truncated_corrupt_and_dropped_answers(emulator_factory: Factory) -> None:
+    emulator = emulator_factory()
+    for faults in (Faults(truncate_rate=1.0), Faults(drop_rate=1.0)):
+        emulator.set_faults(faults)
+        with pytest.raises(httpx.TransportError):
+            post(emulator)
+    emulator.set_faults(Faults(corrupt_rate=1.0))
+    assert post(emulator).status_code == 200
+    stats = emulator.stats()
+    assert (stats["charged"], stats["charged_by_content"], stats["charged_twice"]) == ("3", {sha256(SMALL_PNG): 3}, 2)
+
+
+def test_uncharged_answers_are_not_counted_per_content(emulator_factory: Factory) -> None:
+    emulator = emulator_factory(keys={TEST_KEY: Decimal(1)}, faults=Faults(error_burst=1))
+    bad = b"hello, not an image"
+    assert_error(post(emulator, bad), 400)
+    assert_error(post(emulator), 500)
+    assert post(emulator).status_code == 200
+    assert_error(post(emulator, portrait((48, 40))), 402)
+    stats = emulator.stats()
+    assert stats["by_status"] == {"200": 1, "400": 1, "402": 1, "500": 1}
+    assert (stats["charged_by_content"], stats["charged_twice"]) == ({sha256(SMALL_PNG): 1}, 0)
+
+
+def test_reset_stats_clears_the_charges_per_content(emulator: Emulator) -> None:
+    statuses(emulator, 2)
+    assert httpx.post(emulator.url + "/_emulator/reset").status_code == 200
+    stats = emulator.stats()
+    assert (stats["charged_by_content"], stats["charged_twice"]) == ({}, 0)
+    post(emulator)
+    assert (emulator.stats()["charged_by_content"], emulator.stats()["charged_twice"]) == ({sha256(SMALL_PNG): 1}, 0)
 
 
 def test_slow_requests_outlast_a_short_timeout(emulator_factory: Factory) -> None:
@@ -361,10 +467,12 @@ def test_non_loopback_hosts_are_refused(host: str) -> None:
 def test_cli_builds_the_config() -> None:
     parser = argparse.ArgumentParser()
     _cli.add_arguments(parser)
-    args = parser.parse_args(["--api-key", "a:5", "--api-key", "b:unlimited", "--rpm", "3", "--error-rate", "0.1"])
+    args = parser.parse_args(
+        ["--api-key", "a:5", "--api-key", "b:unlimited", "--rpm", "3", "--error-rate", "0.1", "--drop-rate", "0.2"]
+    )
     config = _cli.config_from_args(args)
     assert config.keys == {"a": Decimal(5), "b": None}
-    assert (config.port, config.rpm, config.faults.error_rate) == (8765, 3, 0.1)
+    assert (config.port, config.rpm, config.faults.error_rate, config.faults.drop_rate) == (8765, 3, 0.1, 0.2)
     assert _cli.config_from_args(parser.parse_args([])).keys == {"emulator-key": Decimal(1000)}
     assert _cli.run(parser.parse_args(["--host", "0.0.0.0"])) == 2
 

@@ -45,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     faults.add_argument(
         "--corrupt-rate", type=float, default=0.0, help="fraction of 200s with a non-JPEG body (charged)"
     )
+    faults.add_argument(
+        "--drop-rate",
+        type=float,
+        default=0.0,
+        help="fraction of valid requests charged, then reset unanswered (the answer is lost)",
+    )
     faults.add_argument("--credits-after", type=int, default=None, help="answer 402 after N successes")
     faults.add_argument("--seed", type=int, default=0, help="seed of the fault randomness")
 
@@ -60,6 +66,7 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         slow_seconds=args.slow_seconds,
         truncate_rate=args.truncate_rate,
         corrupt_rate=args.corrupt_rate,
+        drop_rate=args.drop_rate,
         credits_after=args.credits_after,
         seed=args.seed,
     )

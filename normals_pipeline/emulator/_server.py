@@ -5,11 +5,20 @@ against this. It follows the API document and adds what a client must survive:
 rate limiting (sliding or fixed windows), credits, and injected faults.
 
 Checks run in the order a client would meet them: api key (401, 403), rate
-limit (429), credits (402), input (400), injected faults (500, resets, slow,
-truncated or corrupt 200s), success. Every authenticated request counts toward
-the rate limit, rejected ones included. Credits are reserved at the credit check
-(so concurrent requests cannot overdraw) and kept only for answers the server
-believes succeeded: 200s, including truncated and corrupt ones.
+limit (429), credits (402), input (400), injected faults (500, resets, drops,
+slow, truncated or corrupt 200s), success. Every authenticated request counts
+toward the rate limit, rejected ones included. Credits are reserved at the
+credit check (so concurrent requests cannot overdraw) and kept only for answers
+the server believes succeeded: 200s, including truncated and corrupt ones, and
+drops. A reset (``reset_rate``) breaks the connection before the request is
+processed and is not charged; a drop (``drop_rate``) processes and charges the
+request, then breaks the connection with a TCP RST instead of answering: the API
+charged, but the answer never arrived.
+
+The stats count charges per content: ``charged_by_content`` maps the SHA-256
+(hex) of each charged request's ``image_file`` bytes to how many times it was
+charged, and ``charged_twice`` counts the charges for content charged before,
+so a client that re-sends what it already paid for shows up.
 
 Control endpoints (not counted in the stats): ``GET /_emulator/stats``,
 ``POST /_emulator/faults`` (JSON body with ``Faults`` fields), ``POST /_emulator/reset``
@@ -67,6 +76,13 @@ class Faults:
     check; the others only hit requests that passed every check. Counters
     (bursts, ``credits_after``) and the ``seed``-ed randomness restart whenever
     faults are set.
+
+    ``reset_rate`` breaks the connection (TCP RST) before processing: not
+    charged, labelled ``reset`` in the stats. ``drop_rate`` processes and
+    charges the request, then breaks the connection (TCP RST) instead of
+    answering: the API charged but the answer was lost; labelled ``dropped``.
+    At most one fault hits a request, in this order: reset, error (500), drop,
+    truncate, corrupt; ``slow`` adds its delay to any of them.
     """
 
     error_rate: float = 0.0
@@ -78,6 +94,7 @@ class Faults:
     slow_seconds: float = 0.0
     truncate_rate: float = 0.0
     corrupt_rate: float = 0.0
+    drop_rate: float = 0.0
     credits_after: int | None = None
     seed: int = 0
 
@@ -121,7 +138,7 @@ class _Reply:
     body: bytes
     content_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
-    mode: Literal["normal", "reset", "truncate"] = "normal"
+    mode: Literal["normal", "reset", "drop", "truncate"] = "normal"
     delay: float = 0.0
 
     @classmethod
@@ -159,6 +176,8 @@ class _Service:
         self._by_status: Counter[str] = Counter()
         self._charged: dict[str, Decimal] = {key: Decimal(0) for key in self._credits}
         self._log: dict[str, list[float]] = {key: [] for key in self._credits}
+        self._charged_by_content: Counter[str] = Counter()
+        self._charged_twice = 0
         self._concurrent_max = self._in_flight
 
     # -- bookkeeping -------------------------------------------------------
@@ -200,6 +219,8 @@ class _Service:
                 "requests": self._requests,
                 "by_status": dict(sorted(self._by_status.items())),
                 "charged": format_decimal(sum(self._charged.values(), Decimal(0))),
+                "charged_by_content": dict(self._charged_by_content),
+                "charged_twice": self._charged_twice,
                 "keys": keys,
                 "max_in_any_60s": max((_max_in_window(log) for log in self._log.values()), default=0),
                 "concurrent_max": self._concurrent_max,
@@ -221,15 +242,18 @@ class _Service:
             remaining = self._reserve(api_key)
         if remaining is False:
             return _Reply.error(402, "Your account has no remaining credits")
+        data: bytes | None = None
         try:
-            image = _read_image(content_type, body)
-            reply = self._success_or_fault(image, remaining)
+            data = _image_part(content_type, body)
+            reply = self._success_or_fault(_read_image(data), remaining)
         except BadRequest as error:
             reply = _Reply.error(400, str(error))
         except Exception:  # a bug here must look like the real API's 500, and refund
             logger.exception("emulator failed to answer a request")
             reply = _Reply.error(500, "Internal server error")
-        self._settle(api_key, charged=reply.status == 200)
+        charged = reply.status == 200  # includes drops: the answer was ready, then lost
+        digest = hashlib.sha256(data).hexdigest() if charged and data is not None else None  # outside the lock
+        self._settle(api_key, charged=charged, digest=digest)
         return reply
 
     def _rate_limited(self, key: str, arrived: float) -> bool:
@@ -270,11 +294,15 @@ class _Service:
         self._credits[key] = balance - cost
         return self._credits[key]
 
-    def _settle(self, key: str, *, charged: bool) -> None:
+    def _settle(self, key: str, *, charged: bool, digest: str | None = None) -> None:
         cost = self.config.credits_per_call
         with self._lock:
             if charged:
                 self._charged[key] += cost
+                if digest is not None:
+                    if self._charged_by_content[digest]:
+                        self._charged_twice += 1
+                    self._charged_by_content[digest] += 1
                 return
             self._faults.granted = max(0, self._faults.granted - 1)  # faults may have been reset meanwhile
             if self._credits[key] is not None:
@@ -292,21 +320,33 @@ class _Service:
         headers = self._credit_headers(remaining)
         if fault == "corrupt":
             return _Reply(200, _GARBAGE, "image/jpeg", headers)
-        mode: Literal["normal", "truncate"] = "truncate" if fault == "truncate" else "normal"
+        mode: Literal["normal", "drop", "truncate"] = "normal"
+        if fault == "drop":
+            mode = "drop"  # the answer is ready (and charged), then lost: the connection is reset
+        elif fault == "truncate":
+            mode = "truncate"
         return _Reply(200, render_normal_map(image), "image/jpeg", headers, mode=mode)
 
     def _draw_fault(self) -> tuple[str | None, float]:
-        """Pick at most one fault and the extra delay; always draws five numbers, for determinism."""
+        """Pick at most one fault and the extra delay.
+
+        Draws the same count of numbers for every request, whatever the outcome, for
+        determinism: five, plus a sixth (last) for ``drop_rate`` only when it is set, so
+        the sequences of seeds chosen before drops existed are unchanged.
+        """
         with self._lock:
             state = self._faults
-            reset, slow, error, truncate, corrupt = (state.rng.random() for _ in range(5))
             faults = state.faults
+            reset, slow, error, truncate, corrupt = (state.rng.random() for _ in range(5))
+            drop = state.rng.random() if faults.drop_rate > 0 else 1.0
             delay = faults.slow_seconds if slow < faults.slow_rate else 0.0
             if reset < faults.reset_rate:
                 return "reset", delay
             if state.error_burst > 0 or error < faults.error_rate:
                 state.error_burst = max(0, state.error_burst - 1)
                 return "error", delay
+            if drop < faults.drop_rate:
+                return "drop", delay
             if truncate < faults.truncate_rate:
                 return "truncate", delay
             if corrupt < faults.corrupt_rate:
@@ -331,9 +371,8 @@ def _max_in_window(timestamps: list[float]) -> int:
     )
 
 
-def _read_image(content_type: str, body: bytes) -> Image.Image:
-    """Extract and fully decode ``image_file``, refusing what the API refuses."""
-    data = _image_part(content_type, body)
+def _read_image(data: bytes) -> Image.Image:
+    """Fully decode the ``image_file`` part's bytes, refusing what the API refuses."""
     if len(data) > MAX_FILE_BYTES:
         raise BadRequest(f"Input file is {len(data) / 2**20:.1f} MB; the maximum file size is 30 MB")
     try:
@@ -482,10 +521,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, reply: _Reply) -> str:
         """Write the reply (or misbehave as asked); return the status label for the stats."""
-        if reply.mode == "reset":
-            self._count("reset")
+        if reply.mode in ("reset", "drop"):
+            label = "reset" if reply.mode == "reset" else "dropped"
+            self._count(label)
             self._reset_connection()
-            return "reset"
+            return label
         self._count(str(reply.status))
         self.send_response(reply.status)
         self.send_header("Content-Type", reply.content_type)
