@@ -6,6 +6,7 @@ The shape follows the decision a caller has to make, not the HTTP status:
     ├── ImageRejected      one image is bad: record its code, go on          (400, other 4xx, local checks)
     ├── InvalidResponse    the API answered 200 but the body is unusable     (charged; recorded, not retried)
     ├── NoAnswer           sent, but no answer in time: may be charged       (recorded, not retried)
+    │   └── ConnectionLost sent, then the connection broke before the answer
     ├── TransientError     retried with backoff, then recorded               (429, 5xx, connection, send timeout)
     │   ├── RateLimited
     │   ├── ServerError
@@ -15,7 +16,9 @@ The shape follows the decision a caller has to make, not the HTTP status:
         ├── MissingApiKey
         ├── InvalidApiKey
         ├── OutOfCredits
-        └── CreditLimitReached
+        ├── CreditLimitReached
+        ├── MapNotStored   a paid answer could not be stored: recorded with its cost, then stop
+        └── ManifestNotWritten  the shard's manifest could not be written: its rows stay in the journal
 
 Messages never contain the API key: they are built from the status and the server's JSON only.
 """
@@ -64,6 +67,14 @@ class NoAnswer(ClipdropError):
     error_code = "timeout"
 
 
+class ConnectionLost(NoAnswer):
+    """The image was sent, then the connection broke before an answer. The server may have charged it
+    (from here it looks the same as a charge followed by a dropped connection), so it is handled like a
+    timeout: recorded, not resent in this run, sent again by the next."""
+
+    error_code = "connection_lost"
+
+
 class TransientError(ClipdropError):
     """Worth another try after a pause."""
 
@@ -89,7 +100,8 @@ class ApiTimeout(TransientError):
 
 
 class ApiUnreachable(TransientError):
-    """No connection could be made, or it broke before an answer: nothing was charged."""
+    """No connection could be made, or it broke while the request was still being written (the server
+    cannot answer a request it has not read whole): nothing was charged."""
 
     error_code = "connection_error"
 
@@ -114,3 +126,20 @@ class CreditLimitReached(RunStopped):
     """A guard stopped sending before the credit floor or the run budget was crossed."""
 
     error_code = "credit_limit"
+
+
+class MapNotStored(RunStopped):
+    """The API answered (and charged), but the normal map could not be written (disk full, permission).
+    The row keeps what it cost; the run stops, since every further answer would be lost the same way."""
+
+    error_code = "map_not_stored"
+
+    def __init__(self, message: str, *, credits_consumed: Decimal | None) -> None:
+        super().__init__(message, status=200)
+        self.credits_consumed = credits_consumed
+
+
+class ManifestNotWritten(RunStopped):
+    """The shard's manifest could not be written; its rows stay journaled for the next run."""
+
+    error_code = "manifest_not_written"

@@ -32,6 +32,8 @@ BALANCE_TTL_S = 300.0  # a balance older than this is only a guess: a top-up may
 class Reservation:
     decision: Literal["grant", "refuse", "wait"]
     balance: Decimal | None  # the shared balance when the decision was made
+    in_flight: int = 0  # requests holding a lease then, in every process
+    age_s: float | None = None  # how old the balance was
 
 
 class KeyState(Protocol):
@@ -41,6 +43,7 @@ class KeyState(Protocol):
     def reserve(self, lease: str, floor: Decimal, cost: Decimal, ttl_s: float) -> Reservation: ...
     def settle(self, lease: str, remaining: Decimal | None) -> None: ...
     def balance(self) -> Decimal | None: ...
+    def forget_balance(self) -> None: ...
 
 
 def takes_report(stored: Decimal | None, age_s: float, reported: Decimal) -> bool:
@@ -106,10 +109,11 @@ class MemoryState:
         with self._lock:
             now = time.time()
             balance, at = self._balance or (None, now)
-            decision = decide(balance, now - at, self._live_leases(now), floor, cost)
+            in_flight = self._live_leases(now)
+            decision = decide(balance, now - at, in_flight, floor, cost)
             if decision == "grant":
                 self._leases[lease] = now + ttl_s
-            return Reservation(decision, balance)
+            return Reservation(decision, balance, in_flight, now - at if balance is not None else None)
 
     def settle(self, lease: str, remaining: Decimal | None) -> None:
         with self._lock:
@@ -121,6 +125,10 @@ class MemoryState:
 
     def balance(self) -> Decimal | None:
         return self._balance[0] if self._balance else None
+
+    def forget_balance(self) -> None:
+        with self._lock:
+            self._balance = None
 
 
 _SQLITE_SCHEMA = """
@@ -194,7 +202,7 @@ class SQLiteState:
             decision = decide(balance, age, in_flight, floor, cost)
             if decision == "grant":
                 db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?)", (lease, now + ttl_s))
-            return Reservation(decision, balance)
+            return Reservation(decision, balance, in_flight, age if balance is not None else None)
 
         return self._transaction(work)
 
@@ -218,6 +226,9 @@ class SQLiteState:
             row = self._db.execute("SELECT value FROM balance").fetchone()
         return Decimal(row[0]) if row else None
 
+    def forget_balance(self) -> None:
+        self._transaction(lambda db, now: db.execute("DELETE FROM balance"))
+
 
 class _RedisTimeBucket(_StampedAtPut, RedisBucket):
     """pyrate-limiter's Redis bucket, timed by the Redis server instead of this host's clock."""
@@ -235,20 +246,23 @@ class _RedisTimeBucket(_StampedAtPut, RedisBucket):
 _REDIS_NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)"
 
 # KEYS: leases, balance. ARGV: lease, ttl_ms, floor, cost, balance_ttl_ms. The same rule as `decide`:
-# returns {1 grant | 0 refuse | 2 wait, balance|false}.
+# returns {1 grant | 0 refuse | 2 wait, balance|false, in flight, balance age in ms (-1: none)}.
 _REDIS_RESERVE = (
     _REDIS_NOW
     + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local in_flight = redis.call('ZCARD', KEYS[1])
 local bal = redis.call('HMGET', KEYS[2], 'value', 'at')
-if bal[1] and now - tonumber(bal[2]) < tonumber(ARGV[5]) then
-  if tonumber(bal[1]) - (in_flight + 1) * tonumber(ARGV[4]) < tonumber(ARGV[3]) then return {0, bal[1]} end
+local age = bal[1] and (now - tonumber(bal[2])) or -1
+if bal[1] and age < tonumber(ARGV[5]) then
+  if tonumber(bal[1]) - (in_flight + 1) * tonumber(ARGV[4]) < tonumber(ARGV[3]) then
+    return {0, bal[1], in_flight, age}
+  end
 elseif tonumber(ARGV[3]) > 0 and in_flight > 0 then
-  return {2, false}
+  return {2, bal[1] or false, in_flight, age}
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-return {1, bal[1] or false}
+return {1, bal[1] or false, in_flight, age}
 """
 )
 
@@ -308,9 +322,14 @@ class RedisState:
 
     def reserve(self, lease: str, floor: Decimal, cost: Decimal, ttl_s: float) -> Reservation:
         args = [lease, int(ttl_s * 1000), str(floor), str(cost), int(BALANCE_TTL_S * 1000)]
-        code, balance = self._reserve(keys=self._ledger(), args=args)
+        code, balance, in_flight, age_ms = self._reserve(keys=self._ledger(), args=args)
         decision = {1: "grant", 0: "refuse", 2: "wait"}[int(code)]
-        return Reservation(decision, Decimal(balance.decode()) if balance else None)  # type: ignore[arg-type]
+        return Reservation(
+            decision,  # type: ignore[arg-type]
+            Decimal(balance.decode()) if balance else None,
+            int(in_flight),
+            int(age_ms) / 1000 if int(age_ms) >= 0 else None,
+        )
 
     def settle(self, lease: str, remaining: Decimal | None) -> None:
         args = [lease, "" if remaining is None else str(remaining), int(BALANCE_TTL_S * 1000)]
@@ -319,3 +338,115 @@ class RedisState:
     def balance(self) -> Decimal | None:
         value = self._redis.hget(self._keys["balance"], "value")
         return Decimal(value.decode()) if value else None
+
+    def forget_balance(self) -> None:
+        self._redis.delete(self._keys["balance"])
+
+
+class ClaimStore(Protocol):
+    """Named claims with an owner and an expiry, seen by every process that shares the store: one sender
+    per content, one writer per shard. A claim of a killed process lapses once its holder stops renewing."""
+
+    def claim(self, name: str, owner: str, ttl_s: float) -> bool: ...
+    def renew(self, names: list[str], owner: str, ttl_s: float) -> None: ...
+    def release(self, name: str, owner: str) -> None: ...
+
+
+class MemoryClaims:
+    """Claims for one process only."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._claims: dict[str, tuple[str, float]] = {}
+
+    def claim(self, name: str, owner: str, ttl_s: float) -> bool:
+        with self._lock:
+            now = time.time()
+            holder, expires = self._claims.get(name, (owner, 0.0))
+            if holder != owner and expires > now:
+                return False
+            self._claims[name] = (owner, now + ttl_s)
+            return True
+
+    def renew(self, names: list[str], owner: str, ttl_s: float) -> None:
+        with self._lock:
+            for name in names:
+                if self._claims.get(name, ("", 0.0))[0] == owner:
+                    self._claims[name] = (owner, time.time() + ttl_s)
+
+    def release(self, name: str, owner: str) -> None:
+        with self._lock:
+            if self._claims.get(name, ("", 0.0))[0] == owner:
+                del self._claims[name]
+
+
+class SQLiteClaims:
+    """Claims in one SQLite file on this host (`claims.sqlite` in the state folder)."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(folder / "claims.sqlite", timeout=30, isolation_level=None, check_same_thread=False)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS claims (name TEXT PRIMARY KEY, owner TEXT, expires REAL)")
+
+    def claim(self, name: str, owner: str, ttl_s: float) -> bool:
+        now = time.time()
+        with self._lock:
+            cursor = self._db.execute(
+                "INSERT INTO claims VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE"
+                " SET owner = excluded.owner, expires = excluded.expires WHERE owner = excluded.owner OR expires <= ?",
+                (name, owner, now + ttl_s, now),
+            )
+            return cursor.rowcount == 1
+
+    def renew(self, names: list[str], owner: str, ttl_s: float) -> None:
+        with self._lock:
+            self._db.executemany(
+                "UPDATE claims SET expires = ? WHERE name = ? AND owner = ?",
+                [(time.time() + ttl_s, name, owner) for name in names],
+            )
+
+    def release(self, name: str, owner: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM claims WHERE name = ? AND owner = ?", (name, owner))
+
+
+# KEYS: the claim. ARGV: owner, ttl_ms. Take it if free or ours (SET NX would refuse our own renewal).
+_REDIS_CLAIM = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+# KEYS: claims. ARGV: owner, ttl_ms (0: release). Only the owner's claims are touched.
+_REDIS_RENEW = """
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    if ARGV[2] == '0' then redis.call('DEL', key) else redis.call('PEXPIRE', key, ARGV[2]) end
+  end
+end
+return 1
+"""
+
+
+class RedisClaims:
+    """Claims in Redis under `normals:claim:*`, for processes on several hosts; Redis expires them."""
+
+    def __init__(self, url: str) -> None:
+        import redis
+
+        self._redis: Any = redis.Redis.from_url(url)
+        self._claim = self._redis.register_script(_REDIS_CLAIM)
+        self._renew = self._redis.register_script(_REDIS_RENEW)
+
+    def claim(self, name: str, owner: str, ttl_s: float) -> bool:
+        return bool(self._claim(keys=[f"normals:claim:{name}"], args=[owner, max(1, int(ttl_s * 1000))]))
+
+    def renew(self, names: list[str], owner: str, ttl_s: float) -> None:
+        if names:
+            self._renew(keys=[f"normals:claim:{name}" for name in names], args=[owner, max(1, int(ttl_s * 1000))])
+
+    def release(self, name: str, owner: str) -> None:
+        self._renew(keys=[f"normals:claim:{name}"], args=[owner, 0])

@@ -18,6 +18,7 @@ from ._errors import (
     ApiTimeout,
     ApiUnreachable,
     ClipdropError,
+    ConnectionLost,
     ImageRejected,
     InvalidApiKey,
     InvalidResponse,
@@ -193,11 +194,15 @@ class ClipdropClient:
             raise
         except httpx.ReadTimeout:
             raise NoAnswer("sent, but no answer within the timeout; it may have been charged") from None
+        except (httpx.ReadError, httpx.RemoteProtocolError) as error:  # the request was out: ambiguous
+            raise ConnectionLost(
+                f"sent, then the connection broke before an answer ({type(error).__name__}); it may have been charged"
+            ) from None
         except httpx.ConnectTimeout as error:
             raise ApiUnreachable(f"cannot connect to {self.base_url} ({type(error).__name__})") from None
-        except httpx.TimeoutException as error:
+        except httpx.TimeoutException as error:  # write or pool timeout: the request never got out whole
             raise ApiTimeout(f"could not send the image in time ({type(error).__name__})") from None
-        except httpx.TransportError as error:
+        except httpx.TransportError as error:  # connect or write error: nothing the server could answer
             raise ApiUnreachable(f"cannot reach {self.base_url} ({type(error).__name__})") from None
         finally:
             self.credit_guard.settle(lease, consumed, remaining)

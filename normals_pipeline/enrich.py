@@ -1,14 +1,20 @@
 """The enrichment loop: inventory rows in, normal maps stored and manifest rows out.
 
-For each image: read → prepare → (already have a map for these bytes? reuse it) → send → store.
-Normal maps are named by the content hash, so identical bytes are charged once, whatever their path.
-A bad image becomes a row with an error code; only what makes further sending pointless (key refused,
-credits gone, API unreachable) stops the loop, and every row done before that is kept.
+For each image: read → prepare → (already have a map for these bytes? reuse it) → claim → send → store.
+Normal maps are named by the content hash, so identical bytes are charged once, whatever their path;
+the claim makes that hold across processes and hosts: a process that meets another's claim on the same
+content waits for it and reuses the map. A bad image becomes a row with an error code; only what makes
+further sending pointless (key refused, credits gone, API unreachable, maps cannot be stored) stops the
+loop, and every row done before that is kept.
+
+`enrich_shard` runs one shard start to finish under the shard's claim, so a shard has one writer at a
+time whichever process, run or host works on it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
 from collections import Counter, deque
@@ -22,8 +28,10 @@ import pandas as pd
 import pyarrow as pa
 
 from . import manifest
-from ._errors import ApiUnreachable, ClipdropError, ImageRejected, RunStopped
+from ._errors import ApiUnreachable, ClipdropError, ImageRejected, ManifestNotWritten, MapNotStored, RunStopped
+from ._state import ClaimStore
 from .client import ApiResult, ClipdropClient
+from .guards import ClaimGuard
 from .prepare import Oversize, PreparedImage, prepare
 from .storage import Storage
 
@@ -41,6 +49,10 @@ FINAL_ERROR_CODES = frozenset(
     }
 )
 _EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
+
+
+class _Halted(Exception):
+    """The run stopped before this image was sent."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,8 @@ class ShardResult:
     elapsed_s: float
     errors: Counter[str] = field(default_factory=Counter)
     stopped: Exception | None = None
+    warnings: list[str] = field(default_factory=list)  # state set aside to read the shard
+    manifest_uri: str | None = None
 
     @property
     def enriched(self) -> int:
@@ -88,6 +102,11 @@ def normal_map_path(content_hash: str) -> str:
     return f"{NORMALS_DIR}/{content_hash[:2]}/{content_hash}.jpg"
 
 
+def claim_namespace(output: Storage) -> str:
+    """Claims are per output: the same content sent for another output needs a map of its own."""
+    return "out-" + hashlib.sha256(output.uri.encode()).hexdigest()[:16]
+
+
 def pending_items(items: Iterable[Item], previous: pd.DataFrame) -> list[Item]:
     """Items without a final row for their current version: only these are (re)processed."""
     final = previous["error_code"].isna() | previous["error_code"].isin(FINAL_ERROR_CODES)
@@ -106,6 +125,7 @@ class Enricher:
         concurrency: int = 4,
         journal: Callable[[dict], None] | None = None,
         oversize: Oversize = "downscale",
+        claims: ClaimGuard | None = None,
     ) -> None:
         self.dataset = dataset
         self.output = output
@@ -113,6 +133,8 @@ class Enricher:
         self.concurrency = max(1, concurrency)
         self.journal = journal  # called with each finished row, from the worker that made it
         self.oversize = oversize
+        self.claims = claims or ClaimGuard(None, claim_namespace(output))
+        self._costs_lost = False
         self._stop = threading.Event()
         self._stopped: Exception | None = None
         self._hash_locks: dict[str, threading.Lock] = {}
@@ -124,8 +146,12 @@ class Enricher:
         items: list[Item],
         previous: pd.DataFrame,
         progress: Callable[[int, int], None] | None = None,
+        costs_lost: bool = False,
     ) -> ShardResult:
+        """`costs_lost`: part of the shard's record was unreadable, so a path with a stored map and no
+        row has a cost nobody knows any more: its row says null (unknown), not 0."""
         started = time.monotonic()
+        self._costs_lost = costs_lost
         todo = pending_items(items, previous)
         # A redone row keeps what its earlier attempts cost, so the manifest adds up to the bill.
         self._spent_before = dict(zip(previous["path"], previous["credits_consumed"]))
@@ -165,8 +191,11 @@ class Enricher:
         )
 
     def _charged(self, row: dict) -> Decimal:
-        """What this run paid for a row: its total less what earlier attempts had cost."""
-        return Decimal(str(row["credits_consumed"])) - Decimal(str(self._spent_before.get(row["path"], 0.0)))
+        """What this run paid for a row: its total less what earlier attempts had cost (unknown: 0)."""
+        total, before = row["credits_consumed"], self._spent_before.get(row["path"], 0.0)
+        if math.isnan(total) or math.isnan(before):
+            return Decimal(0)
+        return Decimal(str(total)) - Decimal(str(before))
 
     def _process_and_journal(self, item: Item) -> dict | None:
         row = self._process(item)
@@ -193,8 +222,12 @@ class Enricher:
         except ImageRejected as error:
             return _row(item, digest, error=error)
         try:
-            with self._lock_for(digest):
-                uri, result = self._normal_map(digest, prepared.data, prepared.content_type)
+            uri, result = self._normal_map(digest, prepared.data, prepared.content_type)
+        except _Halted:  # the run stopped before this image was sent: no row, the next run sends it
+            return None
+        except MapNotStored as error:  # paid for: the row is the receipt, then stop
+            self._halt(error)
+            return _row(item, digest, prepared, error=error)
         except (RunStopped, ApiUnreachable) as error:
             self._halt(error)
             return None
@@ -203,18 +236,44 @@ class Enricher:
         except Exception as error:  # storage or a bug: stop cleanly so finished rows are still written
             self._halt(error)
             return None
-        return _row(item, digest, prepared, uri=uri, result=result)
+        row = _row(item, digest, prepared, uri=uri, result=result)
+        if result is None and self._costs_lost and item.path not in self._spent_before:
+            row["credits_consumed"] = math.nan  # rebuilt from a stored map: what it cost is unknown
+        return row
 
     def _normal_map(self, digest: str, data: bytes, content_type: str) -> tuple[str, ApiResult | None]:
-        """The map's URI, calling the API only if no map for these bytes is stored yet."""
+        """The map's URI, calling the API only if no map for these bytes is stored yet. Threads of this
+        process wait on a lock, other processes on the content's claim; either way the waiter then finds
+        the map and reuses it (or, if the holder failed, sends it itself)."""
         path = normal_map_path(digest)
+        uri = self.output.uri_for(path)
         if self.output.exists(path):
-            return self.output.uri_for(path), None
-        if self._stop.is_set():
-            raise self._stopped  # type: ignore[misc]
-        result = self.client.surface_normals(data, f"image.{_EXTENSIONS[content_type]}", content_type)
-        self.output.write_bytes(path, result.content, content_type="image/jpeg")
-        return self.output.uri_for(path), result
+            return uri, None
+        with self._lock_for(digest):
+            if not self.claims.acquire(digest, lambda: self._stop.is_set() or self.output.exists(path)):
+                if self._stop.is_set() and not self.output.exists(path):
+                    raise _Halted
+                return uri, None
+            try:
+                if self.output.exists(path):  # stored between the first look and the claim
+                    return uri, None
+                if self._stop.is_set():
+                    raise _Halted
+                result = self.client.surface_normals(data, f"image.{_EXTENSIONS[content_type]}", content_type)
+                self._store(path, uri, result)
+            finally:
+                self.claims.release(digest)
+        return uri, result
+
+    def _store(self, path: str, uri: str, result: ApiResult) -> None:
+        try:
+            self.output.write_bytes(path, result.content, content_type="image/jpeg")
+        except Exception as error:  # disk full, permission, S3 refusal: the answer is paid for all the same
+            raise MapNotStored(
+                f"could not store the normal map at {uri} ({_cause(error)}); its cost is recorded "
+                "(map_not_stored): free space or fix permissions, then re-run",
+                credits_consumed=result.credits_consumed,
+            ) from None
 
     def _lock_for(self, digest: str) -> threading.Lock:
         """Duplicates in flight at once wait for the first, then reuse its map."""
@@ -225,6 +284,49 @@ class Enricher:
         if not self._stop.is_set():
             self._stopped = error
             self._stop.set()
+
+
+def _cause(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def enrich_shard(
+    dataset: Storage,
+    output: Storage,
+    client: ClipdropClient,
+    partition_key: str,
+    items: list[Item],
+    *,
+    concurrency: int = 4,
+    oversize: Oversize = "downscale",
+    claims: ClaimStore | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> ShardResult:
+    """One shard start to finish: read its record (setting aside what is unreadable), enrich what is
+    pending, write its manifest, clear its journal. The shard's claim makes this the shard's only
+    writer: a second run of it (a re-launch, an overlapping schedule, another host) waits, then finds
+    the work done. `claims`: the store every process on the output shares (default: this process)."""
+    guard = ClaimGuard(claims, claim_namespace(output))
+    try:
+        guard.acquire(f"shard-{partition_key}")
+        journal = manifest.Journal(output, partition_key)
+        state = manifest.load_shard(output, journal, partition_key)
+        enricher = Enricher(
+            dataset, output, client, concurrency, journal=journal.write, oversize=oversize, claims=guard
+        )
+        result = enricher.run(items, state.previous, progress, costs_lost=bool(state.warnings))
+        result.warnings = state.warnings
+        try:
+            result.manifest_uri = manifest.write_manifest(output, partition_key, result.manifest)
+        except Exception as error:
+            raise ManifestNotWritten(
+                f"could not write {output.uri_for(manifest.partition_path(partition_key))} ({_cause(error)}); "
+                "its rows are kept in the journal and the next run folds them in"
+            ) from None
+        journal.clear()
+    finally:
+        guard.close()
+    return result
 
 
 def _row(

@@ -1,8 +1,9 @@
-"""Guards in front of every request: one for the key's rate, one for its credits.
+"""Guards in front of every request: one for the key's rate, one for its credits, and claims so that
+one content is sent by one process at a time.
 
-Both keep their state in a `KeyState` (see `_state`): by default a SQLite file per key, so every
-process on the host that uses the key shares one rate, one cooldown and one view of the balance;
-with a Redis URL, every host does.
+All keep their state outside the process (see `_state`): by default SQLite files, so every process on
+the host shares one rate, one cooldown, one view of the balance and one set of claims; with a Redis
+URL, every host does.
 """
 
 from __future__ import annotations
@@ -11,13 +12,26 @@ import hashlib
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 
 from pyrate_limiter import Duration, Limiter, Rate
 
 from ._errors import CreditLimitReached, OutOfCredits, RunStopped
-from ._state import KeyState, MemoryState, RedisState, SQLiteState, default_state_dir
+from ._state import (
+    BALANCE_TTL_S,
+    ClaimStore,
+    KeyState,
+    MemoryClaims,
+    MemoryState,
+    RedisClaims,
+    RedisState,
+    Reservation,
+    SQLiteClaims,
+    SQLiteState,
+    default_state_dir,
+)
 
 CREDITS_PER_CALL = Decimal(1)
 # The limiter counts a minute as a little longer than the server does: a request that reaches the server
@@ -25,6 +39,8 @@ CREDITS_PER_CALL = Decimal(1)
 WINDOW_MARGIN_MS = 250
 PROBE_WAIT_S = 0.05
 LEASE_TTL_S = 300.0  # longer than any request with its retries' single attempt; a killed run's leases lapse
+CLAIM_TTL_S = 30.0  # renewed every third of it while held, so a killed holder's claims lapse within 30 s
+CLAIM_POLL_S = 0.2
 
 
 def key_fingerprint(api_key: str) -> str:
@@ -84,6 +100,16 @@ def key_state(api_key: str, redis_url: str | None = None, folder: Path | None = 
         return _states[ident]
 
 
+def forget_balance(api_key: str, redis_url: str | None = None) -> None:
+    """Drop the key's stored balance (after a top-up): the next answer's balance is believed at once."""
+    key_state(api_key, redis_url).forget_balance()
+
+
+def claim_store(redis_url: str | None = None, folder: Path | None = None) -> ClaimStore:
+    """Where claims live: Redis if a URL is given (every host), else a SQLite file (this host)."""
+    return RedisClaims(redis_url) if redis_url else SQLiteClaims(folder or default_state_dir())
+
+
 def rate_guard_for(api_key: str, rpm: int, redis_url: str | None = None) -> RateGuard:
     """The process-wide rate guard of one key at one rate, over the key's shared state."""
     state = key_state(api_key, redis_url)
@@ -123,7 +149,7 @@ class CreditGuard:
                     self._in_flight += 1
                     return lease
                 if reservation.decision == "refuse":
-                    self._stopped = CreditLimitReached(self._floor_message(reservation.balance))
+                    self._stopped = CreditLimitReached(self._floor_message(reservation))
                     raise self._stopped
             time.sleep(PROBE_WAIT_S)  # another request is finding out the balance
 
@@ -136,13 +162,17 @@ class CreditGuard:
             )
             raise self._stopped
 
-    def _floor_message(self, balance: Decimal | None) -> str:
+    def _floor_message(self, reservation: Reservation) -> str:
+        """What is known: the balance, how old, what is in flight, the floor, and when a top-up shows."""
+        balance, in_flight = reservation.balance, reservation.in_flight
+        age = reservation.age_s or 0.0
+        held = f", {in_flight} held by requests in flight" if in_flight else ""
+        known = f"the key's balance was {balance} when last reported {age:.0f} s ago{held}"
+        reread = max(0.0, BALANCE_TTL_S - age)
+        after = f"a top-up is believed in {reread:.0f} s, or at once with `normals-pipeline run --refresh-balance`"
         if self.floor:
-            return (
-                f"credit floor of {self.floor} reached ({balance} remaining, counting requests in flight); "
-                "buy credits or lower the floor to enrich the rest"
-            )
-        return f"no credits left ({balance} remaining); buy credits to enrich the rest"
+            return f"credit floor of {self.floor} reached: {known}; buy credits or lower the floor ({after})"
+        return f"no credits left to spend: {known}; buy credits ({after})"
 
     def settle(self, lease: str, consumed: Decimal | None, remaining: Decimal | None) -> None:
         """Record what a finished call cost (None: not charged, or not reported) and free its lease."""
@@ -162,3 +192,58 @@ class CreditGuard:
             self._stopped = error
         if isinstance(error, OutOfCredits):
             self.state.settle("", Decimal(0))  # no lease to free; tells every run sharing the key
+
+
+class ClaimGuard:
+    """Claims named under one namespace (an output), held by this run and renewed while held.
+
+    `acquire(name, done)` waits while another process holds `name`, returning False as soon as `done()`
+    says the holder's work is there to reuse, True once the claim is ours. Claims of a killed process
+    lapse within `CLAIM_TTL_S`, since nobody renews them.
+    """
+
+    def __init__(self, store: ClaimStore | None, namespace: str, ttl_s: float = CLAIM_TTL_S) -> None:
+        self.store = store or MemoryClaims()
+        self.namespace = namespace
+        self.ttl_s = ttl_s
+        self.owner = uuid.uuid4().hex
+        self._held: set[str] = set()
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def acquire(self, name: str, done: Callable[[], bool] = lambda: False) -> bool:
+        full = f"{self.namespace}:{name}"
+        while not self.store.claim(full, self.owner, self.ttl_s):
+            if done():
+                return False
+            time.sleep(CLAIM_POLL_S)
+        with self._lock:
+            self._held.add(full)
+            if self._renewer is None:
+                self._renewer = threading.Thread(target=self._renew, name="claims", daemon=True)
+                self._renewer.start()
+        return True
+
+    def release(self, name: str) -> None:
+        full = f"{self.namespace}:{name}"
+        with self._lock:
+            self._held.discard(full)
+        self.store.release(full, self.owner)
+
+    def close(self) -> None:
+        """Release everything still held and stop renewing."""
+        self._closed.set()
+        with self._lock:
+            held, self._held = list(self._held), set()
+        for full in held:
+            self.store.release(full, self.owner)
+
+    def _renew(self) -> None:
+        while not self._closed.wait(self.ttl_s / 3):
+            with self._lock:
+                held = list(self._held)
+            try:
+                self.store.renew(held, self.owner, self.ttl_s)
+            except Exception:  # a store hiccup: the next beat tries again, well within the TTL
+                continue

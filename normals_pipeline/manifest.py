@@ -4,8 +4,13 @@
 `pyarrow.dataset.dataset("<output>/manifest", partitioning="hive")` reads a whole run.
 
 While a shard runs, each finished row is also written at once to its own small file in
-`<output>/journal/partition=<key>/`, so a run killed at any moment loses only the requests in flight:
-the next run folds the journal into the manifest, then clears it.
+`<output>/journal/partition=<key>/` (or, when the output refuses the write, in a spool folder on this
+host), so a run killed at any moment loses only the requests in flight: the next run folds the journal
+into the manifest, then clears it.
+
+Reading is where corruption is met: a manifest or journal file that cannot be parsed is moved to
+`<output>/quarantine/` (kept, never deleted), named in a warning, and the shard is rebuilt from what is
+readable. `<output>/layout.json` records the shard count the manifests were written with.
 """
 
 from __future__ import annotations
@@ -13,18 +18,23 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from datetime import datetime
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import pandas as pd
 import pandera.pandas as pandera
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .storage import Storage
+from ._state import default_state_dir
+from .storage import LocalStorage, Storage
 
 MANIFEST_DIR = "manifest"
 MANIFEST_FILE = "manifest.parquet"
 JOURNAL_DIR = "journal"
+QUARANTINE_DIR = "quarantine"
+LAYOUT_PATH = "layout.json"
 
 ARROW_SCHEMA = pa.schema(
     [
@@ -36,7 +46,7 @@ ARROW_SCHEMA = pa.schema(
         pa.field("height", pa.int32()),
         pa.field("preparation", pa.string()),
         pa.field("normal_map_uri", pa.string()),
-        pa.field("credits_consumed", pa.float64(), nullable=False),
+        pa.field("credits_consumed", pa.float64()),  # null: unknown (the row was rebuilt after its record was lost)
         pa.field("remaining_credits", pa.float64()),
         pa.field("http_status", pa.int32()),
         pa.field("error_code", pa.string()),
@@ -59,10 +69,7 @@ MANIFEST_SCHEMA = pandera.DataFrameSchema(
     {
         "path": pandera.Column(
             str,
-            [
-                pandera.Check.str_length(min_value=1),
-                pandera.Check(lambda s: ~s.str.startswith("/") & ~s.str.contains("\\\\", regex=False)),
-            ],
+            [pandera.Check.str_length(min_value=1), pandera.Check(lambda s: ~s.str.startswith("/"))],
             unique=True,
         ),
         "content_hash": pandera.Column(str, pandera.Check.str_matches(r"^[0-9a-f]{64}$"), nullable=True),
@@ -72,7 +79,7 @@ MANIFEST_SCHEMA = pandera.DataFrameSchema(
         "height": _int32,
         "preparation": pandera.Column(str, pandera.Check.str_matches(r"^[a-z0-9_]+(,[a-z0-9_]+)*$"), nullable=True),
         "normal_map_uri": pandera.Column(str, pandera.Check.str_matches(r"^(file|s3)://"), nullable=True),
-        "credits_consumed": pandera.Column("float64", pandera.Check.ge(0)),
+        "credits_consumed": pandera.Column("float64", pandera.Check.ge(0), nullable=True),
         "remaining_credits": pandera.Column("float64", nullable=True),
         "http_status": pandera.Column("Int32", pandera.Check.in_range(100, 599), nullable=True),
         "error_code": pandera.Column(str, pandera.Check.str_matches(r"^[a-z0-9_]+$"), nullable=True),
@@ -130,39 +137,90 @@ def write_manifest(output: Storage, partition_key: str, df: pd.DataFrame) -> str
     return output.uri_for(path)
 
 
-def read_manifest(output: Storage, partition_key: str) -> pd.DataFrame:
-    """One shard's manifest, or an empty one if the shard was never materialized."""
+def quarantine(output: Storage, path: str, error: Exception) -> str:
+    """Move an unreadable file to `<output>/quarantine/<path>.<time>` and say so in one line."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    target = f"{QUARANTINE_DIR}/{path}.{stamp}"
+    output.write_bytes(target, output.read_bytes(path))
+    output.delete(path)
+    return (
+        f"{output.uri_for(path)} could not be read ({type(error).__name__}: {str(error)[:120]}); "
+        f"moved to {output.uri_for(target)} and the shard rebuilt from what is readable"
+    )
+
+
+def read_manifest(output: Storage, partition_key: str, warnings: list[str] | None = None) -> pd.DataFrame:
+    """One shard's manifest, or an empty one if the shard was never materialized. An unreadable file is
+    quarantined (its warning appended to `warnings`) and read as empty, so it never blocks a shard."""
     path = partition_path(partition_key)
     if not output.exists(path):
         return empty_manifest()
-    table = pq.read_table(io.BytesIO(output.read_bytes(path)), schema=ARROW_SCHEMA)
+    try:
+        table = pq.read_table(io.BytesIO(output.read_bytes(path)), schema=ARROW_SCHEMA)
+    except (pa.ArrowException, ValueError) as error:
+        _warn(warnings, quarantine(output, path, error))
+        return empty_manifest()
     return table.to_pandas(types_mapper=_PANDAS_TYPES.get)
+
+
+def _warn(warnings: list[str] | None, message: str) -> None:
+    if warnings is None:
+        raise ValueError(message)
+    warnings.append(message)
 
 
 def _journal_dir(partition_key: str) -> str:
     return f"{JOURNAL_DIR}/partition={partition_key}"
 
 
-def journal_row(output: Storage, partition_key: str, row: dict) -> None:
-    """Make one finished row durable now; one file per image path, so rewriting it is harmless."""
-    name = hashlib.sha256(row["path"].encode()).hexdigest()[:32]
-    payload = {**row, "processed_at": row["processed_at"].isoformat()}
-    output.write_bytes(f"{_journal_dir(partition_key)}/{name}.json", json.dumps(payload).encode(), "application/json")
+def _spool(output: Storage) -> LocalStorage:
+    """This host's fallback for journal rows the output refused, one folder per output."""
+    return LocalStorage(default_state_dir() / "spool" / hashlib.sha256(output.uri.encode()).hexdigest()[:16])
 
 
-def read_journal(output: Storage, partition_key: str) -> pd.DataFrame:
-    """Rows a previous run finished but did not get to write into the manifest."""
-    rows = []
-    for path in output.list_prefix(_journal_dir(partition_key)):
-        row = json.loads(output.read_bytes(path))
-        rows.append({**row, "processed_at": datetime.fromisoformat(row["processed_at"])})
-    return to_frame(rows)
+class Journal:
+    """Finished rows of one shard, each made durable at once in its own file (one per image path, so
+    rewriting is harmless). A row is a receipt for what was paid: if the output refuses it (disk full,
+    permission), it goes to a spool folder on this host instead, and reading folds both in."""
+
+    def __init__(self, output: Storage, partition_key: str, spool: Storage | None = None) -> None:
+        self.output = output
+        self.folder = _journal_dir(partition_key)
+        self.spool = spool or _spool(output)
+
+    def write(self, row: dict) -> None:
+        name = f"{self.folder}/{hashlib.sha256(row['path'].encode()).hexdigest()[:32]}.json"
+        payload = json.dumps({**row, "processed_at": row["processed_at"].isoformat()}).encode()
+        try:
+            self.output.write_bytes(name, payload, "application/json")
+        except Exception:  # noqa: BLE001 - any refusal of the output: the receipt must land somewhere
+            self.spool.write_bytes(name, payload, "application/json")
+
+    def read(self, warnings: list[str]) -> pd.DataFrame:
+        """Rows a previous run finished but did not get to write into the manifest; unreadable files are
+        quarantined with a warning."""
+        rows = []
+        for store in (self.output, self.spool):
+            for path in store.list_prefix(self.folder):
+                try:
+                    row = json.loads(store.read_bytes(path))
+                    rows.append({**row, "processed_at": datetime.fromisoformat(row["processed_at"])})
+                except (ValueError, KeyError, TypeError) as error:
+                    warnings.append(quarantine(store, path, error))
+        return _latest(to_frame(rows))
+
+    def clear(self) -> None:
+        """Called once the manifest holds every journaled row."""
+        for store in (self.output, self.spool):
+            for path in store.list_prefix(self.folder):
+                store.delete(path)
 
 
-def clear_journal(output: Storage, partition_key: str) -> None:
-    """Called once the manifest holds every journaled row."""
-    for path in output.list_prefix(_journal_dir(partition_key)):
-        output.delete(path)
+def _latest(journal: pd.DataFrame) -> pd.DataFrame:
+    """One row per path (the output's and the spool's may both hold one): the latest."""
+    if journal.empty or journal["path"].is_unique:
+        return journal
+    return journal.sort_values("processed_at").drop_duplicates("path", keep="last").reset_index(drop=True)
 
 
 def with_journal(previous: pd.DataFrame, journal: pd.DataFrame) -> pd.DataFrame:
@@ -171,3 +229,77 @@ def with_journal(previous: pd.DataFrame, journal: pd.DataFrame) -> pd.DataFrame:
         return previous
     kept = previous[~previous["path"].isin(journal["path"])]
     return pd.concat([kept, journal], ignore_index=True) if len(kept) else journal.reset_index(drop=True)
+
+
+@dataclass
+class ShardState:
+    """What is known of a shard before a run: its rows, and what had to be set aside to read them."""
+
+    previous: pd.DataFrame
+    warnings: list[str] = field(default_factory=list)
+
+
+def load_shard(output: Storage, journal: Journal, partition_key: str) -> ShardState:
+    warnings: list[str] = []
+    previous = read_manifest(output, partition_key, warnings)
+    return ShardState(with_journal(previous, journal.read(warnings)), warnings)
+
+
+class LayoutMismatch(ValueError):
+    """The output's manifests were written with another shard count."""
+
+
+def check_layout(output: Storage, shards: int, inventory_shards: int | None = None) -> None:
+    """Refuse a shard count other than the one this output's manifests were written with (images would
+    land in other partitions and be listed twice); record the count on first use. An output from before
+    `layout.json` takes the count its inventory was taken with."""
+    if output.exists(LAYOUT_PATH):
+        recorded = int(json.loads(output.read_bytes(LAYOUT_PATH))["shards"])
+    elif manifest_keys(output) and inventory_shards:
+        recorded = inventory_shards
+    else:
+        recorded = shards
+    if recorded != shards:
+        raise LayoutMismatch(
+            f"{output.uri} was enriched with {recorded} shards, not {shards}: run with --shards {recorded} "
+            f"(NORMALS_SHARDS={recorded}), or re-shard it first with "
+            f"`normals-pipeline reshard --output {output.uri} --shards {shards}`"
+        )
+    if not output.exists(LAYOUT_PATH):
+        output.write_bytes(LAYOUT_PATH, json.dumps({"shards": shards}).encode(), "application/json")
+
+
+def manifest_keys(output: Storage) -> list[str]:
+    """The partition keys that have a manifest file on the output."""
+    prefix, suffix = f"{MANIFEST_DIR}/partition=", f"/{MANIFEST_FILE}"
+    return sorted(
+        path.removeprefix(prefix).removesuffix(suffix)
+        for path in output.list_prefix(MANIFEST_DIR)
+        if path.startswith(prefix) and path.endswith(suffix)
+    )
+
+
+def reshard(output: Storage, shards: int, shard_of: Callable[[str], str]) -> int:
+    """Rewrite every manifest (journals folded in) into the partitions `shard_of` gives each path, and
+    record the new count; returns the rows kept. Run it while no run writes to the output."""
+    old_keys = sorted(set(manifest_keys(output)) | _journal_keys(output))
+    journals = [Journal(output, key) for key in old_keys]
+    warnings: list[str] = []
+    frames = [
+        with_journal(read_manifest(output, key, warnings), journal.read(warnings))
+        for key, journal in zip(old_keys, journals)
+    ]
+    rows = pd.concat(frames, ignore_index=True) if frames else empty_manifest()
+    target = rows["path"].map(shard_of)
+    for key, part in rows.groupby(target, sort=True):
+        write_manifest(output, str(key), part.sort_values("path", ignore_index=True))
+    for key in set(old_keys) - set(target):
+        output.delete(partition_path(key))
+    for journal in journals:
+        journal.clear()
+    output.write_bytes(LAYOUT_PATH, json.dumps({"shards": shards}).encode(), "application/json")
+    return len(rows)
+
+
+def _journal_keys(output: Storage) -> set[str]:
+    return {path.split("/")[1].removeprefix("partition=") for path in output.list_prefix(JOURNAL_DIR)}

@@ -1,6 +1,8 @@
-"""Several `normals-pipeline run`s at once on one key: one floor, budgets per run, nothing overspent."""
+"""Several runs at once: on one key (one floor, budgets per run, nothing overspent) and on one output
+(each distinct content charged once, one row per image, the manifest adding up to the bill)."""
 
 import os
+import shutil
 import subprocess
 import sys
 from decimal import Decimal
@@ -9,9 +11,12 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
+from normals_pipeline.inventory import shard_of
 from normals_pipeline.synthetic import make_portraits
 
 CLI = str(Path(sys.executable).with_name("normals-pipeline"))
+DAGSTER = str(Path(sys.executable).with_name("dagster"))
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def start_runs(tmp_path, url, count, *extra):
@@ -57,3 +62,75 @@ def test_each_run_keeps_to_its_own_budget(tmp_path, emulator_factory):
     assert [code for code, _, _ in results] == [1, 1]
     assert all("run budget of 3" in err for _, _, err in results)
     assert Decimal(emulator.stats()["charged"]) == 6 == manifest_credits(tmp_path, 2)
+
+
+def read_manifest(output):
+    return ds.dataset(str(output / "manifest"), partitioning="hive").to_table().to_pandas()
+
+
+def test_two_runs_at_once_on_one_output_charge_each_content_once(tmp_path, emulator_factory):
+    emulator = emulator_factory(latency=0.1)
+    make_portraits(tmp_path / "in", 40)
+    env = {**os.environ, "CLIPDROP_API_KEY": "test-key", "NORMALS_STATE_DIR": str(tmp_path / "state")}
+    args = [CLI, "run", "--dataset", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--api-url"]
+    args += [emulator.url, "--rpm", "100000", "--shards", "4"]
+    runs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"]
+    results = [(run.wait(timeout=180), *run.communicate()) for run in runs]
+
+    assert [code for code, _, _ in results] == [0, 0], results
+    stats = emulator.stats()
+    table = read_manifest(tmp_path / "out")
+    assert stats["charged_twice"] == 0 and Decimal(stats["charged"]) == len(stats["charged_by_content"]) == 40
+    assert len(table) == 40 and table["path"].is_unique and table["error_code"].isna().all()
+    assert Decimal(str(table["credits_consumed"].sum())) == Decimal(stats["charged"])
+
+
+def _name_in_shard(shard, suffix, taken, shards=16):
+    index = 0
+    while (name := f"dup/{index:05d}{suffix}") in taken or shard_of(name, shards) != shard:
+        index += 1
+    taken.add(name)
+    return name
+
+
+def test_two_shards_sharing_contents_run_at_once_by_dagster_charge_each_content_once(tmp_path, emulator_factory):
+    """The UI-backfill case: shards 03 and 07 each hold the same 20 contents under other names, and
+    Dagster runs them at once, each in its own process."""
+    emulator = emulator_factory(latency=0.2)
+    sources = make_portraits(tmp_path / "portraits", 20)
+    taken: set[str] = set()
+    for shard in (3, 7):
+        for source in sources:
+            target = tmp_path / "in" / _name_in_shard(shard, source.suffix, taken)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, target)
+    env = {
+        **os.environ,
+        "CLIPDROP_API_KEY": "test-key",
+        "CLIPDROP_API_URL": emulator.url,
+        "CLIPDROP_RPM": "100000",
+        "NORMALS_DATASET": str(tmp_path / "in"),
+        "NORMALS_OUTPUT": str(tmp_path / "out"),
+        "NORMALS_STATE_DIR": str(tmp_path / "state"),
+    }
+    env.pop("DAGSTER_HOME", None)
+    materialize = [DAGSTER, "asset", "materialize", "-f", str(ROOT / "definitions.py"), "--select"]
+    subprocess.run([*materialize, "image_inventory"], env=env, check=True, capture_output=True, cwd=tmp_path)
+    runs = [
+        subprocess.Popen(
+            [*materialize, "surface_normals", "--partition", key],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for key in ("03", "07")
+    ]
+    assert [run.wait(timeout=180) for run in runs] == [0, 0]
+
+    stats = emulator.stats()
+    table = read_manifest(tmp_path / "out")
+    assert stats["charged_twice"] == 0 and Decimal(stats["charged"]) == len(sources)
+    assert len(table) == 2 * len(sources) and table["error_code"].isna().all()
+    assert Decimal(str(table["credits_consumed"].sum())) == Decimal(stats["charged"])

@@ -58,9 +58,8 @@ def recorded(result) -> Decimal:
         (Faults(error_rate=0.3, seed=1), "server_error"),
         (Faults(error_burst=5), "server_error"),
         (Faults(rate_limit_burst=4, retry_after=0.2), "rate_limited"),
-        (Faults(reset_rate=0.3, seed=2), "connection_error"),
     ],
-    ids=["500-rate", "500-burst", "429-burst", "connection-reset"],
+    ids=["500-rate", "500-burst", "429-burst"],
 )
 def test_transient_faults_are_retried_until_every_image_is_enriched_once(
     faults, retried_as, emulator_factory, dataset, tmp_path
@@ -98,6 +97,25 @@ def test_an_answer_slower_than_the_timeout_is_not_resent_in_the_same_run(emulato
     emulator.set_faults(Faults())
     again, _ = enrich(emulator, dataset, tmp_path, previous=result.manifest, timeout_s=5)
     assert again.enriched == IMAGES and again.new_rows == len(late)
+
+
+@pytest.mark.parametrize("fault", ["reset_rate", "drop_rate"], ids=["reset-uncharged", "dropped-after-charge"])
+def test_a_connection_broken_after_sending_is_recorded_and_only_the_next_run_resends_it(
+    fault, emulator_factory, dataset, tmp_path
+):
+    # From the client, a reset before the charge and a drop after it look the same: either may have cost.
+    emulator = emulator_factory(faults=Faults(**{fault: 0.3, "seed": 5}))
+    result, retries = enrich(emulator, dataset, tmp_path)
+    lost = result.manifest[result.manifest["error_code"] == "connection_lost"]
+    assert len(lost) > 0 and result.stopped is None and "connection_lost" not in retries
+    assert settled(emulator)["requests"] == IMAGES  # none sent twice in the run
+
+    emulator.set_faults(Faults())
+    again, _ = enrich(emulator, dataset, tmp_path, previous=result.manifest)
+    assert again.enriched == IMAGES and again.new_rows == len(lost)
+    stats = emulator.stats()
+    assert charged(emulator) == IMAGES + stats["by_status"].get("dropped", 0)
+    assert stats["charged_twice"] == stats["by_status"].get("dropped", 0)  # only what the next run resent
 
 
 def test_402_in_mid_run_stops_sending_and_keeps_every_finished_row(emulator_factory, dataset, tmp_path):

@@ -42,4 +42,6 @@ def shard_metadata(result: ShardResult, images: int, manifest_uri: str, retries:
     }
     if result.remaining_credits is not None:
         metadata["remaining_credits"] = float(result.remaining_credits)
+    if result.warnings:
+        metadata["warnings"] = MetadataValue.json(result.warnings)
     return metadata

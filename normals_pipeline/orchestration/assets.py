@@ -11,8 +11,15 @@ from dagster import (
 
 from .. import manifest
 from .._errors import ApiUnreachable, ClipdropError
-from ..enrich import Enricher, current_items
-from ..inventory import read_inventory, skipped_names, take_inventory, write_inventory
+from ..enrich import current_items, enrich_shard
+from ..inventory import (
+    InventoryMissing,
+    read_inventory,
+    skipped_entries,
+    skipped_names,
+    take_inventory,
+    write_inventory,
+)
 from ..storage import Storage
 from ._metadata import shard_metadata
 from .checks import check_manifest, manifest_check_spec
@@ -38,18 +45,33 @@ def stop_message(error: Exception, api_url: str) -> str:
     return error.message if isinstance(error, ClipdropError) else f"{type(error).__name__}: {error}"
 
 
+def _check_layout(output: Storage, shards: int) -> None:
+    """A shard count other than the output's would list images in two partitions: refuse it."""
+    try:
+        taken_with = read_inventory(output).schema.metadata.get(b"normals_pipeline.shards")
+    except InventoryMissing:
+        taken_with = None
+    try:
+        manifest.check_layout(output, shards, int(taken_with) if taken_with else None)
+    except manifest.LayoutMismatch as error:
+        raise Failure(description=str(error), allow_retries=False) from None
+
+
 def build_assets(shards: int, partitions: StaticPartitionsDefinition) -> list:
     @asset(name=INVENTORY, group_name="normals", kinds={"parquet"})
     def image_inventory(context: AssetExecutionContext, storage: DatasetResource) -> MaterializeResult:
         """Every candidate image of the dataset, listed once per refresh, with its shard."""
         dataset, output = storage.dataset(), storage.output()
         _refuse_nested(dataset, output)
+        _check_layout(output, shards)
         table = take_inventory(dataset, shards)
         uri = write_inventory(output, table)
         per_shard = table.group_by("shard").aggregate([("path", "count")]).to_pylist()
         context.log.info(f"{table.num_rows} images in {dataset.uri}")
-        if skipped := skipped_names(table):
-            context.log.warning(f"{skipped} image files skipped: their names are not valid UTF-8; rename them")
+        skipped = skipped_entries(table)
+        if skipped:
+            reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(skipped.items()))
+            context.log.warning(f"entries skipped ({reasons}): only regular files with UTF-8 names are read")
         return MaterializeResult(
             metadata={
                 "images": table.num_rows,
@@ -57,6 +79,7 @@ def build_assets(shards: int, partitions: StaticPartitionsDefinition) -> list:
                 "inventory": MetadataValue.path(uri),
                 "shards_with_images": len(per_shard),
                 "skipped_non_utf8_names": skipped_names(table),
+                "skipped_by_reason": MetadataValue.json(skipped),
                 "dagster/row_count": table.num_rows,
             }
         )
@@ -76,23 +99,26 @@ def build_assets(shards: int, partitions: StaticPartitionsDefinition) -> list:
         """Normal maps for the shard's images not enriched yet, and the shard's manifest."""
         key = context.partition_key
         dataset, output = storage.dataset(), storage.output()
-        shard = int(key)
-        items = current_items(dataset, read_inventory(output, shard, shards))
-        previous = manifest.with_journal(manifest.read_manifest(output, key), manifest.read_journal(output, key))
+        items = current_items(dataset, read_inventory(output, int(key), shards))
         with clipdrop.get_client() as client:
-            enricher = Enricher(
-                dataset,
-                output,
-                client,
-                concurrency=clipdrop.concurrency,
-                journal=lambda row: manifest.journal_row(output, key, row),
-                oversize=clipdrop.oversize,
-            )
-            result = enricher.run(items, previous, progress=_progress_logger(context))
+            try:
+                result = enrich_shard(
+                    dataset,
+                    output,
+                    client,
+                    key,
+                    items,
+                    concurrency=clipdrop.concurrency,
+                    oversize=clipdrop.oversize,
+                    claims=clipdrop.claim_store(),
+                    progress=_progress_logger(context),
+                )
+            except ClipdropError as error:  # the manifest could not be written: rows stay journaled
+                raise Failure(description=error.message, allow_retries=False) from None
             retries = dict(client.retries_by_code)
-        uri = manifest.write_manifest(output, key, result.manifest)
-        manifest.clear_journal(output, key)
-        metadata = shard_metadata(result, len(items), uri, retries)
+        for warning in result.warnings:
+            context.log.warning(warning)
+        metadata = shard_metadata(result, len(items), result.manifest_uri or "", retries)
         if result.stopped is not None:
             message = stop_message(result.stopped, clipdrop.api_url)
             context.log.error(f"shard {key} stopped: {message}; {result.new_rows} rows written")
