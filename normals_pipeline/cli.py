@@ -1,34 +1,106 @@
 """`normals-pipeline`: emulator, run, demo.
 
 Exit codes: 0 the run completed (per-image errors included), 1 the run stopped (key refused, credits
-gone, API unreachable), 2 it could not start (bad arguments, key or dataset missing).
+gone, API unreachable, a manifest failed its check), 2 it could not start (bad option, key or dataset
+missing, output inside the dataset or not writable). Every error is one `normals-pipeline: ` line on
+stderr; `--verbose` adds Dagster's log with its stack traces.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+import tempfile
 import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 from .emulator import _cli as emulator_cli
+
+if TYPE_CHECKING:
+    from .storage import Storage
+
+MAX_SHARDS = 10_000
+
+
+class CannotStart(Exception):
+    """A bad option, a location or a shared state the run cannot use: one line and exit 2, before anything
+    starts (so before Dagster, whose failures come with stack traces)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse prints the usage and the error on two lines and exits; the CLI's errors are one line.
+
+    Subcommand parsers are made with the parent's class, so this covers them too.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        raise CannotStart(f"{' '.join(message.split())} (see `{self.prog} --help`)")
+
+
+def _count(most: int | None = None) -> Callable[[str], int]:
+    """A whole number from 1 (to `most`): 0 requests per minute, shards or attempts would never send."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < 1 or (most is not None and value > most):
+            bounds = f"between 1 and {most}" if most is not None else "at least 1"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+        return value
+
+    return parse
+
+
+def _credits(text: str) -> float:
+    """A finite number >= 0: every comparison with NaN is false, so a NaN floor or budget would never stop."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of credits, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of credits, 0 or more, got {text!r}")
+    return value
+
+
+def _api_url(text: str) -> str:
+    """The resource's own rule, so the CLI and a YAML or UI configuration accept the same URLs."""
+    from .orchestration.resources import check_api_url
+
+    try:
+        return check_api_url(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, help="folder or s3://bucket/prefix of images")
     parser.add_argument("--output", required=True, help="folder or s3://bucket/prefix for maps and manifest")
     parser.add_argument(
-        "--api-url", default=os.environ.get("CLIPDROP_API_URL"), help="API base URL (default: the real API)"
+        "--api-url",
+        type=_api_url,
+        default=os.environ.get("CLIPDROP_API_URL"),
+        help="API base URL, http:// or https:// (default: CLIPDROP_API_URL or the real API)",
+    )
+    parser.add_argument(  # a string default goes through `type` too, so a bad CLIPDROP_RPM is refused alike
+        "--rpm", type=_count(), default=os.environ.get("CLIPDROP_RPM", "60"), help="the key's requests per minute"
     )
     parser.add_argument(
-        "--rpm", type=int, default=int(os.environ.get("CLIPDROP_RPM", "60")), help="the key's requests per minute"
+        "--shards", type=_count(MAX_SHARDS), default=None, help="number of partitions (default: NORMALS_SHARDS or 16)"
     )
-    parser.add_argument("--shards", type=int, default=None, help="number of partitions (default: NORMALS_SHARDS or 16)")
-    parser.add_argument("--concurrency", type=int, default=8, help="images in flight at once")
-    parser.add_argument("--credit-floor", type=float, default=0.0, help="stop before the balance drops below this")
-    parser.add_argument("--budget", type=float, default=None, help="most credits one shard run may spend")
-    parser.add_argument("--max-attempts", type=int, default=6, help="tries per image for 429, 5xx and network errors")
+    parser.add_argument("--concurrency", type=_count(), default=8, help="images in flight at once")
+    parser.add_argument("--credit-floor", type=_credits, default=0.0, help="stop before the balance drops below this")
+    parser.add_argument("--budget", type=_credits, default=None, help="most credits one shard run may spend")
+    parser.add_argument(
+        "--max-attempts", type=_count(), default=6, help="tries per image for 429, 5xx and network errors"
+    )
     parser.add_argument(
         "--oversize",
         choices=["downscale", "refuse"],
@@ -40,10 +112,18 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("NORMALS_REDIS_URL"),
         help="share the key's rate and credits across hosts (default: across this host's processes, via SQLite)",
     )
+    parser.add_argument(
+        "--refresh-balance",
+        action="store_true",
+        help="forget the key's stored balance and believe the API's next answer (after a top-up)",
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="show Dagster's log, stack traces and Python warnings on the console"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="normals-pipeline", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="normals-pipeline", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     emulator_cli.add_arguments(commands.add_parser("emulator", help="serve the Clipdrop API emulator on loopback"))
     _add_run_arguments(commands.add_parser("run", help="enrich a dataset through the Dagster definitions"))
@@ -53,7 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
     portraits = commands.add_parser("portraits", help="write synthetic portraits to try the pipeline on")
     portraits.add_argument("folder", type=Path)
     portraits.add_argument("--count", type=int, default=12)
+    reshard = commands.add_parser("reshard", help="move an output's manifests to another shard count (no run going)")
+    reshard.add_argument("--output", required=True, help="folder or s3://bucket/prefix enriched before")
+    reshard.add_argument("--shards", type=_count(10_000), required=True, help="the new number of partitions")
     return parser
+
+
+def reshard_command(output_uri: str, shards: int) -> int:
+    """Rewrite the manifests for `shards` partitions, so a run with that count lists each image once."""
+    from .inventory import partition_key, shard_of
+    from .manifest import reshard
+    from .storage import open_storage
+
+    rows = reshard(open_storage(output_uri), shards, lambda path: partition_key(shard_of(path, shards), shards))
+    print(f"{rows} manifest rows now in {shards} shards under {output_uri.rstrip('/')}/manifest/")
+    return 0
 
 
 def _fail(message: str, code: int) -> int:
@@ -62,29 +156,100 @@ def _fail(message: str, code: int) -> int:
 
 
 def _print_shard(key: str, metadata: dict) -> None:
-    if not metadata.get("images"):
-        return
-    errors = metadata.get("errors_by_code") or {}
-    print(
-        f"  shard {key}: {metadata.get('images', 0)} images, {metadata.get('enriched', 0)} enriched, "
-        f"{sum(errors.values())} errors, {metadata.get('credits_consumed', 0):g} credits",
-        flush=True,
-    )
+    """A line per shard with images, then its warnings (e.g. a quarantined manifest): the quiet console
+    shows no Dagster log, so metadata is how a shard's warnings reach the user."""
+    if metadata.get("images"):
+        errors = metadata.get("errors_by_code") or {}
+        print(
+            f"  shard {key}: {metadata.get('images', 0)} images, {metadata.get('enriched', 0)} enriched, "
+            f"{sum(errors.values())} errors, {metadata.get('credits_consumed', 0):g} credits",
+        )
+    found = metadata.get("warnings") or []
+    for warning in [found] if isinstance(found, str) else found:
+        print(f"  warning: {warning}")
+    sys.stdout.flush()
+
+
+def _comparable(storage: Storage) -> str:
+    """The storage's URI, with a local folder's symlinks resolved so two spellings of a folder compare equal."""
+    from .storage import LocalStorage
+
+    return Path(os.path.realpath(storage.root)).as_uri() if isinstance(storage, LocalStorage) else storage.uri
+
+
+def _check_writable(folder: Path, uri: str) -> None:
+    """Create the folder and a file in it now: a run that cannot write would fail only after the inventory."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise CannotStart(f"the output {uri} is not a writable folder ({error.strerror or error})") from None
+
+
+def check_locations(dataset_uri: str, output_uri: str) -> None:
+    """Refuse, with one line, what would make the inventory step fail: a missing local dataset, an output
+    inside the dataset (the asset's own rule, on resolved paths) and an output that cannot be written.
+    S3 locations are left to the run: checking them needs credentials and a round trip."""
+    from .storage import LocalStorage, open_storage
+
+    unused_s3_client = object()  # only the URI of an S3 location is read here
+    try:
+        dataset = open_storage(dataset_uri, s3_client=unused_s3_client)
+        output = open_storage(output_uri, s3_client=unused_s3_client)
+    except ValueError as error:
+        raise CannotStart(str(error)) from None
+    if isinstance(dataset, LocalStorage) and not dataset.root.is_dir():
+        raise CannotStart(f"dataset not found: {dataset_uri} is not a folder")
+    if (_comparable(output) + "/").startswith(_comparable(dataset).rstrip("/") + "/"):
+        raise CannotStart(f"the output {output_uri} lies inside the dataset {dataset_uri}: choose an output outside it")
+    if isinstance(output, LocalStorage):
+        _check_writable(output.root, output_uri)
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Validate what can be checked up front, then run through the Dagster definitions."""
+    """Check what can be checked up front (exit 2 with one line), then run through the Dagster definitions."""
     if not os.environ.get("CLIPDROP_API_KEY"):
         return _fail("CLIPDROP_API_KEY is not set: export your Clipdrop API key (or try `normals-pipeline demo`)", 2)
     from .orchestration.partitions import shard_count_from_env
 
     try:
         shards = args.shards if args.shards is not None else shard_count_from_env()
-        if min(shards, args.rpm, args.concurrency, args.max_attempts) < 1:
-            raise ValueError("--shards, --rpm, --concurrency and --max-attempts must be at least 1")
     except ValueError as error:
         return _fail(str(error), 2)
-    return _run(args, shards)
+    check_locations(args.dataset, args.output)
+    if args.refresh_balance:
+        _refresh_balance(os.environ["CLIPDROP_API_KEY"], args.redis_url)
+    with _console(args.verbose):
+        return _run(args, shards)
+
+
+def _refresh_balance(api_key: str, redis_url: str | None) -> None:
+    """After a top-up: forget the key's stored balance, which only goes down, so the next answer's is believed."""
+    from .guards import forget_balance
+
+    try:
+        forget_balance(api_key, redis_url)
+    except Exception as error:  # Redis or the state file unusable: the run could not share the key's state either
+        raise CannotStart(f"cannot refresh the stored balance: {type(error).__name__}: {error}") from None
+
+
+@contextmanager
+def _console(verbose: bool) -> Iterator[None]:
+    """Without --verbose, hide Python warnings (Dagster's beta and deprecation notices) and stamina's log
+    line per retry: they are for developers, the retries are counted in the shards' metadata, and the
+    user's warnings come as `warning:` lines from that metadata."""
+    import stamina.instrumentation
+
+    hooks = stamina.instrumentation.get_on_retry_hooks()
+    with warnings.catch_warnings():
+        if not verbose:
+            warnings.simplefilter("ignore")
+            stamina.instrumentation.set_on_retry_hooks([])
+        try:
+            yield
+        finally:
+            stamina.instrumentation.set_on_retry_hooks(hooks)
 
 
 def _run(args: argparse.Namespace, shards: int) -> int:
@@ -92,7 +257,7 @@ def _run(args: argparse.Namespace, shards: int) -> int:
 
     from .client import DEFAULT_API_URL
     from .orchestration import ClipdropResource, build_definitions
-    from .orchestration.runner import RunFailed, default_instance, run_pipeline
+    from .orchestration.runner import CheckFailed, RunFailed, default_instance, run_pipeline
 
     clipdrop = ClipdropResource(
         api_key=EnvVar("CLIPDROP_API_KEY"),
@@ -109,7 +274,9 @@ def _run(args: argparse.Namespace, shards: int) -> int:
     print(f"enriching {args.dataset} -> {args.output} ({shards} shards, {args.rpm} requests/min)", flush=True)
     started = time.monotonic()
     try:
-        summary = run_pipeline(defs, shards, default_instance(), progress=_print_shard)
+        summary = run_pipeline(defs, shards, default_instance(), progress=_print_shard, verbose=args.verbose)
+    except CheckFailed as error:
+        return _fail(str(error), 1)
     except RunFailed as error:
         if not error.started:
             return _fail(f"cannot start: {error}", 2)
@@ -125,11 +292,20 @@ def _run(args: argparse.Namespace, shards: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Exit codes: see the module docstring. `--help` still exits 0 through argparse."""
+    try:
+        return _dispatch(build_parser().parse_args(argv))
+    except CannotStart as error:
+        return _fail(str(error), 2)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "emulator":
         return emulator_cli.run(args)
     if args.command == "run":
         return run_command(args)
+    if args.command == "reshard":
+        return reshard_command(args.output, args.shards)
     if args.command == "portraits":
         from .synthetic import make_portraits
 

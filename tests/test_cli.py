@@ -1,9 +1,19 @@
 """The `normals-pipeline` command: exit codes, one-line errors, and the demo."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandera.pandas as pandera
 import pytest
 
-from normals_pipeline.cli import main
+from normals_pipeline import guards, manifest
+from normals_pipeline.cli import _print_shard, main
 from normals_pipeline.synthetic import make_portraits
+
+CLI = Path(sys.executable).parent / "normals-pipeline"
+NO_PROC = not Path("/proc/self").exists()
 
 
 @pytest.fixture
@@ -60,10 +70,171 @@ def test_unreachable_api_exits_1(dataset, tmp_path, monkeypatch, capsys):
     assert "cannot reach the Clipdrop API at http://127.0.0.1:9" in capsys.readouterr().err
 
 
-def test_missing_dataset_exits_2(tmp_path, emulator, monkeypatch, capsys):
+def assert_one_line(out: str, err: str, *expected: str) -> str:
+    """Exactly one `normals-pipeline: ` line on stderr holding `expected`, and no stack trace anywhere."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("normals-pipeline: "), err
+    assert all(text in lines[0] for text in expected), lines[0]
+    for stream in (out, err):
+        assert "Traceback" not in stream and "Stack Trace" not in stream and "site-packages/dagster" not in stream
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "option, value, says",
+    [
+        ("--budget", "-1", "0 or more"),
+        ("--budget", "nan", "finite"),
+        ("--budget", "inf", "finite"),
+        ("--budget", "lots", "number of credits"),
+        ("--credit-floor", "-3", "0 or more"),
+        ("--rpm", "0", "at least 1"),
+        ("--concurrency", "0", "at least 1"),
+        ("--max-attempts", "1.5", "whole number"),
+        ("--shards", "10001", "between 1 and 10000"),
+        ("--api-url", "not-a-url", "http:// or https://"),
+        ("--api-url", "ftp://x", "http:// or https://"),
+        ("--api-url", "http://", "http:// or https://"),
+    ],
+)
+def test_bad_option_is_one_line_exit_2_before_anything_starts(
+    dataset, tmp_path, emulator, monkeypatch, capsys, option, value, says
+):
     monkeypatch.setenv("CLIPDROP_API_KEY", "test-key")
-    assert run(tmp_path / "missing", tmp_path / "out", emulator.url) == 2
-    assert "missing" in capsys.readouterr().err
+    assert run(dataset, tmp_path / "out", emulator.url, option, value) == 2
+    captured = capsys.readouterr()
+    assert_one_line(captured.out, captured.err, f"argument {option}:", says, "normals-pipeline run --help")
+    assert captured.out == ""  # not even "enriching ...": refused at parsing, so no request and no retry
+    assert emulator.stats()["requests"] == 0
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_rpm_from_the_environment_is_refused_like_the_option(dataset, tmp_path, emulator, monkeypatch, capsys):
+    monkeypatch.setenv("CLIPDROP_API_KEY", "test-key")
+    monkeypatch.setenv("CLIPDROP_RPM", "sixty")
+    assert main(["run", "--dataset", str(dataset), "--output", str(tmp_path / "out"), "--api-url", emulator.url]) == 2
+    assert_one_line(*capsys.readouterr(), "argument --rpm:", "'sixty'")
+
+
+def test_missing_required_option_is_one_line(tmp_path, capsys):
+    assert main(["run", "--output", str(tmp_path / "out")]) == 2
+    assert_one_line(*capsys.readouterr(), "required: --dataset")
+
+
+def test_help_still_prints_usage(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: normals-pipeline run") and "--refresh-balance" in out and "--verbose" in out
+
+
+def test_resource_refuses_a_url_that_is_not_http():
+    from pydantic import ValidationError
+
+    from normals_pipeline.orchestration import ClipdropResource
+
+    with pytest.raises(ValidationError, match="must start with http:// or https://"):
+        ClipdropResource(api_key="k", api_url="ftp://example.com")
+    assert ClipdropResource(api_key="k", api_url="https://clipdrop-api.co").api_url == "https://clipdrop-api.co"
+
+
+def _locations(where: str, dataset: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """(dataset, output) for a location problem; the nested output is spelled through a symlink, so only
+    resolved paths show that it lies inside the dataset."""
+    if where == "missing dataset":
+        return tmp_path / "missing", tmp_path / "out"
+    if where == "output inside the dataset":
+        (tmp_path / "alias").symlink_to(dataset)
+        return dataset, tmp_path / "alias" / "enriched"
+    if where == "output is a file":
+        (tmp_path / "a-file").write_text("")
+        return dataset, tmp_path / "a-file"
+    return dataset, Path("/proc/normals-pipeline-test")
+
+
+@pytest.mark.parametrize(
+    "where, says",
+    [
+        ("missing dataset", "dataset not found"),
+        ("output inside the dataset", "lies inside the dataset"),
+        pytest.param("output not writable", "not a writable folder", marks=pytest.mark.skipif(NO_PROC, reason="/proc")),
+        ("output is a file", "not a writable folder"),
+    ],
+)
+def test_location_that_cannot_work_is_one_line_exit_2(dataset, tmp_path, emulator, monkeypatch, capsys, where, says):
+    monkeypatch.setenv("CLIPDROP_API_KEY", "test-key")
+    assert run(*_locations(where, dataset, tmp_path), emulator.url) == 2
+    captured = capsys.readouterr()
+    assert_one_line(captured.out, captured.err, says)
+    assert captured.out == "" and "dagster" not in captured.err.lower()
+    assert emulator.stats()["requests"] == 0
+    assert not (dataset / "enriched").exists()
+
+
+def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(CLI), *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(NO_PROC, reason="needs /proc for an unwritable output")
+def test_installed_command_prints_one_line_on_real_stderr(dataset, tmp_path, emulator):
+    """The console script, not `main()`: what Dagster, logging or warnings print bypasses capsys."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "PYTHONWARNINGS")}
+    env["CLIPDROP_API_KEY"] = "test-key"
+    common = ["--api-url", emulator.url, "--rpm", "100000", "--shards", "2"]
+    cases = {
+        "dataset not found": ["--dataset", str(tmp_path / "missing"), "--output", str(tmp_path / "out")],
+        "lies inside the dataset": ["--dataset", str(dataset), "--output", str(dataset / "out")],
+        "not a writable folder": ["--dataset", str(dataset), "--output", "/proc/normals-pipeline-test"],
+    }
+    for says, args in cases.items():
+        done = _cli(env, "run", *args, *common)
+        assert done.returncode == 2, done.stderr
+        assert_one_line(done.stdout, done.stderr, says)
+    key_refused = ["--dataset", str(dataset), "--output", str(tmp_path / "out")]
+    refused = _cli({**env, "CLIPDROP_API_KEY": "sk-canary-7f3e"}, "run", *key_refused, *common)
+    assert refused.returncode == 1
+    assert_one_line(refused.stdout, refused.stderr, "refused the API key")
+    assert "canary" not in refused.stdout + refused.stderr
+
+
+def test_verbose_shows_dagster_log_and_traces(dataset, tmp_path, emulator, monkeypatch, capsys):
+    monkeypatch.setenv("CLIPDROP_API_KEY", "sk-wrong")
+    assert run(dataset, tmp_path / "quiet", emulator.url) == 1
+    quiet = capsys.readouterr()
+    assert len(quiet.err.strip().splitlines()) == 1
+    assert run(dataset, tmp_path / "loud", emulator.url, "--verbose") == 1
+    loud = capsys.readouterr().err
+    assert "STEP_FAILURE" in loud and "Stack Trace" in loud
+    assert loud.strip().splitlines()[-1].startswith("normals-pipeline: run stopped: Clipdrop refused the API key")
+
+
+def test_failed_manifest_check_names_the_shard_and_exits_1(dataset, tmp_path, emulator, monkeypatch, capsys):
+    monkeypatch.setenv("CLIPDROP_API_KEY", "test-key")
+    short_paths = pandera.DataFrameSchema({"path": pandera.Column(str, pandera.Check.str_length(max_value=3))})
+    monkeypatch.setattr(manifest, "MANIFEST_SCHEMA", short_paths)
+    assert run(dataset, tmp_path / "out", emulator.url) == 1
+    captured = capsys.readouterr()
+    line = assert_one_line(captured.out, captured.err, "see the Dagster event log")
+    assert line.startswith("normals-pipeline: shard 01's manifest failed the manifest_schema check (4 failures, first:")
+    assert "path str_length" in line and "done in" not in captured.out
+
+
+def test_refresh_balance_forgets_the_stored_balance_before_the_run(dataset, tmp_path, emulator, monkeypatch, capsys):
+    monkeypatch.setenv("CLIPDROP_API_KEY", "test-key")
+    forgotten = []
+    monkeypatch.setattr(guards, "forget_balance", lambda key, redis_url=None: forgotten.append((key, redis_url)))
+    assert run(dataset, tmp_path / "plain", emulator.url) == 0
+    assert forgotten == []
+    assert run(dataset, tmp_path / "out", emulator.url, "--refresh-balance") == 0
+    assert forgotten == [("test-key", None)]
+    assert "4 enriched" in capsys.readouterr().out
+
+
+def test_shard_warnings_are_printed_one_per_line(capsys):
+    _print_shard("03", {"images": 2, "enriched": 2, "warnings": ["manifest quarantined", "journal unreadable"]})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:] == ["  warning: manifest quarantined", "  warning: journal unreadable"]
 
 
 def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
@@ -72,3 +243,14 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "the emulator charged 3 credits in all" in out
     assert (tmp_path / "demo" / "enriched" / "contact_sheet.png").stat().st_size > 0
+
+
+def test_refresh_balance_that_cannot_reach_the_state_is_one_line_exit_2(dataset, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CLIPDROP_API_KEY", "test-key")
+
+    def unreachable(key, redis_url=None):
+        raise ConnectionError("Error 111 connecting to localhost:6379. Connection refused.")
+
+    monkeypatch.setattr(guards, "forget_balance", unreachable)
+    assert run(dataset, tmp_path / "out", "http://127.0.0.1:9", "--refresh-balance") == 2
+    assert_one_line(*capsys.readouterr(), "cannot refresh the stored balance: ConnectionError")

@@ -5,7 +5,15 @@ from decimal import Decimal
 import pytest
 
 from normals_pipeline._errors import CreditLimitReached, OutOfCredits
-from normals_pipeline.guards import CreditGuard, RateGuard, key_fingerprint, rate_guard_for
+from normals_pipeline._state import MemoryState
+from normals_pipeline.guards import (
+    CreditGuard,
+    RateGuard,
+    forget_balance,
+    key_fingerprint,
+    key_state,
+    rate_guard_for,
+)
 
 
 def test_fingerprint_never_contains_the_key():
@@ -83,3 +91,27 @@ def test_fractional_prices_are_exact():
     for _ in range(10):
         guard.settle(guard.reserve(), Decimal("0.1"), None)
     assert guard.spent == Decimal("1.0")
+
+
+def test_the_credit_message_says_what_is_known_and_when_a_top_up_shows():
+    guard = CreditGuard(state=MemoryState())
+    guard.settle(guard.reserve(), Decimal(1), Decimal(1))  # balance 1
+    guard.reserve()  # that last credit is now held by a request in flight
+    with pytest.raises(CreditLimitReached) as refused:
+        guard.reserve()
+    message = str(refused.value)
+    assert "balance was 1 when last reported 0 s ago, 1 held by requests in flight" in message
+    assert "a top-up is believed in 300 s, or at once with `normals-pipeline run --refresh-balance`" in message
+
+
+def test_forgetting_the_balance_lets_a_top_up_show_at_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("NORMALS_STATE_DIR", str(tmp_path))
+    state = key_state("k-refresh")
+    guard = CreditGuard(state=state)
+    guard.stop(OutOfCredits("gone"))  # a 402: balance 0 for everyone on the key
+    assert state.balance() == 0
+    forget_balance("k-refresh")
+    assert state.balance() is None
+    fresh = CreditGuard(state=state)
+    fresh.settle(fresh.reserve(), Decimal(1), Decimal(50))
+    assert fresh.remaining == 50

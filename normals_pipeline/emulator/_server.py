@@ -205,6 +205,11 @@ class _Service:
         with self._lock:
             return self._credits[key]
 
+    def top_up(self, key: str, amount: Decimal) -> None:
+        with self._lock:
+            balance = self._credits[key]
+            self._credits[key] = None if balance is None else balance + amount
+
     def stats(self) -> dict[str, Any]:
         with self._lock:
             keys = {
@@ -636,6 +641,10 @@ class Emulator:
 
     def credits(self, key: str) -> Decimal | None:
         return self._service.credits(key)
+
+    def top_up(self, key: str, amount: Decimal) -> None:
+        """Add credits to a key, as buying them does."""
+        self._service.top_up(key, amount)
 
 
 def _check_host(host: str, allow_remote: bool) -> None:

@@ -2,18 +2,33 @@
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from decimal import Decimal
-from typing import Literal
+from typing import Any, Literal
 
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, EnvVar
 from dagster_aws.s3 import S3Resource
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from .._state import ClaimStore
 from ..client import DEFAULT_API_URL, ClipdropClient, RetryPolicy
-from ..guards import CreditGuard, rate_guard_for
+from ..guards import CreditGuard, claim_store, rate_guard_for
 from ..storage import Storage, open_storage
+
+
+def check_api_url(url: str) -> str:
+    """`url` if it is http(s) with a host. Anything else would only fail at the first request, and then
+    be retried as a network error for a long while before the run says it cannot reach the API."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number in range
+    except ValueError as error:
+        raise ValueError(f"the API URL {url!r} is not a valid URL ({error})") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"the API URL must start with http:// or https:// and name a host, got {url!r}")
+    return url
 
 
 class ClipdropResource(ConfigurableResource):
@@ -40,6 +55,13 @@ class ClipdropResource(ConfigurableResource):
         "without it, every process on this host shares them through a SQLite file.",
     )
 
+    @field_validator("api_url", mode="before")
+    @classmethod
+    def _http_api_url(cls, value: Any) -> Any:
+        """Refuse a non-http(s) URL when the resource is configured (code, YAML, the UI), not at the first request.
+        An EnvVar is checked once Dagster resolves it at launch; a non-string is left to the `str` type."""
+        return check_api_url(value) if isinstance(value, str) and not isinstance(value, EnvVar) else value
+
     @contextmanager
     def get_client(self) -> Iterator[ClipdropClient]:
         """A client for one run: the rate guard is shared by the process, the credit guard is the run's."""
@@ -58,6 +80,11 @@ class ClipdropResource(ConfigurableResource):
             yield client
         finally:
             client.close()
+
+    def claim_store(self) -> ClaimStore:
+        """Claims (one sender per content, one writer per shard) where every run can see them: the
+        same place as the key's guards, Redis with `redis_url`, else this host's SQLite file."""
+        return claim_store(self.redis_url)
 
 
 class DatasetResource(ConfigurableResource):

@@ -7,6 +7,7 @@ assets, resources and checks.
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,7 +18,10 @@ from ..inventory import partition_keys
 from .assets import SURFACE_NORMALS
 from .definitions import INVENTORY_JOB, SHARD_JOB
 
-QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+# Step failures are logged at ERROR with their whole stack trace; the caller prints one line instead and the
+# trace stays in the run's event log. Nothing is logged at CRITICAL, so the quiet console prints nothing.
+QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+VERBOSE_LOGS = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 
 class RunFailed(Exception):
@@ -29,6 +33,10 @@ class RunFailed(Exception):
     def __init__(self, message: str, *, started: bool = True) -> None:
         super().__init__(message)
         self.started = started
+
+
+class CheckFailed(RunFailed):
+    """A shard materialized but its manifest failed an asset check: the message names the shard and the check."""
 
 
 @dataclass
@@ -71,6 +79,33 @@ def _failure_message(result: ExecuteInProcessResult) -> tuple[str, dict]:
     return "the run failed; see the Dagster event log", {}
 
 
+def _first_failure(metadata: dict) -> str:
+    """E.g. "4 failures, first: path str_length(None, 1) on 'a.png'", from the check's count and markdown table."""
+    parts = []
+    if (count := metadata.get("failures")) is not None:
+        parts.append(f"{count} failure{'' if count == 1 else 's'}")
+    table = str(metadata.get("failure_cases", "")).splitlines()
+    if len(table) > 2:  # a header, a separator, then a row per failure case: | column | check | failure_case |
+        cells = [cell.strip().replace("\\|", "|") for cell in re.split(r"(?<!\\)\|", table[2])[1:-1]]
+        if len(cells) >= 3:
+            parts.append(f"first: {cells[0]} {cells[1]} on {cells[2]!r}")
+    return ", ".join(parts)
+
+
+def _failed_check(result: ExecuteInProcessResult, key: str) -> str | None:
+    """The one-line message for the first failed asset check of a shard run, None when all passed.
+
+    A check that fails does not fail the step, so the run looks successful unless its events are read.
+    """
+    for event in result.all_events:
+        if event.event_type_value != "ASSET_CHECK_EVALUATION" or event.event_specific_data.passed:
+            continue
+        evaluation = event.event_specific_data
+        detail = _first_failure(_plain(evaluation.metadata)) or evaluation.description or "no details"
+        return f"shard {key}'s manifest failed the {evaluation.check_name} check ({detail}); see the Dagster event log"
+    return None
+
+
 def _materialization(result: ExecuteInProcessResult) -> dict:
     events: list[DagsterEvent] = [e for e in result.all_events if e.is_step_materialization]
     for event in events:
@@ -90,10 +125,18 @@ def run_pipeline(
     shards: int,
     instance: DagsterInstance,
     progress: Callable[[str, dict], None] = lambda key, metadata: None,
+    *,
+    verbose: bool = False,
 ) -> RunSummary:
-    """Materialize the inventory, then each shard in turn; raise `RunFailed` at the first stop."""
+    """Materialize the inventory, then each shard in turn; raise `RunFailed` at the first stop.
+
+    A shard whose manifest fails its check stops the run too (`CheckFailed`): such a failure comes from
+    the code or the data, not from one image, so the next shards would most likely fail it as well.
+    `verbose` logs each step to the console at INFO, stack traces included; otherwise the console is silent.
+    """
+    logs = VERBOSE_LOGS if verbose else QUIET_LOGS
     inventory = defs.resolve_job_def(INVENTORY_JOB).execute_in_process(
-        instance=instance, raise_on_error=False, run_config=QUIET_LOGS
+        instance=instance, raise_on_error=False, run_config=logs
     )
     if not inventory.success:
         raise RunFailed(_failure_message(inventory)[0], started=False)
@@ -101,7 +144,7 @@ def run_pipeline(
     shard_job = defs.resolve_job_def(SHARD_JOB)
     for key in partition_keys(shards):
         result = shard_job.execute_in_process(
-            partition_key=key, instance=instance, raise_on_error=False, run_config=QUIET_LOGS
+            partition_key=key, instance=instance, raise_on_error=False, run_config=logs
         )
         if not result.success:
             message, metadata = _failure_message(result)
@@ -111,4 +154,6 @@ def run_pipeline(
         metadata = _materialization(result)
         summary.add(metadata)
         progress(key, metadata)
+        if (failed := _failed_check(result, key)) is not None:
+            raise CheckFailed(failed)
     return summary

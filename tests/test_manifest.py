@@ -1,0 +1,115 @@
+"""The manifest's state on disk: corrupt files set aside (never blocking a shard), the journal's spool,
+the recorded shard count, and the schema accepting every path the inventory accepts."""
+
+from decimal import Decimal
+
+import pandas as pd
+import pyarrow.dataset as ds
+import pytest
+
+from normals_pipeline import manifest
+from normals_pipeline.cli import main
+from normals_pipeline.enrich import Item, _row
+from normals_pipeline.storage import LocalStorage
+from normals_pipeline.synthetic import make_portraits
+
+IMAGES = 12
+
+
+def run(dataset, output, url, shards="2"):
+    return main(
+        [
+            "run",
+            "--dataset",
+            str(dataset),
+            "--output",
+            str(output),
+            "--api-url",
+            url,
+            "--rpm",
+            "100000",
+            "--shards",
+            shards,
+        ]
+    )
+
+
+@pytest.fixture
+def enriched(tmp_path, emulator, monkeypatch):
+    monkeypatch.setenv("CLIPDROP_API_KEY", "test-key")
+    make_portraits(tmp_path / "in", IMAGES)
+    assert run(tmp_path / "in", tmp_path / "out", emulator.url) == 0
+    return tmp_path / "in", tmp_path / "out"
+
+
+def rows(output):
+    return ds.dataset(str(output / "manifest"), partitioning="hive").to_table().to_pandas()
+
+
+def test_a_truncated_manifest_is_set_aside_and_rebuilt_from_the_maps_without_a_charge(enriched, emulator, capsys):
+    dataset, output = enriched
+    target = output / manifest.partition_path("01")
+    lost = len(pd.read_parquet(target))
+    target.write_bytes(target.read_bytes()[:100])
+    capsys.readouterr()
+
+    assert run(dataset, output, emulator.url) == 0
+    out = capsys.readouterr().out
+    assert "could not be read" in out and "quarantine" in out
+    assert len(list((output / "quarantine").rglob("manifest.parquet.*"))) == 1  # kept, not deleted
+    table = rows(output)
+    assert len(table) == IMAGES and table["path"].is_unique and table["error_code"].isna().all()
+    assert Decimal(emulator.stats()["charged"]) == IMAGES  # nothing bought again
+    rebuilt = table[table["partition"].astype(str) == "1"]
+    assert len(rebuilt) == lost and rebuilt["credits_consumed"].isna().all()  # unknown, not a silent 0
+    manifest.validate(pd.read_parquet(target))
+
+
+def test_a_truncated_journal_file_is_set_aside_and_the_rerun_gives_one_row_per_image(enriched, emulator):
+    dataset, output = enriched
+    storage = LocalStorage(output)
+    journal = manifest.Journal(storage, "00")
+    previous = manifest.read_manifest(storage, "00")
+    for record in previous.to_dict("records"):  # as a killed run would have left them
+        journal.write({**record, "processed_at": record["processed_at"].to_pydatetime()})
+    victim = sorted((output / "journal").rglob("*.json"))[0]
+    victim.write_bytes(victim.read_bytes()[:20])
+
+    assert run(dataset, output, emulator.url) == 0
+    assert len(list((output / "quarantine").rglob("*.json.*"))) == 1
+    assert not list((output / "journal").rglob("*.json"))
+    table = rows(output)
+    assert len(table) == IMAGES and table["path"].is_unique
+    assert Decimal(emulator.stats()["charged"]) == IMAGES
+
+
+def test_journal_rows_the_output_refuses_go_to_the_spool_and_are_read_back(tmp_path):
+    output, spool = LocalStorage(tmp_path / "out"), LocalStorage(tmp_path / "spool")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "journal").write_text("a file where the journal folder should be")
+    journal = manifest.Journal(output, "00", spool=spool)
+    row = _row(Item("a.jpg", 3, "v"), "0" * 64, uri=None)
+    journal.write(row)
+    assert spool.list_prefix("journal")
+    assert journal.read([])["path"].tolist() == ["a.jpg"]
+    journal.clear()
+    assert not spool.list_prefix("journal")
+
+
+def test_another_shard_count_on_an_enriched_output_is_refused_then_resharded(enriched, emulator, capsys):
+    dataset, output = enriched
+    capsys.readouterr()
+    assert run(dataset, output, emulator.url, shards="3") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "enriched with 2 shards, not 3" in err[0] and "reshard" in err[0]
+
+    assert main(["reshard", "--output", str(output), "--shards", "3"]) == 0
+    assert run(dataset, output, emulator.url, shards="3") == 0
+    table = rows(output)
+    assert len(table) == IMAGES and table["path"].is_unique
+    assert Decimal(emulator.stats()["charged"]) == IMAGES == Decimal(str(table["credits_consumed"].sum()))
+
+
+@pytest.mark.parametrize("path", ["a\\\\b.jpg", "back\\slash/x.png", "ü ñ/space name.webp", "dir/.x/y.jpg"])
+def test_the_schema_accepts_every_path_the_inventory_accepts(path):
+    manifest.validate(manifest.to_frame([_row(Item(path, 3, "v"), "0" * 64, uri="file:///m.jpg")]))
