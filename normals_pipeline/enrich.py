@@ -33,7 +33,7 @@ from ._state import ClaimStore
 from .client import ApiResult, ClipdropClient
 from .guards import ClaimGuard
 from .prepare import Oversize, PreparedImage, prepare
-from .storage import Storage
+from .storage import NotARegularFile, Storage
 
 NORMALS_DIR = "normals"
 # Codes whose rows are final: the same bytes would fail the same way, so a re-run does not resend them.
@@ -92,6 +92,8 @@ def current_items(dataset: Storage, inventory: pa.Table) -> list[Item]:
         if version is None:
             try:
                 path, size, version = dataset.stat(path)
+            except NotARegularFile:  # swapped for a FIFO or the like since the listing: its row will say so
+                size, version = 0, "not-a-regular-file"
             except (FileNotFoundError, PermissionError):
                 continue
         items.append(Item(path, size, version))
@@ -214,7 +216,7 @@ class Enricher:
         except (OSError, ValueError) as error:
             return _row(
                 item,
-                error=ImageRejected(f"cannot read the file ({type(error).__name__})", error_code="unreadable_file"),
+                error=ImageRejected(f"cannot read the file ({_cause(error)})", error_code="unreadable_file"),
             )
         digest = hashlib.sha256(data).hexdigest()
         try:

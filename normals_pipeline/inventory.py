@@ -6,6 +6,7 @@ ones and a partition's work stays the same across re-inventories.
 
 from __future__ import annotations
 
+import json
 import zlib
 
 import pyarrow as pa
@@ -16,7 +17,9 @@ from normals_pipeline.storage import Storage
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".webp")  # matched case-insensitively
 INVENTORY_PATH = "inventory/inventory.parquet"
-SKIPPED_NAMES_KEY = "normals_pipeline.skipped_non_utf8_names"
+SKIPPED_NAMES_KEY = "normals_pipeline.skipped_non_utf8_names"  # kept for `skipped_names` and older readers
+SKIPPED_KEY = "normals_pipeline.skipped"  # JSON {reason: count}: the storage's SKIP_REASONS and NON_UTF8_NAME
+NON_UTF8_NAME = "non_utf8_name"  # a local name that is not valid UTF-8: no Parquet string can hold it
 SHARDS_KEY = "normals_pipeline.shards"
 INVENTORY_SCHEMA = pa.schema(
     [
@@ -34,7 +37,6 @@ class InventoryMissing(FileNotFoundError):
 
 class InventoryMismatch(ValueError):
     """The inventory was taken with another shard count than the pipeline's."""
-
 
 
 def _check_shards(shards: int) -> None:
@@ -71,9 +73,12 @@ def take_inventory(storage: Storage, shards: int) -> pa.Table:
 
     Size and version are what the store's listing gives for free (S3: size and ETag; a local folder:
     nothing, the shard run stats its own files), so a listing costs little more than walking the names.
+    Image names left out (FIFOs, sockets, devices, bad symlinks, names that are not UTF-8) are counted
+    by reason in the schema metadata: see `skipped_entries`.
     """
     _check_shards(shards)
-    paths, sizes, versions = storage.listing(IMAGE_SUFFIXES)
+    listing = storage.listing(IMAGE_SUFFIXES)
+    paths, sizes, versions = listing.paths, listing.sizes, listing.versions
     try:
         shard_ids = [zlib.crc32(path.encode()) % shards for path in paths]  # `_shard`, inlined: the hot loop
         unnamable = 0
@@ -82,7 +87,16 @@ def take_inventory(storage: Storage, shards: int) -> pa.Table:
         unnamable = len(paths) - len(keep)
         paths, sizes, versions = ([column[i] for i in keep] for column in (paths, sizes, versions))
         shard_ids = [_shard(path, shards) for path in paths]
-    schema = INVENTORY_SCHEMA.with_metadata({SKIPPED_NAMES_KEY: str(unnamable), SHARDS_KEY: str(shards)})
+    skipped = dict(listing.skipped)
+    if unnamable:
+        skipped[NON_UTF8_NAME] = unnamable
+    schema = INVENTORY_SCHEMA.with_metadata(
+        {
+            SKIPPED_NAMES_KEY: str(unnamable),
+            SKIPPED_KEY: json.dumps(skipped, sort_keys=True),
+            SHARDS_KEY: str(shards),
+        }
+    )
     return pa.table([paths, sizes, versions, shard_ids], schema=schema)
 
 
@@ -97,6 +111,18 @@ def _encodable(path: str) -> bool:
 def skipped_names(table: pa.Table) -> int:
     """How many image files were left out because their names are not valid UTF-8."""
     return int((table.schema.metadata or {}).get(SKIPPED_NAMES_KEY.encode(), b"0"))
+
+
+def skipped_entries(table: pa.Table) -> dict[str, int]:
+    """Image names the inventory left out, by reason (`fifo`, `socket`, `device`, `symlink_loop`,
+    `symlink_outside`, `broken_symlink`, `not_a_file`, `non_utf8_name`): only reasons that occurred,
+    so {} when nothing was skipped. An inventory from before these were counted gives its non-UTF-8 names."""
+    metadata = table.schema.metadata or {}
+    raw = metadata.get(SKIPPED_KEY.encode())
+    if raw is not None:
+        return {str(reason): int(count) for reason, count in json.loads(raw).items()}
+    unnamable = skipped_names(table)
+    return {NON_UTF8_NAME: unnamable} if unnamable else {}
 
 
 def write_inventory(output: Storage, table: pa.Table) -> str:

@@ -7,13 +7,15 @@ the rest of the pipeline never cares where the dataset lives.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import posixpath
 import stat
 import tempfile
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, NamedTuple, Protocol
 
 import boto3
@@ -23,11 +25,64 @@ from botocore.exceptions import ClientError
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 _FILE_MODE = 0o666 & ~_UMASK
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC  # the resolved final component must not turn into a link
+# The resolved final component must not turn into a link (O_NOFOLLOW); a FIFO must not block the open until
+# a writer comes (O_NONBLOCK: cleared again once fstat has shown a regular file); a tty must not become ours.
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+
+# Why a local listing left out an entry with a wanted name (`Listing.skipped`).
+SKIP_REASONS = (
+    "fifo",
+    "socket",
+    "device",  # character or block
+    "symlink_loop",
+    "symlink_outside",  # resolves outside the root
+    "broken_symlink",
+    "not_a_file",  # a link to a directory (or to anything else that is not a regular file)
+)
 
 
 class DatasetNotFound(FileNotFoundError):
     """The dataset root (local folder or S3 bucket) does not exist."""
+
+
+class NotARegularFile(OSError):
+    """A dataset path is a FIFO, socket, device or directory: it is never read (a FIFO would block)."""
+
+    def __init__(self, path: str, kind: str) -> None:
+        super().__init__(f"refusing {path!r}: it is a {kind}, not a regular file")
+        self.path = path
+        self.kind = kind  # "FIFO", "socket", "character device", "block device", "directory", ...
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickles (e.g. across processes) with its own signature
+        return type(self), (self.path, self.kind)
+
+
+def _kind(mode: int) -> str:
+    """What a non-regular file is, for messages."""
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode):
+        return "character device"
+    if stat.S_ISBLK(mode):
+        return "block device"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    return "special file"
+
+
+def _skip_reason(mode: int) -> str:
+    """The `Listing.skipped` reason for a non-regular file's mode."""
+    if stat.S_ISFIFO(mode):
+        return "fifo"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return "not_a_file"
 
 
 class FileEntry(NamedTuple):
@@ -42,6 +97,9 @@ class Listing(NamedTuple):
     paths: list[str]
     sizes: list[int | None]
     versions: list[str | None]
+    # Entries with a wanted name that were left out, by reason (see SKIP_REASONS); only reasons that
+    # occurred. Always empty on S3, which has none of these.
+    skipped: Mapping[str, int] = MappingProxyType({})
 
 
 class Storage(Protocol):
@@ -88,20 +146,42 @@ class LocalStorage:
         """Files under the root (those whose lower-cased name ends with one of `suffixes`, if given).
 
         No stat per file, so sizes and versions are None: listing 100 000 files stays within a small
-        factor of a bare `os.scandir` walk, and the shard that reads a file stats it then.
+        factor of a bare `os.scandir` walk, and the shard that reads a file stats it then. FIFOs,
+        sockets, devices and symlinks that loop, dangle, lead out of the root or to a directory are
+        left out and counted in `skipped` (only those with a wanted name).
         """
         if not os.path.isdir(self._top):
             raise DatasetNotFound(f"dataset not found: {self.uri} is not a directory")
-        paths = self._paths(self._top, "", suffixes)
-        return Listing(paths, [None] * len(paths), [None] * len(paths))
+        skipped: dict[str, int] = {}
+        paths = self._paths(self._top, "", suffixes, skipped)
+        return Listing(paths, [None] * len(paths), [None] * len(paths), skipped)
 
     def stat(self, path: str) -> FileEntry:
-        st = os.stat(self._contained(path))
+        """Size and version of a regular file; NotARegularFile for anything else (it would not be read)."""
+        st = self._regular(path, self._contained(path))
         return FileEntry(path, st.st_size, f"{st.st_mtime_ns}-{st.st_size}")
 
     def read_bytes(self, path: str) -> bytes:
-        fd = os.open(self._contained(path), _READ_FLAGS)
-        with os.fdopen(fd, "rb") as f:
+        """The whole file; never opens what is not a regular file, and never blocks on one swapped in
+        between that check and the open (a FIFO): NotARegularFile instead."""
+        real = self._contained(path)
+        self._regular(path, real)  # a FIFO or device is refused before any open (opening one can act)
+        try:
+            fd = os.open(real, _READ_FLAGS)
+        except OSError as err:
+            if err.errno == errno.ENXIO:  # opening a unix socket, swapped in since the check
+                self._regular(path, real)
+            raise
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise NotARegularFile(path, _kind(mode))
+            os.set_blocking(fd, True)  # a plain read from here on, whatever the file system does with O_NONBLOCK
+            f = os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
+        with f:
             return f.read()
 
     def write_bytes(self, path: str, data: bytes, content_type: str | None = None) -> None:
@@ -138,7 +218,7 @@ class LocalStorage:
         top = os.path.join(self._top, prefix) if prefix else self._top
         if not os.path.isdir(top) or not self._inside(os.path.realpath(top)):
             return []
-        return sorted(self._paths(top, prefix, None))
+        return sorted(self._paths(top, prefix, None, {}))
 
     def delete(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -158,20 +238,39 @@ class LocalStorage:
             raise PermissionError(f"refusing {path!r}: it resolves to {real}, outside {self.uri}")
         return real
 
-    def _linked_file(self, link: str) -> os.stat_result | None:
-        """Stat of a symlink's target if it is a regular file inside the root, else None."""
-        real = os.path.realpath(link)
-        if not self._inside(real):
-            return None
-        try:
-            st = os.stat(real)
-        except OSError:
-            return None
-        return st if stat.S_ISREG(st.st_mode) else None
+    @staticmethod
+    def _regular(path: str, real: str) -> os.stat_result:
+        """`real`'s stat if it is a regular file, else NotARegularFile naming `path` and what it is."""
+        st = os.stat(real)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotARegularFile(path, _kind(st.st_mode))
+        return st
 
-    def _paths(self, top: str, rel_top: str, suffixes: tuple[str, ...] | None) -> list[str]:
+    def _skip_reason(self, entry: os.DirEntry[str]) -> str | None:
+        """Why an entry that is not a plain regular file is left out: None to keep it after all (a link
+        to a regular file inside the root), "" when it is gone (neither kept nor counted). Only reached
+        off the fast path: costs a stat or two, and a realpath for a link."""
+        try:
+            mode = entry.stat(follow_symlinks=False).st_mode
+        except FileNotFoundError:  # removed while we walk
+            return ""
+        if stat.S_ISREG(mode):  # became a regular file since the directory was read
+            return None
+        if not stat.S_ISLNK(mode):
+            return _skip_reason(mode)
+        real = os.path.realpath(entry.path)  # does not raise on a loop: stat below does
+        if not self._inside(real):
+            return "symlink_outside"
+        try:
+            mode = os.stat(real).st_mode
+        except OSError as err:
+            return "symlink_loop" if err.errno == errno.ELOOP else "broken_symlink"
+        return None if stat.S_ISREG(mode) else _skip_reason(mode)
+
+    def _paths(self, top: str, rel_top: str, suffixes: tuple[str, ...] | None, skipped: dict[str, int]) -> list[str]:
         """Relative paths of regular files, depth first; hidden names skipped, directory links not
-        followed, file links kept only when they lead to a regular file inside the root."""
+        followed, file links kept only when they lead to a regular file inside the root. Entries with
+        a wanted name left out for another reason are counted in `skipped`, by reason."""
         found: list[str] = []
         stack = [(top, rel_top)]
         while stack:
@@ -185,13 +284,16 @@ class LocalStorage:
                     name = entry.name
                     if name[0] == ".":
                         continue
-                    if entry.is_dir(follow_symlinks=False):
+                    if entry.is_file(follow_symlinks=False):  # the fast path (d_type): no stat, nothing else
+                        if suffixes is None or name.lower().endswith(suffixes):
+                            found.append(rel + name)
+                    elif entry.is_dir(follow_symlinks=False):
                         stack.append((entry.path, f"{rel}{name}/"))
-                    elif (suffixes is None or name.lower().endswith(suffixes)) and (
-                        entry.is_file(follow_symlinks=False)
-                        or (entry.is_symlink() and self._linked_file(entry.path) is not None)
-                    ):
-                        found.append(rel + name)
+                    elif suffixes is None or name.lower().endswith(suffixes):  # rare: classify, then count
+                        if (reason := self._skip_reason(entry)) is None:
+                            found.append(rel + name)
+                        elif reason:
+                            skipped[reason] = skipped.get(reason, 0) + 1
         return found
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +14,15 @@ from hypothesis import strategies as st
 
 from normals_pipeline.inventory import (
     INVENTORY_PATH,
+    SKIPPED_KEY,
+    SKIPPED_NAMES_KEY,
     InventoryMissing,
     partition_key,
     partition_keys,
     read_inventory,
     shard_of,
+    skipped_entries,
+    skipped_names,
     take_inventory,
     write_inventory,
 )
@@ -137,13 +142,60 @@ def test_missing_inventory_says_what_to_do(tmp_path: Path) -> None:
 
 
 def test_a_name_that_is_not_utf8_is_skipped_and_counted(tmp_path):
-    from normals_pipeline.inventory import skipped_names
-
     (tmp_path / "fine.jpg").write_bytes(b"x")
     os.close(os.open(os.path.join(os.fsencode(tmp_path), b"bad-\xff.jpg"), os.O_CREAT | os.O_WRONLY))
     table = take_inventory(LocalStorage(tmp_path), 4)
     assert table["path"].to_pylist() == ["fine.jpg"]
     assert skipped_names(table) == 1
+    assert skipped_entries(table) == {"non_utf8_name": 1}
+
+
+def test_what_cannot_be_read_is_left_out_and_counted_by_reason(tmp_path: Path, monkeypatch) -> None:
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "fine.jpg").write_bytes(b"x")
+    os.mkfifo(root / "fifo.jpg")
+    os.mkfifo(root / "fifo.txt")  # not an image name: not counted
+    monkeypatch.chdir(root)  # bind by a relative name: a unix socket path must fit in 108 bytes
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind("sock.png")
+        (root / "a.jpg").symlink_to("b.jpg")
+        (root / "b.jpg").symlink_to("a.jpg")
+        (tmp_path / "secret.jpg").write_bytes(b"secret")
+        (root / "out.jpg").symlink_to(tmp_path / "secret.jpg")
+        (root / "broken.webp").symlink_to("missing.webp")
+        (root / "album.jpg").mkdir()
+        (root / "dir.jpeg").symlink_to("album.jpg", target_is_directory=True)
+        os.close(os.open(os.path.join(os.fsencode(root), b"bad-\xff.jpg"), os.O_CREAT | os.O_WRONLY))
+        table = take_inventory(LocalStorage(root), 4)
+    assert table["path"].to_pylist() == ["fine.jpg"]
+    expected = {
+        "fifo": 1,
+        "socket": 1,
+        "symlink_loop": 2,
+        "symlink_outside": 1,
+        "broken_symlink": 1,
+        "not_a_file": 1,
+        "non_utf8_name": 1,
+    }
+    assert skipped_entries(table) == expected
+    assert skipped_names(table) == 1
+    output = LocalStorage(tmp_path / "out")
+    write_inventory(output, table)
+    assert skipped_entries(read_inventory(output)) == expected
+
+
+def test_nothing_skipped_gives_empty_counts_even_from_a_listing_without_them() -> None:
+    table = take_inventory(ListedStorage(["a.jpg", "b.png"]), 4)  # a Listing built with three columns
+    assert skipped_entries(table) == {} and skipped_names(table) == 0
+    assert table.schema.metadata[SKIPPED_KEY.encode()] == b"{}"
+
+
+def test_skipped_entries_of_an_inventory_from_before_they_were_counted() -> None:
+    table = take_inventory(ListedStorage(["a.jpg"]), 4)
+    old = table.replace_schema_metadata({SKIPPED_NAMES_KEY: "2"})
+    assert skipped_entries(old) == {"non_utf8_name": 2}
+    assert skipped_entries(table.replace_schema_metadata({})) == {}
 
 
 def test_reading_with_another_shard_count_says_to_take_the_inventory_again(tmp_path: Path) -> None:

@@ -162,3 +162,31 @@ def test_s3_dataset_to_s3_output(portraits, s3_client, s3_bucket, s3_endpoint, e
 
     run_pipeline(defs, SHARDS, instance)
     assert Decimal(emulator.stats()["charged"]) == 8
+
+
+def test_a_fifo_swapped_in_during_a_run_gets_an_error_row_and_does_not_hang(tmp_path, emulator):
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from normals_pipeline import ClipdropClient, LocalStorage, RateGuard
+    from normals_pipeline.enrich import current_items, enrich_shard
+    from normals_pipeline.inventory import take_inventory
+
+    make_portraits(tmp_path / "in", 6)
+    dataset, output = LocalStorage(tmp_path / "in"), LocalStorage(tmp_path / "out")
+    items = current_items(dataset, take_inventory(dataset, 1))  # listed and stat'ed: then the swap
+    victim = tmp_path / "in" / items[0].path
+    victim.unlink()
+    os.mkfifo(victim)
+    with ClipdropClient("test-key", base_url=emulator.url, rate_guard=RateGuard(100_000)) as client:
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(enrich_shard, dataset, output, client, "00", items)
+            try:
+                result = future.result(timeout=60)
+            finally:  # a regression would block in open(): a writer unblocks it so the suite can end
+                if not future.done():
+                    os.close(os.open(victim, os.O_WRONLY | os.O_NONBLOCK))
+    rows = result.manifest.set_index("path")
+    assert rows.loc[items[0].path, "error_code"] == "unreadable_file"
+    assert "FIFO" in rows.loc[items[0].path, "error_message"]
+    assert result.enriched == 5 and result.stopped is None

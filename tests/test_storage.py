@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
+import pickle
+import socket
+import stat
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from normals_pipeline.storage import (
+    SKIP_REASONS,
     DatasetNotFound,
     FileEntry,
     LocalStorage,
+    NotARegularFile,
     S3Storage,
     open_storage,
 )
@@ -32,6 +39,35 @@ def root(tmp_path: Path) -> Path:
     root = tmp_path / "data"
     root.mkdir()
     return root
+
+
+@pytest.fixture
+def bind_socket(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Path], None]]:
+    """Bind a unix socket at a path (relative to its folder: tmp paths can exceed the 108-byte limit)."""
+    sockets: list[socket.socket] = []
+
+    def bind(path: Path) -> None:
+        monkeypatch.chdir(path.parent)
+        sock = socket.socket(socket.AF_UNIX)
+        sockets.append(sock)
+        sock.bind(path.name)
+
+    yield bind
+    for sock in sockets:
+        sock.close()
+
+
+def _promptly(call: Callable[[], Any], fifo: Path | None = None) -> Any:
+    """`call()`, failing (not hanging the suite) if it has not returned within 5 s. A call stuck opening
+    `fifo` is released by opening the FIFO's other end, so its thread never outlives the test."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(call)
+        try:
+            return future.result(timeout=5)
+        except concurrent.futures.TimeoutError:
+            if fifo is not None:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # a reader is blocked in open: let it go
+            pytest.fail(f"{call} blocked for 5 s")
 
 
 # --- local ---------------------------------------------------------------------------------
@@ -99,6 +135,138 @@ def test_symlinked_directory_is_not_followed(root: Path, tmp_path: Path) -> None
 def test_broken_symlink_is_skipped(root: Path) -> None:
     (root / "broken.jpg").symlink_to(root / "missing.jpg")
     assert _paths(LocalStorage(root)) == []
+
+
+def test_listing_skips_and_counts_what_is_not_a_regular_file(
+    root: Path, tmp_path: Path, bind_socket: Callable[[Path], None]
+) -> None:
+    _write(root / "fine.jpg")
+    _write(root / "sub" / "also.png")
+    (root / "in.jpg").symlink_to(root / "fine.jpg")  # a link to a regular file inside: kept
+    os.mkfifo(root / "fifo.jpg")
+    os.mkfifo(root / "sub" / "pipe.PNG")
+    bind_socket(root / "sock.webp")
+    (root / "a.jpg").symlink_to("b.jpg")
+    (root / "b.jpg").symlink_to("a.jpg")
+    (root / "self.jpg").symlink_to("self.jpg")
+    (root / "out.jpg").symlink_to(_write(tmp_path / "secret.jpg"))
+    (root / "null.jpg").symlink_to("/dev/null")  # a device, but outside the root
+    (root / "broken.jpg").symlink_to("missing.jpg")
+    (root / "dir.jpg").symlink_to(root / "sub", target_is_directory=True)
+    (root / "to-fifo.jpg").symlink_to("fifo.jpg")  # inside, but to a FIFO: counted as what it leads to
+    os.mkfifo(root / "notes.fifo")  # not an image name: not counted when only images are listed
+    os.mkfifo(root / ".hidden.jpg")  # hidden: neither listed nor counted
+    storage = LocalStorage(root)
+
+    listing = _promptly(lambda: storage.listing((".jpg", ".png", ".webp")))
+    assert sorted(listing.paths) == ["fine.jpg", "in.jpg", "sub/also.png"]
+    assert listing.skipped == {
+        "fifo": 3,
+        "socket": 1,
+        "symlink_loop": 3,
+        "symlink_outside": 2,
+        "broken_symlink": 1,
+        "not_a_file": 1,
+    }
+    assert set(listing.skipped) <= set(SKIP_REASONS)
+    everything = _promptly(storage.listing)
+    assert sorted(everything.paths) == ["fine.jpg", "in.jpg", "sub/also.png"]
+    assert everything.skipped["fifo"] == 4
+    assert _promptly(lambda: storage.list_prefix("sub")) == ["sub/also.png"]
+
+
+def test_device_files_are_skipped_and_counted(root: Path) -> None:
+    try:
+        os.mknod(root / "char.jpg", stat.S_IFCHR | 0o600, os.makedev(1, 3))  # what /dev/null is
+        os.mknod(root / "block.jpg", stat.S_IFBLK | 0o600, os.makedev(7, 0))  # what /dev/loop0 is
+    except PermissionError:
+        pytest.skip("creating device files needs CAP_MKNOD")
+    storage = LocalStorage(root)
+    listing = storage.listing((".jpg",))
+    assert (listing.paths, dict(listing.skipped)) == ([], {"device": 2})
+    with pytest.raises(NotARegularFile, match="'char.jpg'.* character device"):
+        _promptly(lambda: storage.read_bytes("char.jpg"))
+    with pytest.raises(NotARegularFile, match="'block.jpg'.* block device"):
+        storage.stat("block.jpg")
+
+
+def test_listing_of_regular_files_skips_nothing(root: Path) -> None:
+    _write(root / "a.jpg")
+    assert LocalStorage(root).listing().skipped == {}
+
+
+def test_read_bytes_of_a_fifo_fails_at_once_instead_of_blocking(root: Path) -> None:
+    os.mkfifo(root / "fifo.jpg")  # no writer: a plain open() for reading would wait for one forever
+    storage = LocalStorage(root)
+    with pytest.raises(NotARegularFile, match=r"'fifo.jpg'.* is a FIFO, not a regular file") as info:
+        _promptly(lambda: storage.read_bytes("fifo.jpg"), root / "fifo.jpg")
+    assert isinstance(info.value, OSError)  # the shard turns it into an `unreadable_file` row
+    assert (info.value.path, info.value.kind) == ("fifo.jpg", "FIFO")
+    with pytest.raises(NotARegularFile, match="FIFO"):
+        storage.stat("fifo.jpg")
+    assert not storage.exists("fifo.jpg")
+
+
+def test_file_swapped_for_a_fifo_or_socket_after_listing_is_refused(
+    root: Path, bind_socket: Callable[[Path], None]
+) -> None:
+    _write(root / "a.jpg", b"first")
+    _write(root / "b.jpg", b"second")
+    storage = LocalStorage(root)
+    assert sorted(storage.listing().paths) == ["a.jpg", "b.jpg"]
+    (root / "a.jpg").unlink()
+    os.mkfifo(root / "a.jpg")
+    (root / "b.jpg").unlink()
+    bind_socket(root / "b.jpg")
+    for path, kind in [("a.jpg", "FIFO"), ("b.jpg", "socket")]:
+        with pytest.raises(NotARegularFile, match=f"'{path}'.* is a {kind}"):
+            _promptly(lambda path=path: storage.read_bytes(path), root / "a.jpg")
+        with pytest.raises(NotARegularFile, match=f"is a {kind}"):
+            storage.stat(path)
+
+
+@pytest.mark.parametrize("kind", ["FIFO", "socket"])
+def test_swap_between_the_check_and_the_open_is_caught_after_the_open(
+    root: Path, kind: str, monkeypatch: pytest.MonkeyPatch, bind_socket: Callable[[Path], None]
+) -> None:
+    if kind == "FIFO":
+        os.mkfifo(root / "x.jpg")
+    else:
+        bind_socket(root / "x.jpg")
+    check = LocalStorage._regular
+    checks: list[str] = []
+
+    def passes_once(path: str, real: str) -> Any:  # as if a regular file was there at the check
+        checks.append(path)
+        return None if len(checks) == 1 else check(path, real)
+
+    monkeypatch.setattr(LocalStorage, "_regular", staticmethod(passes_once))
+    with pytest.raises(NotARegularFile, match=f"'x.jpg'.* is a {kind}"):
+        _promptly(lambda: LocalStorage(root).read_bytes("x.jpg"), root / "x.jpg")
+
+
+def test_read_bytes_reads_a_large_regular_file_whole(root: Path) -> None:
+    data = os.urandom(3 << 20)  # more than one read() chunk: O_NONBLOCK must not cut it short
+    _write(root / "big.png", data)
+    assert LocalStorage(root).read_bytes("big.png") == data
+
+
+def test_directory_is_not_a_regular_file(root: Path) -> None:
+    _write(root / "sub.jpg" / "x.jpg")
+    storage = LocalStorage(root)
+    for call in (storage.stat, storage.read_bytes):
+        with pytest.raises(NotARegularFile, match="'sub.jpg'.* is a directory"):
+            call("sub.jpg")
+
+
+def test_not_a_regular_file_survives_pickling() -> None:
+    error = pickle.loads(pickle.dumps(NotARegularFile("a/b.jpg", "FIFO")))
+    assert (type(error), error.path, error.kind, str(error)) == (
+        NotARegularFile,
+        "a/b.jpg",
+        "FIFO",
+        "refusing 'a/b.jpg': it is a FIFO, not a regular file",
+    )
 
 
 @pytest.mark.parametrize("bad", ["../x.jpg", "a/../../x.jpg", "/etc/passwd", ""])
@@ -197,6 +365,7 @@ def test_s3_listing_paginates_and_skips_hidden_and_markers(s3_client: Any, s3_bu
     assert listing.paths == [k.removeprefix("ds/") for k in keys]
     head = s3_client.head_object(Bucket=s3_bucket, Key="ds/img00.jpg")
     assert (listing.sizes[0], listing.versions[0]) == (3, head["ETag"].strip('"'))
+    assert listing.skipped == {}
 
 
 def test_s3_write_read_exists_round_trip(s3_client: Any, s3_bucket: str) -> None:
