@@ -4,7 +4,11 @@
 is launched through the same GraphQL mutation the UI uses ("Materialize all" on `surface_normals`), so
 each shard is its own run process and only the shared rate guard keeps them together under the limit.
 
-    python -m bench.backfill [--images 240] [--rpm 60] [--latency 0.8]
+    python -m bench.backfill [--images 240] [--rpm 60] [--latency 0.8] [--shards 100] [--duplicates 0]
+
+`--duplicates N` also writes N more files, each a copy of an image's bytes under another name (so
+mostly in another shard, run by another process at the same time): each distinct content must still
+be charged once, and the manifest must hold one row per file and add up to the bill.
 """
 
 from __future__ import annotations
@@ -46,8 +50,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def make_dataset(folder: Path, count: int) -> None:
-    """Small portraits whose bytes all differ (the pipeline sends identical bytes once)."""
+def make_dataset(folder: Path, count: int, duplicates: int = 0) -> None:
+    """Small portraits whose bytes all differ (the pipeline sends identical bytes once), plus
+    `duplicates` copies of the first ones under other names."""
     folder.mkdir(parents=True)
     for index in range(count):
         image = Image.new("RGB", (160, 200), (200 - index % 50, 210, 220))
@@ -55,6 +60,15 @@ def make_dataset(folder: Path, count: int) -> None:
         buffer = io.BytesIO()
         image.save(buffer, "JPEG", quality=90, comment=f"bench {index}".encode())
         (folder / f"img_{index:05d}.jpg").write_bytes(buffer.getvalue())
+    for index in range(duplicates):
+        shutil.copy(folder / f"img_{index % count:05d}.jpg", folder / f"copy_{index:05d}.jpg")
+
+
+def manifest_totals(output: Path) -> tuple[int, float]:
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(str(output / "manifest"), partitioning="hive").to_table(columns=["credits_consumed"])
+    return table.num_rows, float(sum(value or 0 for value in table["credits_consumed"].to_pylist()))
 
 
 def http_json(url: str, payload: dict | None = None, timeout: float = 30) -> dict:
@@ -80,9 +94,9 @@ def wait_for(predicate, timeout: float, what: str, every: float = 0.5):
     raise TimeoutError(f"timed out waiting for {what}")
 
 
-def run(images: int, rpm: int, latency: float, shards: int) -> dict:
+def run(images: int, rpm: int, latency: float, shards: int, duplicates: int = 0) -> dict:
     work = Path(tempfile.mkdtemp(prefix="normals-backfill-"))
-    make_dataset(work / "dataset", images)
+    make_dataset(work / "dataset", images, duplicates)
     home = work / "dagster_home"
     home.mkdir()
     shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
@@ -140,6 +154,7 @@ def run(images: int, rpm: int, latency: float, shards: int) -> dict:
 
         status = wait_for(finished, 600, "the backfill to complete")
         stats = http_json(stats_url)
+        rows, recorded = manifest_totals(work / "output")
     finally:
         os.killpg(dev.pid, signal.SIGTERM)
         emulator.terminate()
@@ -161,6 +176,11 @@ def run(images: int, rpm: int, latency: float, shards: int) -> dict:
         "max_in_any_60s": stats["max_in_any_60s"],
         "rate_over_limit": round(images / sending / (rpm / 60), 3) if sending else None,
         "charged": key_stats["charged"],
+        "files": images + duplicates,
+        "distinct_contents": images,
+        "charged_twice": stats["charged_twice"],
+        "manifest_rows": rows,
+        "manifest_credits": recorded,
         "workdir": str(work),
     }
 
@@ -171,9 +191,11 @@ def main() -> None:
     parser.add_argument("--rpm", type=int, default=60)
     parser.add_argument("--latency", type=float, default=0.8)
     parser.add_argument("--shards", type=int, default=100)
+    parser.add_argument("--duplicates", type=int, default=0)
     args = parser.parse_args()
-    result = run(args.images, args.rpm, args.latency, args.shards)
-    out = ROOT / "bench" / "results" / f"{result['date'][:10]}-backfill.json"
+    result = run(args.images, args.rpm, args.latency, args.shards, args.duplicates)
+    suffix = "-duplicates" if args.duplicates else ""
+    out = ROOT / "bench" / "results" / f"{result['date'][:10]}-backfill{suffix}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     print(f"written to {out}")

@@ -389,6 +389,7 @@ class SQLiteClaims:
         self._lock = threading.Lock()
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # a claim outlives a crashed process, not a power cut
             self._db.execute("CREATE TABLE IF NOT EXISTS claims (name TEXT PRIMARY KEY, owner TEXT, expires REAL)")
 
     def claim(self, name: str, owner: str, ttl_s: float) -> bool:

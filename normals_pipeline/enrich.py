@@ -303,6 +303,7 @@ def enrich_shard(
     oversize: Oversize = "downscale",
     claims: ClaimStore | None = None,
     progress: Callable[[int, int], None] | None = None,
+    notify: Callable[[str], None] = lambda message: None,
 ) -> ShardResult:
     """One shard start to finish: read its record (setting aside what is unreadable), enrich what is
     pending, write its manifest, clear its journal. The shard's claim makes this the shard's only
@@ -310,7 +311,10 @@ def enrich_shard(
     the work done. `claims`: the store every process on the output shares (default: this process)."""
     guard = ClaimGuard(claims, claim_namespace(output))
     try:
-        guard.acquire(f"shard-{partition_key}")
+        guard.acquire(
+            f"shard-{partition_key}",
+            waiting=lambda: notify(f"shard {partition_key} is being enriched by another run: waiting for it"),
+        )
         journal = manifest.Journal(output, partition_key)
         state = manifest.load_shard(output, journal, partition_key)
         enricher = Enricher(

@@ -212,11 +212,17 @@ class ClaimGuard:
         self._closed = threading.Event()
         self._renewer: threading.Thread | None = None
 
-    def acquire(self, name: str, done: Callable[[], bool] = lambda: False) -> bool:
+    def acquire(
+        self, name: str, done: Callable[[], bool] = lambda: False, waiting: Callable[[], None] | None = None
+    ) -> bool:
+        """`waiting` is called once, if another process holds the claim, so a caller can say why it waits."""
         full = f"{self.namespace}:{name}"
         while not self.store.claim(full, self.owner, self.ttl_s):
             if done():
                 return False
+            if waiting is not None:
+                waiting()
+                waiting = None
             time.sleep(CLAIM_POLL_S)
         with self._lock:
             self._held.add(full)

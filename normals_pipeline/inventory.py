@@ -142,7 +142,13 @@ def read_inventory(output: Storage, shard: int | None = None, shards: int | None
         raise InventoryMissing(
             f"no inventory at {output.uri_for(INVENTORY_PATH)}: materialize the inventory asset first"
         ) from err
-    table = pq.read_table(pa.BufferReader(data))
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except pa.ArrowException as err:  # cut short or overwritten: taking it again is cheap and charges nothing
+        raise InventoryMissing(
+            f"the inventory at {output.uri_for(INVENTORY_PATH)} cannot be read ({err}): materialize the inventory "
+            "asset again"
+        ) from err
     taken_with = int((table.schema.metadata or {}).get(SHARDS_KEY.encode(), b"0"))
     if shards is not None and taken_with != shards:
         raise InventoryMismatch(

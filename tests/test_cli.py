@@ -254,3 +254,23 @@ def test_refresh_balance_that_cannot_reach_the_state_is_one_line_exit_2(dataset,
     monkeypatch.setattr(guards, "forget_balance", unreachable)
     assert run(dataset, tmp_path / "out", "http://127.0.0.1:9", "--refresh-balance") == 2
     assert_one_line(*capsys.readouterr(), "cannot refresh the stored balance: ConnectionError")
+
+
+def test_after_a_top_up_the_refusal_says_when_and_refresh_balance_goes_at_once(
+    dataset, tmp_path, emulator_factory, monkeypatch, capsys
+):
+    from decimal import Decimal
+
+    emulator = emulator_factory(keys={"test-key": Decimal(2)})
+    monkeypatch.setenv("CLIPDROP_API_KEY", "test-key")
+    assert run(dataset, tmp_path / "out", emulator.url, "--concurrency", "1") == 1  # 2 of 4, then 402
+    capsys.readouterr()
+    emulator.top_up("test-key", Decimal(10))
+
+    assert run(dataset, tmp_path / "out", emulator.url) == 1  # the stored balance is still 0, and fresh
+    err = capsys.readouterr().err
+    assert "balance was 0 when last reported" in err and "--refresh-balance" in err
+    assert len(err.strip().splitlines()) == 1
+
+    assert run(dataset, tmp_path / "out", emulator.url, "--refresh-balance") == 0
+    assert Decimal(emulator.stats()["charged"]) == 4

@@ -13,6 +13,7 @@ from .. import manifest
 from .._errors import ApiUnreachable, ClipdropError
 from ..enrich import current_items, enrich_shard
 from ..inventory import (
+    SHARDS_KEY,
     InventoryMissing,
     read_inventory,
     skipped_entries,
@@ -48,7 +49,7 @@ def stop_message(error: Exception, api_url: str) -> str:
 def _check_layout(output: Storage, shards: int) -> None:
     """A shard count other than the output's would list images in two partitions: refuse it."""
     try:
-        taken_with = read_inventory(output).schema.metadata.get(b"normals_pipeline.shards")
+        taken_with = (read_inventory(output).schema.metadata or {}).get(SHARDS_KEY.encode())
     except InventoryMissing:
         taken_with = None
     try:
@@ -112,6 +113,7 @@ def build_assets(shards: int, partitions: StaticPartitionsDefinition) -> list:
                     oversize=clipdrop.oversize,
                     claims=clipdrop.claim_store(),
                     progress=_progress_logger(context),
+                    notify=context.log.info,
                 )
             except ClipdropError as error:  # the manifest could not be written: rows stay journaled
                 raise Failure(description=error.message, allow_retries=False) from None
