@@ -141,6 +141,7 @@ class Enricher:
         self._stopped: Exception | None = None
         self._hash_locks: dict[str, threading.Lock] = {}
         self._spent_before: dict[str, float] = {}
+        self._charged_now: dict[str, float] = {}  # what this run paid per path, before earlier costs are added
         self._locks_guard = threading.Lock()
 
     def run(
@@ -185,24 +186,19 @@ class Enricher:
             manifest=merged,
             new_rows=len(rows),
             requests=sum(1 for row in rows if row["http_status"] is not None),
-            credits_consumed=sum((self._charged(row) for row in rows), Decimal(0)),
+            credits_consumed=sum((Decimal(str(self._charged_now[row["path"]])) for row in rows), Decimal(0)),
             remaining_credits=guard.remaining,
             elapsed_s=elapsed,
             errors=Counter(row["error_code"] for row in rows if row["error_code"]),
             stopped=self._stopped,
         )
 
-    def _charged(self, row: dict) -> Decimal:
-        """What this run paid for a row: its total less what earlier attempts had cost (unknown: 0)."""
-        total, before = row["credits_consumed"], self._spent_before.get(row["path"], 0.0)
-        if math.isnan(total) or math.isnan(before):
-            return Decimal(0)
-        return Decimal(str(total)) - Decimal(str(before))
-
     def _process_and_journal(self, item: Item) -> dict | None:
         row = self._process(item)
         if row is not None:
-            row["credits_consumed"] += self._spent_before.get(item.path, 0.0)
+            charged = row["credits_consumed"]
+            self._charged_now[item.path] = 0.0 if math.isnan(charged) else charged
+            row["credits_consumed"] = charged + self._spent_before.get(item.path, 0.0)  # unknown stays unknown
             if self.journal is not None:
                 self.journal(row)
         return row
