@@ -57,32 +57,25 @@ class NotARegularFile(OSError):
         return type(self), (self.path, self.kind)
 
 
+# A non-regular file's mode test, what it is called in messages, and its `Listing.skipped` reason.
+_NOT_REGULAR = (
+    (stat.S_ISFIFO, "FIFO", "fifo"),
+    (stat.S_ISSOCK, "socket", "socket"),
+    (stat.S_ISCHR, "character device", "device"),
+    (stat.S_ISBLK, "block device", "device"),
+    (stat.S_ISDIR, "directory", "not_a_file"),
+    (stat.S_ISLNK, "symlink", "not_a_file"),
+)
+
+
 def _kind(mode: int) -> str:
     """What a non-regular file is, for messages."""
-    if stat.S_ISFIFO(mode):
-        return "FIFO"
-    if stat.S_ISSOCK(mode):
-        return "socket"
-    if stat.S_ISCHR(mode):
-        return "character device"
-    if stat.S_ISBLK(mode):
-        return "block device"
-    if stat.S_ISDIR(mode):
-        return "directory"
-    if stat.S_ISLNK(mode):
-        return "symlink"
-    return "special file"
+    return next((kind for test, kind, _ in _NOT_REGULAR if test(mode)), "special file")
 
 
 def _skip_reason(mode: int) -> str:
     """The `Listing.skipped` reason for a non-regular file's mode."""
-    if stat.S_ISFIFO(mode):
-        return "fifo"
-    if stat.S_ISSOCK(mode):
-        return "socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "device"
-    return "not_a_file"
+    return next((reason for test, _, reason in _NOT_REGULAR if test(mode)), "not_a_file")
 
 
 class FileEntry(NamedTuple):

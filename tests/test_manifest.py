@@ -6,6 +6,7 @@ from decimal import Decimal
 import pandas as pd
 import pyarrow.dataset as ds
 import pytest
+from test_cli import run as run_cli
 
 from normals_pipeline import manifest
 from normals_pipeline.cli import main
@@ -17,21 +18,7 @@ IMAGES = 12
 
 
 def run(dataset, output, url, shards="2"):
-    return main(
-        [
-            "run",
-            "--dataset",
-            str(dataset),
-            "--output",
-            str(output),
-            "--api-url",
-            url,
-            "--rpm",
-            "100000",
-            "--shards",
-            shards,
-        ]
-    )
+    return run_cli(dataset, output, url, "--shards", shards)  # the last --shards wins
 
 
 @pytest.fixture

@@ -24,10 +24,15 @@ def check_manifest(df: pd.DataFrame) -> AssetCheckResult:
         manifest.validate(df)
     except pandera.errors.SchemaErrors as errors:
         cases = errors.failure_cases[["column", "check", "failure_case"]].head(20)
+        first = cases.iloc[0]
         return AssetCheckResult(
             check_name=MANIFEST_CHECK,
             passed=False,
             severity=AssetCheckSeverity.ERROR,
-            metadata={"failures": len(errors.failure_cases), "failure_cases": MetadataValue.md(markdown_table(cases))},
+            metadata={
+                "failures": len(errors.failure_cases),
+                "first_failure": f"{first['column']} {first['check']} on {first['failure_case']!r}",
+                "failure_cases": MetadataValue.md(markdown_table(cases)),
+            },
         )
     return AssetCheckResult(check_name=MANIFEST_CHECK, passed=True, metadata={"rows": len(df)})

@@ -7,7 +7,6 @@ assets, resources and checks.
 from __future__ import annotations
 
 import os
-import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -80,15 +79,12 @@ def _failure_message(result: ExecuteInProcessResult) -> tuple[str, dict]:
 
 
 def _first_failure(metadata: dict) -> str:
-    """E.g. "4 failures, first: path str_length(None, 1) on 'a.png'", from the check's count and markdown table."""
+    """E.g. "4 failures, first: path str_length(None, 1) on 'a.png'", from the check's metadata."""
     parts = []
     if (count := metadata.get("failures")) is not None:
         parts.append(f"{count} failure{'' if count == 1 else 's'}")
-    table = str(metadata.get("failure_cases", "")).splitlines()
-    if len(table) > 2:  # a header, a separator, then a row per failure case: | column | check | failure_case |
-        cells = [cell.strip().replace("\\|", "|") for cell in re.split(r"(?<!\\)\|", table[2])[1:-1]]
-        if len(cells) >= 3:
-            parts.append(f"first: {cells[0]} {cells[1]} on {cells[2]!r}")
+    if first := metadata.get("first_failure"):
+        parts.append(f"first: {first}")
     return ", ".join(parts)
 
 
