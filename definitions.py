@@ -1,9 +1,10 @@
 """The code location Dagster loads (`dagster dev -w workspace.yaml`).
 
 Configured from the environment: NORMALS_DATASET and NORMALS_OUTPUT (folders or s3:// URIs),
-NORMALS_SHARDS (default 16), CLIPDROP_API_KEY, CLIPDROP_API_URL (default: the real API),
-CLIPDROP_RPM (default 60), NORMALS_REDIS_URL (share the key's rate and credits across hosts; default:
-across this host's processes). S3 uses the standard AWS variables (AWS_ENDPOINT_URL, ...).
+NORMALS_SHARDS (default 16), NORMALS_SHARDS_PER_RUN (shards a backfill puts in one run, default 16),
+CLIPDROP_API_KEY, CLIPDROP_API_URL (default: the real API), CLIPDROP_RPM (default 60), NORMALS_REDIS_URL
+(share the key's rate and credits across hosts; default: across this host's processes). S3 uses the
+standard AWS variables (AWS_ENDPOINT_URL, ...).
 """
 
 import os
@@ -12,12 +13,13 @@ from dagster import EnvVar
 
 from normals_pipeline.client import DEFAULT_API_URL
 from normals_pipeline.orchestration import ClipdropResource, build_definitions
-from normals_pipeline.orchestration.partitions import shard_count_from_env
+from normals_pipeline.orchestration.partitions import shard_count_from_env, shards_per_run_from_env
 
 defs = build_definitions(
     dataset_uri=EnvVar("NORMALS_DATASET"),
     output_uri=EnvVar("NORMALS_OUTPUT"),
     shards=shard_count_from_env(),
+    shards_per_run=shards_per_run_from_env(),
     clipdrop=ClipdropResource(
         api_key=EnvVar("CLIPDROP_API_KEY"),
         api_url=os.environ.get("CLIPDROP_API_URL", DEFAULT_API_URL),

@@ -84,6 +84,18 @@ class ShardResult:
         return int(self.manifest["error_code"].isna().sum())
 
 
+@dataclass
+class ShardWork:
+    """One shard of a run: its current items, what was known of it, and where its finished rows go."""
+
+    key: str
+    items: list[Item]
+    previous: pd.DataFrame
+    journal: Callable[[dict], None] | None = None
+    costs_lost: bool = False  # part of its record was unreadable (see `Enricher.run`)
+    warnings: list[str] = field(default_factory=list)
+
+
 def current_items(dataset: Storage, inventory: pa.Table) -> list[Item]:
     """The inventory's files with their size and version, stat'ed here where the listing did not give
     them (a local folder); a file removed since the listing is left out."""
@@ -136,7 +148,6 @@ class Enricher:
         self.journal = journal  # called with each finished row, from the worker that made it
         self.oversize = oversize
         self.claims = claims or ClaimGuard(None, claim_namespace(output))
-        self._costs_lost = False
         self._stop = threading.Event()
         self._stopped: Exception | None = None
         self._hash_locks: dict[str, threading.Lock] = {}
@@ -151,29 +162,58 @@ class Enricher:
         progress: Callable[[int, int], None] | None = None,
         costs_lost: bool = False,
     ) -> ShardResult:
-        """`costs_lost`: part of the shard's record was unreadable, so a path with a stored map and no
-        row has a cost nobody knows any more: its row says null (unknown), not 0."""
+        """One shard. `costs_lost`: part of the shard's record was unreadable, so a path with a stored map
+        and no row has a cost nobody knows any more: its row says null (unknown), not 0."""
+        work = ShardWork("", items, previous, self.journal, costs_lost)
+        return self.run_shards([work], progress=progress)[0]
+
+    def run_shards(
+        self,
+        works: list[ShardWork],
+        on_done: Callable[[ShardWork, ShardResult], None] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[ShardResult]:
+        """Several shards as one stream of work: one pool, so no shard boundary drains the pipeline.
+        Each shard's result goes to `on_done` as soon as its last image is finished (or, once the run has
+        stopped, as soon as its in-flight images are), in whatever order shards finish."""
         started = time.monotonic()
-        self._costs_lost = costs_lost
-        todo = pending_items(items, previous)
+        todo = [(index, item) for index, work in enumerate(works) for item in pending_items(work.items, work.previous)]
         # A redone row keeps what its earlier attempts cost, so the manifest adds up to the bill.
-        self._spent_before = dict(zip(previous["path"], previous["credits_consumed"]))
-        rows: list[dict] = []
+        for work in works:
+            self._spent_before.update(zip(work.previous["path"], work.previous["credits_consumed"]))
+        left = Counter(index for index, _ in todo)
+        rows: list[list[dict]] = [[] for _ in works]
+        results: list[ShardResult | None] = [None] * len(works)
 
-        def collect(finished: set[Future[dict | None]]) -> None:
-            rows.extend(row for future in finished if (row := future.result()) is not None)
-            if progress:
-                progress(len(todo) - len(waiting) - len(queue), len(todo))
+        def finish(index: int) -> None:
+            work = works[index]
+            result = self._result(work.items, work.previous, rows[index], time.monotonic() - started)
+            result.warnings = work.warnings
+            results[index] = result
+            if on_done is not None:
+                on_done(work, result)
 
+        for index in range(len(works)):
+            if not left[index]:
+                finish(index)
         queue = deque(todo)
-        waiting: set[Future[dict | None]] = set()
+        waiting: dict[Future[dict | None], int] = {}
         with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="enrich") as pool:
             while queue or waiting:  # a few futures at a time, not one per image: memory stays flat
                 while queue and len(waiting) < 2 * self.concurrency:
-                    waiting.add(pool.submit(self._process_and_journal, queue.popleft()))
-                finished, waiting = wait(waiting, return_when=FIRST_COMPLETED)
-                collect(finished)
-        return self._result(items, previous, rows, time.monotonic() - started)
+                    index, item = queue.popleft()
+                    waiting[pool.submit(self._process_and_journal, works[index], item)] = index
+                finished, _ = wait(waiting, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    index = waiting.pop(future)
+                    if (row := future.result()) is not None:
+                        rows[index].append(row)
+                    left[index] -= 1
+                    if not left[index]:
+                        finish(index)
+                if progress:
+                    progress(len(todo) - len(waiting) - len(queue), len(todo))
+        return [result for result in results if result is not None]
 
     def _result(self, items: list[Item], previous: pd.DataFrame, rows: list[dict], elapsed: float) -> ShardResult:
         new = manifest.to_frame(rows)
@@ -193,17 +233,17 @@ class Enricher:
             stopped=self._stopped,
         )
 
-    def _process_and_journal(self, item: Item) -> dict | None:
-        row = self._process(item)
+    def _process_and_journal(self, work: ShardWork, item: Item) -> dict | None:
+        row = self._process(item, work.costs_lost)
         if row is not None:
             charged = row["credits_consumed"]
             self._charged_now[item.path] = 0.0 if math.isnan(charged) else charged
             row["credits_consumed"] = charged + self._spent_before.get(item.path, 0.0)  # unknown stays unknown
-            if self.journal is not None:
-                self.journal(row)
+            if work.journal is not None:
+                work.journal(row)
         return row
 
-    def _process(self, item: Item) -> dict | None:
+    def _process(self, item: Item, costs_lost: bool = False) -> dict | None:
         """One image to one row; None when the run stopped before it was sent."""
         if self._stop.is_set():
             return None
@@ -235,7 +275,7 @@ class Enricher:
             self._halt(error)
             return None
         row = _row(item, digest, prepared, uri=uri, result=result)
-        if result is None and self._costs_lost and item.path not in self._spent_before:
+        if result is None and costs_lost and item.path not in self._spent_before:
             row["credits_consumed"] = math.nan  # rebuilt from a stored map: what it cost is unknown
         return row
 
@@ -288,47 +328,64 @@ def _cause(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def enrich_shard(
+def enrich_shards(
     dataset: Storage,
     output: Storage,
     client: ClipdropClient,
-    partition_key: str,
-    items: list[Item],
+    shards: list[tuple[str, list[Item]]],
     *,
     concurrency: int = 4,
     oversize: Oversize = "downscale",
     claims: ClaimStore | None = None,
     progress: Callable[[int, int], None] | None = None,
     notify: Callable[[str], None] = lambda message: None,
-) -> ShardResult:
-    """One shard start to finish: read its record (setting aside what is unreadable), enrich what is
-    pending, write its manifest, clear its journal. The shard's claim makes this the shard's only
-    writer: a second run of it (a re-launch, an overlapping schedule, another host) waits, then finds
-    the work done. `claims`: the store every process on the output shares (default: this process)."""
+    on_shard: Callable[[str, ShardResult], None] = lambda key, result: None,
+) -> dict[str, ShardResult]:
+    """Shards `(key, items)` start to finish as one stream: read each record (setting aside what is
+    unreadable), enrich what is pending through one pool, and as each shard finishes write its manifest,
+    clear its journal and call `on_shard`. The shards' claims make this run their only writer: another
+    run of one of them (a re-launch, an overlapping schedule, another host) waits for it, then finds the
+    work done. Claims are taken in key order, so two ranged runs cannot wait on each other in a circle.
+    `claims`: the store every process on the output shares (default: this process only)."""
     guard = ClaimGuard(claims, claim_namespace(output))
     try:
-        guard.acquire(
-            f"shard-{partition_key}",
-            waiting=lambda: notify(f"shard {partition_key} is being enriched by another run: waiting for it"),
-        )
-        journal = manifest.Journal(output, partition_key)
-        state = manifest.load_shard(output, journal, partition_key)
-        enricher = Enricher(
-            dataset, output, client, concurrency, journal=journal.write, oversize=oversize, claims=guard
-        )
-        result = enricher.run(items, state.previous, progress, costs_lost=bool(state.warnings))
-        result.warnings = state.warnings
-        try:
-            result.manifest_uri = manifest.write_manifest(output, partition_key, result.manifest)
-        except Exception as error:
-            raise ManifestNotWritten(
-                f"could not write {output.uri_for(manifest.partition_path(partition_key))} ({_cause(error)}); "
-                "its rows are kept in the journal and the next run folds them in"
-            ) from None
-        journal.clear()
+        works = [_open_shard(guard, output, key, items, notify) for key, items in sorted(shards)]
+        enricher = Enricher(dataset, output, client, concurrency, oversize=oversize, claims=guard)
+
+        def done(work: ShardWork, result: ShardResult) -> None:
+            try:
+                result.manifest_uri = manifest.write_manifest(output, work.key, result.manifest)
+            except Exception as error:  # its rows stay journaled: stop, the output is failing
+                result.stopped = ManifestNotWritten(
+                    f"could not write {output.uri_for(manifest.partition_path(work.key))} ({_cause(error)}); "
+                    "its rows are kept in the journal and the next run folds them in"
+                )
+                enricher._halt(result.stopped)
+            else:
+                manifest.Journal(output, work.key).clear()
+            guard.release(f"shard-{work.key}")
+            on_shard(work.key, result)
+
+        results = enricher.run_shards(works, on_done=done, progress=progress)
     finally:
         guard.close()
-    return result
+    return {work.key: result for work, result in zip(works, results)}
+
+
+def _open_shard(
+    guard: ClaimGuard, output: Storage, key: str, items: list[Item], notify: Callable[[str], None]
+) -> ShardWork:
+    guard.acquire(f"shard-{key}", waiting=lambda: notify(f"shard {key} is being enriched by another run: waiting"))
+    journal = manifest.Journal(output, key)
+    state = manifest.load_shard(output, journal, key)
+    return ShardWork(key, items, state.previous, journal.write, bool(state.warnings), state.warnings)
+
+
+def enrich_shard(
+    dataset: Storage, output: Storage, client: ClipdropClient, partition_key: str, items: list[Item], **options
+) -> ShardResult:
+    """One shard start to finish: `enrich_shards` with a single shard."""
+    return enrich_shards(dataset, output, client, [(partition_key, items)], **options)[partition_key]
 
 
 def _row(

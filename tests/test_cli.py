@@ -216,7 +216,9 @@ def test_failed_manifest_check_names_the_shard_and_exits_1(dataset, tmp_path, em
     assert run(dataset, tmp_path / "out", emulator.url) == 1
     captured = capsys.readouterr()
     line = assert_one_line(captured.out, captured.err, "see the Dagster event log")
-    assert line.startswith("normals-pipeline: shard 01's manifest failed the manifest_schema check (4 failures, first:")
+    assert line.startswith(
+        "normals-pipeline: the manifest of shard 01 failed the manifest_schema check (4 failures, first:"
+    )
     assert "path str_length" in line and "done in" not in captured.out
 
 

@@ -9,6 +9,7 @@ from dagster import MetadataValue
 
 from ..enrich import ShardResult
 
+STOPPED_SHARDS = "stopped_shards"  # a failed run's metadata: {shard key: that shard's metadata}
 PREVIEW_COLUMNS = ["path", "error_code", "credits_consumed", "width", "height", "normal_map_uri"]
 
 
@@ -21,7 +22,13 @@ def markdown_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def shard_metadata(result: ShardResult, images: int, manifest_uri: str, retries: dict[str, int]) -> dict[str, Any]:
+def plain(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Metadata values as plain Python values (for JSON, and for readers of the events)."""
+    return {key: getattr(value, "value", value) for key, value in metadata.items()}
+
+
+def shard_metadata(result: ShardResult, images: int, retries: dict[str, int]) -> dict[str, Any]:
+    """`retries` are the run's (the client is shared by the run's shards)."""
     df = result.manifest
     errors = df["error_code"].dropna().value_counts().to_dict()
     rate = result.new_rows / result.elapsed_s if result.elapsed_s > 0 else 0.0
@@ -36,7 +43,7 @@ def shard_metadata(result: ShardResult, images: int, manifest_uri: str, retries:
         "http_429": retries.get("rate_limited", 0) + result.errors["rate_limited"],  # this run's, like retries
         "credits_consumed": float(result.credits_consumed),
         "images_per_second": round(rate, 3),
-        "manifest": MetadataValue.path(manifest_uri),
+        "manifest": MetadataValue.path(result.manifest_uri or ""),
         "preview": MetadataValue.md(markdown_table(df[PREVIEW_COLUMNS].head(10))),
         "dagster/row_count": len(df),
     }

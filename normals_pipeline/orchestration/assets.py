@@ -1,7 +1,12 @@
 """Assets: the dataset's inventory, and the partitioned surface normals that enrich it shard by shard."""
 
+from typing import NoReturn
+
+import pyarrow.compute as pc
 from dagster import (
     AssetExecutionContext,
+    AssetMaterialization,
+    BackfillPolicy,
     Failure,
     MaterializeResult,
     MetadataValue,
@@ -11,7 +16,7 @@ from dagster import (
 
 from .. import manifest
 from .._errors import ApiUnreachable, ClipdropError
-from ..enrich import current_items, enrich_shard
+from ..enrich import Item, ShardResult, current_items, enrich_shards
 from ..inventory import (
     SHARDS_KEY,
     InventoryMissing,
@@ -22,8 +27,8 @@ from ..inventory import (
     write_inventory,
 )
 from ..storage import Storage
-from ._metadata import shard_metadata
-from .checks import check_manifest, manifest_check_spec
+from ._metadata import STOPPED_SHARDS, plain, shard_metadata
+from .checks import check_manifests, manifest_check_spec
 from .resources import ClipdropResource, DatasetResource
 
 INVENTORY = "image_inventory"
@@ -58,7 +63,7 @@ def _check_layout(output: Storage, shards: int) -> None:
         raise Failure(description=str(error), allow_retries=False) from None
 
 
-def build_assets(shards: int, partitions: StaticPartitionsDefinition) -> list:
+def build_assets(shards: int, partitions: StaticPartitionsDefinition, shards_per_run: int) -> list:
     @asset(name=INVENTORY, group_name="normals", kinds={"parquet"})
     def image_inventory(context: AssetExecutionContext, storage: DatasetResource) -> MaterializeResult:
         """Every candidate image of the dataset, listed once per refresh, with its shard."""
@@ -91,45 +96,74 @@ def build_assets(shards: int, partitions: StaticPartitionsDefinition) -> list:
         kinds={"parquet", "jpeg"},
         deps=[image_inventory],
         partitions_def=partitions,
+        backfill_policy=BackfillPolicy.multi_run(max_partitions_per_run=shards_per_run),
         pool=POOL,
         check_specs=[manifest_check_spec(SURFACE_NORMALS)],
     )
     def surface_normals(
         context: AssetExecutionContext, storage: DatasetResource, clipdrop: ClipdropResource
     ) -> MaterializeResult:
-        """Normal maps for the shard's images not enriched yet, and the shard's manifest."""
-        key = context.partition_key
+        """Normal maps for the images of the run's shards not enriched yet, and each shard's manifest.
+
+        A run may cover a range of shards (a backfill, `normals-pipeline run`): their images go through one
+        stream of work; each shard's manifest is written as soon as it is finished, and each partition
+        gets its own materialization and metadata."""
+        keys = list(context.partition_keys)
         dataset, output = storage.dataset(), storage.output()
-        items = current_items(dataset, read_inventory(output, int(key), shards))
+        items = _items_by_shard(dataset, output, keys, shards)
         with clipdrop.get_client() as client:
-            try:
-                result = enrich_shard(
-                    dataset,
-                    output,
-                    client,
-                    key,
-                    items,
-                    concurrency=clipdrop.concurrency,
-                    oversize=clipdrop.oversize,
-                    claims=clipdrop.claim_store(),
-                    progress=_progress_logger(context),
-                    notify=context.log.info,
-                )
-            except ClipdropError as error:  # the manifest could not be written: rows stay journaled
-                raise Failure(description=error.message, allow_retries=False) from None
+            results = enrich_shards(
+                dataset,
+                output,
+                client,
+                [(key, items[key]) for key in keys],
+                concurrency=clipdrop.concurrency,
+                oversize=clipdrop.oversize,
+                claims=clipdrop.claim_store(),
+                progress=_progress_logger(context),
+                notify=context.log.info,
+                on_shard=lambda key, result: _log_shard(context, key, result),
+            )
             retries = dict(client.retries_by_code)
-        for warning in result.warnings:
-            context.log.warning(warning)
-        metadata = shard_metadata(result, len(items), result.manifest_uri or "", retries)
-        if result.stopped is not None:
-            message = stop_message(result.stopped, clipdrop.api_url)
-            context.log.error(f"shard {key} stopped: {message}; {result.new_rows} rows written")
-            if not isinstance(result.stopped, ClipdropError):
-                raise result.stopped
-            raise Failure(description=message, metadata=metadata, allow_retries=False)
-        return MaterializeResult(metadata=metadata, check_results=[check_manifest(result.manifest)])
+        metadata = {key: shard_metadata(result, len(items[key]), retries) for key, result in results.items()}
+        stopped = {key: result.stopped for key, result in results.items() if result.stopped is not None}
+        if stopped:
+            _fail_stopped(context, metadata, stopped, clipdrop.api_url)
+        for key in keys:
+            context.add_asset_metadata(metadata[key], partition_key=key)
+        manifests = {key: result.manifest for key, result in results.items()}
+        return MaterializeResult(check_results=[check_manifests(manifests)])
 
     return [image_inventory, surface_normals]
+
+
+def _items_by_shard(dataset: Storage, output: Storage, keys: list[str], shards: int) -> dict[str, list[Item]]:
+    """The current items of each of the run's shards, from one read of the inventory."""
+    inventory = read_inventory(output, shards=shards)
+    return {key: current_items(dataset, inventory.filter(pc.equal(inventory["shard"], int(key)))) for key in keys}
+
+
+def _log_shard(context: AssetExecutionContext, key: str, result: ShardResult) -> None:
+    for warning in result.warnings:
+        context.log.warning(warning)
+    context.log.info(f"shard {key} finished: {result.new_rows} rows written, {result.credits_consumed} credits")
+
+
+def _fail_stopped(
+    context: AssetExecutionContext, metadata: dict[str, dict], stopped: dict[str, Exception], api_url: str
+) -> NoReturn:
+    """Shards finished before the stop are materialized; the stopped ones fail with the one-line reason
+    (their finished rows are written), and their metadata rides on the failure."""
+    for key, shard in metadata.items():
+        if key not in stopped:
+            context.log_event(AssetMaterialization(asset_key=context.asset_key, partition=key, metadata=shard))
+    error = next(iter(stopped.values()))
+    message = stop_message(error, api_url)
+    context.log.error(f"shards {', '.join(stopped)} stopped: {message}")
+    if not isinstance(error, ClipdropError):
+        raise error
+    failed = {key: plain(metadata[key]) for key in stopped}
+    raise Failure(description=message, metadata={STOPPED_SHARDS: MetadataValue.json(failed)}, allow_retries=False)
 
 
 def _progress_logger(context: AssetExecutionContext):

@@ -9,6 +9,9 @@ from dagster import StaticPartitionsDefinition
 from ..inventory import partition_keys
 
 DEFAULT_SHARDS = 16
+# Shards one run covers in a backfill (BackfillPolicy.multi_run): a run streams them together, so fewer,
+# larger runs fill the key's rate; 16 makes the default 16 shards one run and 100 shards 7 runs.
+DEFAULT_SHARDS_PER_RUN = 16
 
 
 def shard_count_from_env() -> int:
@@ -21,6 +24,18 @@ def shard_count_from_env() -> int:
     if not 1 <= shards <= 10_000:
         raise ValueError(f"NORMALS_SHARDS must be between 1 and 10000, got {shards}")
     return shards
+
+
+def shards_per_run_from_env() -> int:
+    """`NORMALS_SHARDS_PER_RUN`: how many shards a backfill puts in one run."""
+    raw = os.environ.get("NORMALS_SHARDS_PER_RUN", str(DEFAULT_SHARDS_PER_RUN))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"NORMALS_SHARDS_PER_RUN must be a whole number, got {raw!r}") from None
+    if value < 1:
+        raise ValueError(f"NORMALS_SHARDS_PER_RUN must be at least 1, got {value}")
+    return value
 
 
 def shard_partitions(shards: int) -> StaticPartitionsDefinition:

@@ -11,9 +11,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dagster import DagsterEvent, DagsterInstance, Definitions, ExecuteInProcessResult
+from dagster import DagsterInstance, Definitions, ExecuteInProcessResult
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from ..inventory import partition_keys
+from ._metadata import STOPPED_SHARDS, plain
 from .assets import SURFACE_NORMALS
 from .definitions import INVENTORY_JOB, SHARD_JOB
 
@@ -57,10 +59,6 @@ class RunSummary:
             self.remaining_credits = float(metadata["remaining_credits"])
 
 
-def _plain(metadata: dict) -> dict:
-    return {key: getattr(value, "value", value) for key, value in metadata.items()}
-
-
 def _failure_message(result: ExecuteInProcessResult) -> tuple[str, dict]:
     """The user-facing message of the first failed step, and its metadata if it gave any."""
     for event in result.all_events:
@@ -68,7 +66,7 @@ def _failure_message(result: ExecuteInProcessResult) -> tuple[str, dict]:
             continue
         data = event.step_failure_data
         if data.user_failure_data is not None:
-            return data.user_failure_data.description or data.user_failure_data.label, _plain(
+            return data.user_failure_data.description or data.user_failure_data.label, plain(
                 data.user_failure_data.metadata
             )
         error = data.error.cause if data.error and data.error.cause else data.error
@@ -88,7 +86,7 @@ def _first_failure(metadata: dict) -> str:
     return ", ".join(parts)
 
 
-def _failed_check(result: ExecuteInProcessResult, key: str) -> str | None:
+def _failed_check(result: ExecuteInProcessResult, keys: list[str]) -> str | None:
     """The one-line message for the first failed asset check of a shard run, None when all passed.
 
     A check that fails does not fail the step, so the run looks successful unless its events are read.
@@ -97,18 +95,38 @@ def _failed_check(result: ExecuteInProcessResult, key: str) -> str | None:
         if event.event_type_value != "ASSET_CHECK_EVALUATION" or event.event_specific_data.passed:
             continue
         evaluation = event.event_specific_data
-        detail = _first_failure(_plain(evaluation.metadata)) or evaluation.description or "no details"
-        return f"shard {key}'s manifest failed the {evaluation.check_name} check ({detail}); see the Dagster event log"
+        failing = plain(evaluation.metadata).get("failing_shards") or ", ".join(keys)
+        detail = _first_failure(plain(evaluation.metadata)) or evaluation.description or "no details"
+        return (
+            f"the manifest of shard {failing} failed the {evaluation.check_name} check ({detail}); "
+            "see the Dagster event log"
+        )
     return None
 
 
-def _materialization(result: ExecuteInProcessResult) -> dict:
-    events: list[DagsterEvent] = [e for e in result.all_events if e.is_step_materialization]
-    for event in events:
+def _materializations(result: ExecuteInProcessResult) -> dict[str, dict]:
+    """Each shard's metadata, from its own materialization (a ranged run emits one per partition)."""
+    found = {}
+    for event in result.all_events:
+        if not event.is_step_materialization:
+            continue
         materialization = event.step_materialization_data.materialization
-        if materialization.asset_key.to_user_string() == SURFACE_NORMALS:
-            return _plain(materialization.metadata)
-    return {}
+        if materialization.asset_key.to_user_string() == SURFACE_NORMALS and materialization.partition:
+            found[materialization.partition] = plain(materialization.metadata)
+    return found
+
+
+def _ranges(keys: list[str], size: int | None) -> list[list[str]]:
+    size = size or len(keys)
+    return [keys[start : start + size] for start in range(0, len(keys), size)]
+
+
+def _execute(job, keys: list[str], instance: DagsterInstance, logs: dict) -> ExecuteInProcessResult:
+    """One run over `keys` (consecutive partitions), as a backfill with a multi-run policy launches it."""
+    if len(keys) == 1:
+        return job.execute_in_process(partition_key=keys[0], instance=instance, raise_on_error=False, run_config=logs)
+    tags = {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]}
+    return job.execute_in_process(tags=tags, instance=instance, raise_on_error=False, run_config=logs)
 
 
 def default_instance() -> DagsterInstance:
@@ -123,8 +141,10 @@ def run_pipeline(
     progress: Callable[[str, dict], None] = lambda key, metadata: None,
     *,
     verbose: bool = False,
+    shards_per_run: int | None = None,
 ) -> RunSummary:
-    """Materialize the inventory, then each shard in turn; raise `RunFailed` at the first stop.
+    """Materialize the inventory, then the shards: one run over all of them (one stream of work), or runs
+    of `shards_per_run` in turn. Raise `RunFailed` at the first stop.
 
     A shard whose manifest fails its check stops the run too (`CheckFailed`): such a failure comes from
     the code or the data, not from one image, so the next shards would most likely fail it as well.
@@ -138,18 +158,18 @@ def run_pipeline(
         raise RunFailed(_failure_message(inventory)[0], started=False)
     summary = RunSummary()
     shard_job = defs.resolve_job_def(SHARD_JOB)
-    for key in partition_keys(shards):
-        result = shard_job.execute_in_process(
-            partition_key=key, instance=instance, raise_on_error=False, run_config=logs
-        )
+    for keys in _ranges(partition_keys(shards), shards_per_run):
+        result = _execute(shard_job, keys, instance, logs)
+        done = _materializations(result)
         if not result.success:
             message, metadata = _failure_message(result)
-            summary.add(metadata)
-            progress(key, metadata)
+            done.update(metadata.get(STOPPED_SHARDS) or {})
+        for key in keys:
+            if key in done:
+                summary.add(done[key])
+                progress(key, done[key])
+        if not result.success:
             raise RunFailed(message)
-        metadata = _materialization(result)
-        summary.add(metadata)
-        progress(key, metadata)
-        if (failed := _failed_check(result, key)) is not None:
+        if (failed := _failed_check(result, keys)) is not None:
             raise CheckFailed(failed)
     return summary
