@@ -1,8 +1,9 @@
 """Where a key's shared state lives, so every process that uses the key obeys one set of limits.
 
-Three interchangeable stores, each holding per key: the rate bucket (pyrate-limiter), a cooldown after
-a 429, the last balance the API reported, and leases for requests in flight (a lease expires on its
-own, so a killed process cannot hold credits forever):
+Three interchangeable stores, each holding per key: the pacing schedule (the next slot's time, see
+`schedule_slot`), the rate bucket (pyrate-limiter), a cooldown after a 429, the last balance the API
+reported, and leases for requests in flight (a lease expires on its own, so a killed process cannot
+hold credits forever):
 
 - `MemoryState`: one process (tests, scripts);
 - `SQLiteState`: every process on one host, with no configuration (a file per key, named by a hash);
@@ -38,6 +39,7 @@ class Reservation:
 
 class KeyState(Protocol):
     def bucket(self, rates: list[Rate]) -> AbstractBucket: ...
+    def next_slot(self, interval_s: float, tolerance_s: float, spacing_s: float = 0.0) -> float: ...
     def cooldown_left(self) -> float: ...
     def cool_down(self, seconds: float) -> None: ...
     def reserve(self, lease: str, floor: Decimal, cost: Decimal, ttl_s: float) -> Reservation: ...
@@ -64,6 +66,21 @@ def decide(
     return "refuse" if balance - (in_flight + 1) * cost < floor else "grant"
 
 
+def schedule_slot(
+    tat: float, last: float, now: float, interval_s: float, tolerance_s: float, spacing_s: float
+) -> tuple[float, float]:
+    """One turn on the key's absolute schedule (GCRA): returns (when to send, the next slot's time).
+
+    The slot is the theoretical arrival time `tat` and the next one is `interval_s` after it, however
+    late this one is used: a late caller does not push back the slots after it. A caller later than
+    `tolerance_s` gets `now - tolerance_s` instead, so an idle key saves up at most `tolerance_s` of
+    slots. A slot already past is sent now, but at least `spacing_s` after the previous send (`last`),
+    so making up lost time is a faster pace for a moment, never a burst. A cooldown moves `tat` to
+    its end (see the stores' `cool_down`)."""
+    slot = max(tat, now - tolerance_s)
+    return max(slot, now, last + spacing_s), slot + interval_s
+
+
 class _StampedAtPut:
     """Stamp each attempt with the bucket's clock. pyrate-limiter's blocking wait advances an item's
     timestamp by the time it meant to sleep; a late wake-up then records a send earlier than it happened,
@@ -88,11 +105,21 @@ class MemoryState:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._cooldown_until = 0.0
+        self._tat = 0.0  # the next slot on the pacing schedule
+        self._last_send = 0.0
         self._balance: tuple[Decimal, float] | None = None
         self._leases: dict[str, float] = {}
 
     def bucket(self, rates: list[Rate]) -> AbstractBucket:
         return _InMemoryBucket(rates)
+
+    def next_slot(self, interval_s: float, tolerance_s: float, spacing_s: float = 0.0) -> float:
+        """Take the next slot on the schedule; returns how long to wait for it (seconds, >= 0)."""
+        with self._lock:
+            now = time.time()
+            send, self._tat = schedule_slot(self._tat, self._last_send, now, interval_s, tolerance_s, spacing_s)
+            self._last_send = send
+            return send - now
 
     def cooldown_left(self) -> float:
         return max(0.0, self._cooldown_until - time.time())
@@ -100,6 +127,7 @@ class MemoryState:
     def cool_down(self, seconds: float) -> None:
         with self._lock:
             self._cooldown_until = max(self._cooldown_until, time.time() + seconds)
+            self._tat = max(self._tat, self._cooldown_until)  # no slot in the pause, none saved up by it
 
     def _live_leases(self, now: float) -> int:
         self._leases = {lease: expiry for lease, expiry in self._leases.items() if expiry > now}
@@ -135,6 +163,7 @@ _SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS cooldown (id INTEGER PRIMARY KEY CHECK (id = 1), until REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS balance (id INTEGER PRIMARY KEY CHECK (id = 1), value TEXT NOT NULL, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS leases (id TEXT PRIMARY KEY, expires REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS pace (id INTEGER PRIMARY KEY CHECK (id = 1), tat REAL NOT NULL, last REAL NOT NULL);
 """
 
 
@@ -163,6 +192,17 @@ class SQLiteState:
     def bucket(self, rates: list[Rate]) -> AbstractBucket:
         return _SQLiteBucket.init_from_file(rates, db_path=self._rate_path, use_file_lock=True)
 
+    def next_slot(self, interval_s: float, tolerance_s: float, spacing_s: float = 0.0) -> float:
+        """Take the next slot on the schedule; returns how long to wait for it (seconds, >= 0)."""
+
+        def work(db: sqlite3.Connection, now: float) -> float:
+            tat, last = db.execute("SELECT tat, last FROM pace").fetchone() or (0.0, 0.0)
+            send, tat = schedule_slot(tat, last, now, interval_s, tolerance_s, spacing_s)
+            db.execute("INSERT OR REPLACE INTO pace VALUES (1, ?, ?)", (tat, send))
+            return send - now
+
+        return self._transaction(work)
+
     def _transaction(self, work: Callable[[sqlite3.Connection, float], T]) -> T:
         """Run `work(db, now)` as one write transaction: other processes wait for it (BEGIN IMMEDIATE)."""
         with self._lock:
@@ -184,6 +224,11 @@ class SQLiteState:
         def work(db: sqlite3.Connection, now: float) -> None:
             db.execute(
                 "INSERT INTO cooldown VALUES (1, ?) ON CONFLICT(id) DO UPDATE SET until = max(until, excluded.until)",
+                (now + seconds,),
+            )
+            # No slot in the pause, and none saved up by it.
+            db.execute(
+                "INSERT INTO pace VALUES (1, ?, 0) ON CONFLICT(id) DO UPDATE SET tat = max(tat, excluded.tat)",
                 (now + seconds,),
             )
 
@@ -280,7 +325,8 @@ return 1
 """
 )
 
-# KEYS: cooldown. ARGV: seconds (0 = only read). Returns the milliseconds left.
+# KEYS: cooldown, pace. ARGV: seconds (0 = only read). Returns the milliseconds left. A new pause also
+# moves the schedule's next slot (`tat`, in microseconds) to its end, as in `MemoryState.cool_down`.
 _REDIS_COOLDOWN = (
     _REDIS_NOW
     + """
@@ -289,10 +335,28 @@ local wanted = now + math.floor(tonumber(ARGV[1]) * 1000)
 if wanted > current then
   redis.call('SET', KEYS[1], wanted, 'PX', wanted - now + 1000)
   current = wanted
+  if tonumber(redis.call('HGET', KEYS[2], 'tat') or '0') < wanted * 1000 then
+    redis.call('HSET', KEYS[2], 'tat', string.format('%.0f', wanted * 1000))
+    redis.call('PEXPIRE', KEYS[2], wanted - now + 60000)
+  end
 end
 return math.max(0, current - now)
 """
 )
+
+# KEYS: pace. ARGV: interval, tolerance, spacing (microseconds). `schedule_slot` on the Redis server's
+# clock, in microseconds; returns the microseconds to wait. The schedule lapses a minute after its last slot.
+_REDIS_NEXT_SLOT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local pace = redis.call('HMGET', KEYS[1], 'tat', 'last')
+local slot = math.max(tonumber(pace[1] or '0'), now - tonumber(ARGV[2]))
+local send = math.max(slot, now, tonumber(pace[2] or '0') + tonumber(ARGV[3]))
+local tat = slot + tonumber(ARGV[1])
+redis.call('HSET', KEYS[1], 'tat', string.format('%.0f', tat), 'last', string.format('%.0f', send))
+redis.call('PEXPIRE', KEYS[1], math.floor(math.max(0, tat - now, send - now) / 1000) + 60000)
+return send - now
+"""
 
 
 class RedisState:
@@ -303,19 +367,25 @@ class RedisState:
 
         self._redis: Any = redis.Redis.from_url(url)
         prefix = f"normals:{fingerprint}"
-        self._keys = {name: f"{prefix}:{name}" for name in ("rate", "cooldown", "leases", "balance")}
+        self._keys = {name: f"{prefix}:{name}" for name in ("rate", "pace", "cooldown", "leases", "balance")}
         self._reserve = self._redis.register_script(_REDIS_RESERVE)
         self._settle = self._redis.register_script(_REDIS_SETTLE)
         self._cooldown = self._redis.register_script(_REDIS_COOLDOWN)
+        self._next_slot = self._redis.register_script(_REDIS_NEXT_SLOT)
 
     def bucket(self, rates: list[Rate]) -> AbstractBucket:
         return _RedisTimeBucket.init(rates, self._redis, self._keys["rate"])
 
+    def next_slot(self, interval_s: float, tolerance_s: float, spacing_s: float = 0.0) -> float:
+        """Take the next slot on the schedule (Redis server's clock); returns how long to wait for it (s)."""
+        args = [round(interval_s * 1e6), round(tolerance_s * 1e6), round(spacing_s * 1e6)]
+        return int(self._next_slot(keys=[self._keys["pace"]], args=args)) / 1e6
+
     def cooldown_left(self) -> float:
-        return int(self._cooldown(keys=[self._keys["cooldown"]], args=[0])) / 1000
+        return int(self._cooldown(keys=[self._keys["cooldown"], self._keys["pace"]], args=[0])) / 1000
 
     def cool_down(self, seconds: float) -> None:
-        self._cooldown(keys=[self._keys["cooldown"]], args=[seconds])
+        self._cooldown(keys=[self._keys["cooldown"], self._keys["pace"]], args=[seconds])
 
     def _ledger(self) -> list[str]:
         return [self._keys["leases"], self._keys["balance"]]

@@ -95,6 +95,12 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shards", type=_count(MAX_SHARDS), default=None, help="number of partitions (default: NORMALS_SHARDS or 16)"
     )
+    parser.add_argument(
+        "--shards-per-run",
+        type=_count(MAX_SHARDS),
+        default=None,
+        help="shards one Dagster run covers, as one stream of work (default: all of them in one run)",
+    )
     parser.add_argument("--concurrency", type=_count(), default=8, help="images in flight at once")
     parser.add_argument("--credit-floor", type=_credits, default=0.0, help="stop before the balance drops below this")
     parser.add_argument("--budget", type=_credits, default=None, help="most credits one shard run may spend")
@@ -274,7 +280,14 @@ def _run(args: argparse.Namespace, shards: int) -> int:
     print(f"enriching {args.dataset} -> {args.output} ({shards} shards, {args.rpm} requests/min)", flush=True)
     started = time.monotonic()
     try:
-        summary = run_pipeline(defs, shards, default_instance(), progress=_print_shard, verbose=args.verbose)
+        summary = run_pipeline(
+            defs,
+            shards,
+            default_instance(),
+            progress=_print_shard,
+            verbose=args.verbose,
+            shards_per_run=args.shards_per_run,
+        )
     except CheckFailed as error:
         return _fail(str(error), 1)
     except RunFailed as error:

@@ -34,9 +34,18 @@ from ._state import (
 )
 
 CREDITS_PER_CALL = Decimal(1)
+MINUTE_MS = int(Duration.MINUTE)
 # The limiter counts a minute as a little longer than the server does: a request that reaches the server
 # later than its turn (a slow connect) must not let the next minute's first one land inside its window.
 WINDOW_MARGIN_MS = 250
+# The schedule's slots are a little further apart than that minute over N: N slots span 60.3 s, so a
+# request that woke up late (under 50 ms) does not make the window count hold up the one N slots later.
+SLOT_SLACK_MS = 50
+# Lateness the schedule makes up: a caller up to this late for its slot does not push back the later
+# ones; an idle key saves up no more than this (at most 1 s worth of extra slots in any window).
+CATCH_UP_S = 1.0
+# Slots already past are sent at least this fraction of an interval apart: making up is never a burst.
+CATCH_UP_SPACING = 0.5
 PROBE_WAIT_S = 0.05
 LEASE_TTL_S = 300.0  # longer than any request with its retries' single attempt; a killed run's leases lapse
 CLAIM_TTL_S = 30.0  # renewed every third of it while held, so a killed holder's claims lapse within 30 s
@@ -49,17 +58,25 @@ def key_fingerprint(api_key: str) -> str:
 
 
 def paced_rates(rpm: int) -> list[Rate]:
-    """At most `rpm` per (a little more than) a minute, and one request per 60/rpm s so the allowance is
-    spread evenly instead of sent in a burst that a fixed-window server would count twice."""
-    minute = int(Duration.MINUTE)
-    rates = [Rate(rpm, minute + WINDOW_MARGIN_MS)]
-    if 1 < rpm <= minute:
-        rates.insert(0, Rate(1, minute // rpm))
-    return rates
+    """At most `rpm` per (a little more than) a minute, counted on actual sends: the hard limit. The
+    spreading is the schedule's (`slot_interval_s`), so normally this never holds a request back."""
+    return [Rate(rpm, MINUTE_MS + WINDOW_MARGIN_MS)]
+
+
+def slot_interval_s(rpm: int) -> float:
+    """Time between two slots of the key's schedule: a little more than 60/rpm s (see `SLOT_SLACK_MS`)."""
+    return (MINUTE_MS + WINDOW_MARGIN_MS + SLOT_SLACK_MS) / rpm / 1000
 
 
 class RateGuard:
-    """At most `rpm` requests in any 60 s for everyone sharing `state`, and a shared pause after a 429."""
+    """At most `rpm` requests in any 60 s for everyone sharing `state`, spread evenly, and a shared pause
+    after a 429.
+
+    Each request takes the next slot of an absolute schedule kept in `state` (one per `slot_interval_s`,
+    see `_state.schedule_slot`) and sleeps until it: a caller that wakes up late delays its own request
+    only, never the slots after it. Then pyrate-limiter's bucket, counting actual sends, enforces at most
+    `rpm` per minute (plus margin) whatever the lateness and catch-up were.
+    """
 
     def __init__(self, rpm: int, state: KeyState | None = None, name: str = "clipdrop") -> None:
         if rpm < 1:
@@ -67,13 +84,21 @@ class RateGuard:
         self.rpm = rpm
         self.name = name
         self.state = state or MemoryState()
+        self.interval_s = slot_interval_s(rpm)
         self._limiter = Limiter(self.state.bucket(paced_rates(rpm)), buffer_ms=5)
 
     def acquire(self) -> None:
-        """Block until a request may be sent."""
-        self._wait_out_cooldown()
-        self._limiter.try_acquire(self.name)
-        self._wait_out_cooldown()  # a 429 seen by anyone while we waited for the slot
+        """Block until a request may be sent: its slot on the key's schedule, then room in the window.
+        A cooldown moves the schedule past its end, so a slot is never inside a pause it knew of."""
+        while True:
+            wait = self.state.next_slot(self.interval_s, CATCH_UP_S, self.interval_s * CATCH_UP_SPACING)
+            if wait > 0:
+                time.sleep(wait)
+            self._limiter.try_acquire(self.name)
+            if self.state.cooldown_left() <= 0:
+                return
+            # A 429 seen by anyone while we waited: this slot is void; after the pause, take a new one.
+            self._wait_out_cooldown()
 
     def cooldown(self, seconds: float) -> None:
         """Hold every caller on the key for `seconds` (a 429 means the key is saturated for all)."""

@@ -190,3 +190,55 @@ def test_a_fifo_swapped_in_during_a_run_gets_an_error_row_and_does_not_hang(tmp_
     assert rows.loc[items[0].path, "error_code"] == "unreadable_file"
     assert "FIFO" in rows.loc[items[0].path, "error_message"]
     assert result.enriched == 5 and result.stopped is None
+
+
+def _materializations(instance):
+    from dagster import AssetKey
+
+    records = instance.fetch_materializations(AssetKey("surface_normals"), limit=1000).records
+    return {record.asset_materialization.partition: record.asset_materialization.metadata for record in records}
+
+
+def test_a_range_run_is_one_stream_with_a_manifest_and_a_materialization_per_shard(portraits, tmp_path, emulator):
+    output = tmp_path / "out"
+    defs = definitions(portraits, output, emulator.url)
+    instance = DagsterInstance.ephemeral()
+
+    summary = run_pipeline(defs, SHARDS, instance)  # one run over the 4 shards
+
+    runs = instance.get_runs()
+    assert len([run for run in runs if run.job_name == "enrich_shard"]) == 1
+    per_shard = read_manifest(output).groupby("partition", observed=True).size()
+    materialized = _materializations(instance)
+    assert set(materialized) == {f"{shard:02d}" for shard in range(SHARDS)}  # an empty shard too
+    for key, metadata in materialized.items():  # each partition its own figures, not the run's
+        assert metadata["images"].value == per_shard.get(int(key), 0)
+        assert metadata["manifest"].value.endswith(f"partition%3D{key}/manifest.parquet")
+    assert summary.images == 10 and Decimal(emulator.stats()["charged"]) == 8
+
+
+def test_a_stop_mid_range_keeps_every_finished_row_and_materializes_only_finished_shards(
+    portraits, tmp_path, emulator_factory
+):
+    make_portraits(portraits / "more", 30, seed=11)
+    emulator = emulator_factory(faults=Faults(credits_after=12))
+    output = tmp_path / "out"
+    defs = definitions(portraits, output, emulator.url, concurrency=2)
+    instance = DagsterInstance.ephemeral()
+
+    with pytest.raises(RunFailed, match="no credits left"):
+        run_pipeline(defs, SHARDS, instance)
+
+    df = read_manifest(output)
+    assert df["error_code"].isna().sum() >= 12 and df["path"].is_unique
+    assert Decimal(str(df["credits_consumed"].sum())) == Decimal(emulator.stats()["charged"])
+    finished = _materializations(instance)
+    assert len(finished) < SHARDS  # the stopped shards failed; finished ones (if any) are materialized
+    for key in finished:
+        assert (df[df["partition"] == int(key)]["error_code"] != "out_of_credits").all()
+
+
+def test_a_backfill_puts_16_shards_in_a_run():
+    defs = build_definitions(dataset_uri="/d", output_uri="/o", shards=100)
+    policy = defs.resolve_assets_def("surface_normals").backfill_policy
+    assert policy.max_partitions_per_run == 16

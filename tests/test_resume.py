@@ -9,6 +9,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pyarrow.dataset as ds
+import pytest
 from PIL import Image
 
 from normals_pipeline.synthetic import make_portraits
@@ -21,7 +22,10 @@ def command(dataset, output, url):
     return [CLI, "run", "--dataset", str(dataset), "--output", str(output), "--api-url", url]
 
 
-def test_kill_9_then_rerun_gives_one_row_per_image_and_charges_only_what_was_in_flight(tmp_path, emulator_factory):
+@pytest.mark.parametrize("shards", ["1", "4"], ids=["one-shard", "a-range-of-4"])
+def test_kill_9_then_rerun_gives_one_row_per_image_and_charges_only_what_was_in_flight(
+    tmp_path, emulator_factory, shards
+):
     emulator = emulator_factory(latency=0.3)
     dataset, output = tmp_path / "in", tmp_path / "out"
     make_portraits(dataset, IMAGES)
@@ -30,7 +34,7 @@ def test_kill_9_then_rerun_gives_one_row_per_image_and_charges_only_what_was_in_
         "--rpm",
         "6000",
         "--shards",
-        "1",
+        shards,
         "--concurrency",
         str(CONCURRENCY),
     ]
