@@ -101,9 +101,14 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="shards one Dagster run covers, as one stream of work (default: all of them in one run)",
     )
-    parser.add_argument("--concurrency", type=_count(), default=8, help="images in flight at once")
+    parser.add_argument(
+        "--concurrency",
+        type=_count(),
+        default=None,
+        help="images in flight at once (default: follows the key's rate and the observed latency, up to 64)",
+    )
     parser.add_argument("--credit-floor", type=_credits, default=0.0, help="stop before the balance drops below this")
-    parser.add_argument("--budget", type=_credits, default=None, help="most credits one shard run may spend")
+    parser.add_argument("--budget", type=_credits, default=None, help="most credits one Dagster run may spend")
     parser.add_argument(
         "--max-attempts", type=_count(), default=6, help="tries per image for 429, 5xx and network errors"
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
@@ -36,6 +37,8 @@ DEFAULT_API_URL = "https://clipdrop-api.co"
 SURFACE_NORMALS_PATH = "/portrait-surface-normals/v1"
 JPEG_MAGIC = b"\xff\xd8\xff"
 DEFAULT_COOLDOWN_S = 5.0
+INITIAL_LATENCY_S = 2.0  # a guess until answers tell: errs towards more in flight, which the rate bounds anyway
+LATENCY_WEIGHT = 0.2  # weight of each new answer in the moving average
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,7 @@ class ClipdropClient:
         self.credit_guard = credit_guard or CreditGuard(state=rate_guard.state)
         self.retry = retry
         self.retries_by_code: dict[str, int] = {}
+        self.latency_s = INITIAL_LATENCY_S  # moving average of the time from sending to the answer's end
         self._count_lock = threading.Lock()
         self._http = httpx.Client(
             base_url=self.base_url,
@@ -178,6 +182,7 @@ class ClipdropClient:
         lease = self.credit_guard.reserve()  # after the wait for a slot, so a stop during the wait is seen
         consumed: Decimal | None = None
         remaining: Decimal | None = None
+        started = time.monotonic()
         try:
             with self._http.stream("POST", path, files={"image_file": (filename, image, content_type)}) as response:
                 remaining = parse_credits(response.headers.get("x-remaining-credits"))
@@ -188,6 +193,7 @@ class ClipdropClient:
                 reported = parse_credits(response.headers.get("x-credits-consumed"))
                 consumed = CREDITS_PER_CALL if reported is None else reported
                 body = self._read_body(response, consumed)
+            self._observe(time.monotonic() - started)
             return ApiResult(body, response.status_code, consumed, remaining)
         except RunStopped as error:  # 401, 403, 402: no later request on this key can succeed
             self.credit_guard.stop(error)
@@ -206,6 +212,10 @@ class ClipdropClient:
             raise ApiUnreachable(f"cannot reach {self.base_url} ({type(error).__name__})") from None
         finally:
             self.credit_guard.settle(lease, consumed, remaining)
+
+    def _observe(self, seconds: float) -> None:
+        with self._count_lock:
+            self.latency_s += LATENCY_WEIGHT * (seconds - self.latency_s)
 
     @staticmethod
     def _read_body(response: httpx.Response, consumed: Decimal | None) -> bytes:

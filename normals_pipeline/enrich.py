@@ -49,6 +49,9 @@ FINAL_ERROR_CODES = frozenset(
     }
 )
 _EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
+MAX_IN_FLIGHT = 64  # images in flight at most when the window follows the rate
+HEADROOM = 1.5  # Little's law gives what the rate needs on average; latency varies
+MAX_BYTES_IN_FLIGHT = 256 * 2**20  # image bytes held by the images in flight, when the window follows the rate
 
 
 class _Halted(Exception):
@@ -128,15 +131,41 @@ def pending_items(items: Iterable[Item], previous: pd.DataFrame) -> list[Item]:
     return [item for item in items if done.get(item.path) != item.version]
 
 
+class InFlightWindow:
+    """How many images may be in flight. Fixed when `concurrency` is given; otherwise it follows the key:
+    by Little's law the rate needs rate × latency requests in flight, so the window is that (latency as
+    the client observes it, so it adapts) with headroom, plus two waiting at the rate guard, between 2
+    and `MAX_IN_FLIGHT`, and never more image bytes than `max_bytes`."""
+
+    def __init__(self, client: ClipdropClient, concurrency: int | None, max_bytes: int = MAX_BYTES_IN_FLIGHT):
+        self.client = client
+        self.fixed = concurrency
+        self.max_bytes = max_bytes
+        self.threads = concurrency or MAX_IN_FLIGHT
+
+    def size(self) -> int:
+        if self.fixed:
+            return 2 * self.fixed  # a few queued behind the workers, as the pool keeps `fixed` busy
+        per_second = self.client.rate_guard.rpm / 60
+        needed = math.ceil(per_second * self.client.latency_s * HEADROOM) + 2
+        return max(2, min(MAX_IN_FLIGHT, needed))
+
+    def has_room(self, in_flight: int, bytes_in_flight: int, size: int) -> bool:
+        if in_flight >= self.size():
+            return False
+        return self.fixed is not None or in_flight == 0 or bytes_in_flight + size <= self.max_bytes
+
+
 class Enricher:
-    """Runs the loop over one shard with a bounded pool of workers sharing one client."""
+    """Runs the loop over shards with a pool of workers sharing one client; `concurrency` None: the
+    number in flight follows the key's rate and the observed latency (see `InFlightWindow`)."""
 
     def __init__(
         self,
         dataset: Storage,
         output: Storage,
         client: ClipdropClient,
-        concurrency: int = 4,
+        concurrency: int | None = 4,
         journal: Callable[[dict], None] | None = None,
         oversize: Oversize = "downscale",
         claims: ClaimGuard | None = None,
@@ -144,7 +173,7 @@ class Enricher:
         self.dataset = dataset
         self.output = output
         self.client = client
-        self.concurrency = max(1, concurrency)
+        self.window = InFlightWindow(client, max(1, concurrency) if concurrency else None)
         self.journal = journal  # called with each finished row, from the worker that made it
         self.oversize = oversize
         self.claims = claims or ClaimGuard(None, claim_namespace(output))
@@ -197,15 +226,18 @@ class Enricher:
             if not left[index]:
                 finish(index)
         queue = deque(todo)
-        waiting: dict[Future[dict | None], int] = {}
-        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="enrich") as pool:
+        waiting: dict[Future[dict | None], tuple[int, int]] = {}
+        held = 0  # bytes of the images in flight
+        with ThreadPoolExecutor(max_workers=self.window.threads, thread_name_prefix="enrich") as pool:
             while queue or waiting:  # a few futures at a time, not one per image: memory stays flat
-                while queue and len(waiting) < 2 * self.concurrency:
+                while queue and self.window.has_room(len(waiting), held, queue[0][1].size):
                     index, item = queue.popleft()
-                    waiting[pool.submit(self._process_and_journal, works[index], item)] = index
+                    waiting[pool.submit(self._process_and_journal, works[index], item)] = (index, item.size)
+                    held += item.size
                 finished, _ = wait(waiting, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    index = waiting.pop(future)
+                    index, size = waiting.pop(future)
+                    held -= size
                     if (row := future.result()) is not None:
                         rows[index].append(row)
                     left[index] -= 1
@@ -334,7 +366,7 @@ def enrich_shards(
     client: ClipdropClient,
     shards: list[tuple[str, list[Item]]],
     *,
-    concurrency: int = 4,
+    concurrency: int | None = None,
     oversize: Oversize = "downscale",
     claims: ClaimStore | None = None,
     progress: Callable[[int, int], None] | None = None,

@@ -10,11 +10,20 @@ from _service_fixtures import unique_key
 from hypothesis import given
 from hypothesis import strategies as st
 
+from normals_pipeline import guards
 from normals_pipeline._errors import CreditLimitReached
-from normals_pipeline._state import BALANCE_TTL_S, MemoryState, RedisState, SQLiteState, takes_report
-from normals_pipeline.guards import CreditGuard, RateGuard, key_fingerprint
+from normals_pipeline._state import BALANCE_TTL_S, MemoryState, RedisState, SQLiteState, schedule_slot, takes_report
+from normals_pipeline.guards import (
+    CATCH_UP_S,
+    CATCH_UP_SPACING,
+    CreditGuard,
+    RateGuard,
+    key_fingerprint,
+    slot_interval_s,
+)
 
 RPM = 600  # one request per 100 ms: fast enough for a test, slow enough to see the spacing
+EPS = 1e-9
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])
@@ -87,6 +96,134 @@ def test_cooldown_is_shared(state):
     assert time.monotonic() - started >= 0.3
 
 
+def _run(asks: list[float], interval: float, tolerance: float, spacing: float, tat: float = 0.0) -> list[float]:
+    """The send times `schedule_slot` gives callers asking at `asks` (in order), from a given schedule."""
+    sends, last = [], float("-inf")
+    for now in asks:
+        last, tat = schedule_slot(tat, last, now, interval, tolerance, spacing)
+        sends.append(last)
+    return sends
+
+
+def test_one_late_caller_does_not_cost_the_slots_after_it():
+    # The issue: with "one request per 60/N s after the previous one", a request that went out 0.35 s
+    # late pushed every later one back by 0.35 s for good (17 sends in 2 s at 600/min instead of 20).
+    interval = slot_interval_s(RPM)
+    sends, last, tat, now = [], float("-inf"), 0.0, 0.0
+    while now <= 2.0:
+        send, tat = schedule_slot(tat, last, now, interval, CATCH_UP_S, interval * CATCH_UP_SPACING)
+        sends.append(send)
+        last = send
+        now = send + (0.35 if len(sends) == 3 else 0.002)  # one caller wakes up 0.35 s late, others a little
+    on_time = int(2.0 / interval) + 1
+    assert on_time - 1 <= sum(send <= 2.0 for send in sends) <= on_time
+    assert min(b - a for a, b in zip(sends, sends[1:])) >= interval * CATCH_UP_SPACING - EPS  # made up, unbunched
+
+
+@given(
+    lateness=st.lists(st.floats(-3, 1), min_size=1, max_size=60),
+    interval=st.floats(0.01, 2),
+    tolerance=st.floats(0, 2),
+    spacing=st.floats(0, 1),
+)
+def test_the_schedule_keeps_its_slots_while_callers_are_no_later_than_the_tolerance(
+    lateness, interval, tolerance, spacing
+):
+    # Slot j is due at j * interval. Callers ask in order, each up to `tolerance` late (or early).
+    spacing = min(spacing, 0.9) * interval
+    asks, latest = [], float("-inf")
+    for j, late in enumerate(lateness):
+        latest = max(latest, j * interval + late * tolerance)
+        asks.append(latest)
+    sends = _run(asks, interval, tolerance, spacing)
+    for j, (ask, send) in enumerate(zip(asks, sends)):
+        assert send >= ask - EPS and send >= j * interval - EPS
+        # Late by no more than the latest caller so far, less what the faster pace since made up:
+        # the lateness is never carried over to the slots after it.
+        owed = max(0.0, *(asks[i] - i * interval - (j - i) * (interval - spacing) for i in range(j + 1)))
+        assert send - j * interval <= owed + 1e-6
+
+
+@given(
+    asks=st.lists(st.floats(0, 20), min_size=2, max_size=60).map(sorted),
+    interval=st.floats(0.01, 2),
+    tolerance=st.floats(0, 2),
+    spacing=st.floats(0, 1),
+    tat=st.floats(-5, 5),
+)
+def test_however_callers_ask_the_sends_never_bunch(asks, interval, tolerance, spacing, tat):
+    spacing *= interval
+    sends = _run(asks, interval, tolerance, spacing, tat)
+    for i, first in enumerate(sends):
+        for j in range(i + 1, len(sends)):
+            # Any window holds at most its share of slots, plus what the tolerance saved up, plus one.
+            assert (j - i) * interval <= sends[j] - first + tolerance + 1e-6
+            assert (j - i) * spacing <= sends[j] - first + 1e-6  # made-up slots are spaced too
+
+
+def _slots(state, count: int, interval: float, tolerance: float, spacing: float) -> list[float]:
+    """Take `count` slots at once; when each may be sent, on this process's monotonic clock."""
+    sends = []
+    for _ in range(count):
+        asked = time.monotonic()
+        wait = state.next_slot(interval, tolerance, spacing)
+        assert wait >= 0
+        sends.append(asked + wait)
+    return sends
+
+
+def test_a_late_slot_is_made_up_on_every_store(state):
+    interval, tolerance, spacing = 0.1, 0.5, 0.05
+    # From idle: up to 0.5 s of slots saved up, sent 50 ms apart; the 12th is back on the schedule.
+    first = _slots(state, 12, interval, tolerance, spacing)
+    assert min(b - a for a, b in zip(first, first[1:])) >= spacing - 0.01
+    # The caller for the next slot (due at first[-1] + 0.1) is 0.35 s late.
+    time.sleep(max(0.0, first[-1] + interval + 0.35 - time.monotonic()))
+    then = _slots(state, 20, interval, tolerance, spacing)
+    assert then[0] - time.monotonic() < 0.02  # late: goes at once
+    assert min(b - a for a, b in zip(then, then[1:])) >= spacing - 0.01  # then catches up at twice the pace
+    # ... until back on the schedule: the 20th slot is where it would be had nobody been late (the old
+    # pacing would put it 0.35 s later).
+    assert abs(then[-1] - (first[-1] + 20 * interval)) < 0.04, (first[-1], then)
+
+
+def test_catch_up_after_idle_is_bounded(state):
+    interval, tolerance = 0.1, 0.3
+    state.next_slot(interval, tolerance)
+    time.sleep(0.5)  # idle for longer than the tolerance
+    waits = [state.next_slot(interval, tolerance) for _ in range(8)]
+    at_once = sum(wait < 0.01 for wait in waits)
+    assert 1 <= at_once <= 1 + round(tolerance / interval), waits  # at most 0.3 s of slots saved up
+    for k, wait in enumerate(waits):
+        assert wait >= k * interval - tolerance - 0.02, waits
+    # With the catch-up spacing, only one goes at once: the rest follow at half the interval.
+    time.sleep(0.5 + waits[-1])
+    spaced = [state.next_slot(interval, tolerance, interval / 2) for _ in range(4)]
+    assert sum(wait < 0.01 for wait in spaced) == 1 and spaced[1] >= interval / 2 - 0.01, spaced
+
+
+def test_a_cooldown_moves_the_schedule(state):
+    state.cool_down(0.3)
+    waits = [state.next_slot(0.1, 1.0, 0.05) for _ in range(3)]
+    # No slot in the pause, and the pause is not saved up as slots to make up after it.
+    for k, wait in enumerate(waits):
+        assert 0.25 + k * 0.1 <= wait <= 0.3 + k * 0.1 + 0.01, waits
+
+
+def test_never_more_than_rpm_in_a_window_even_when_making_up(state, monkeypatch):
+    # A minute of 0.5 s so the window's count shows in a test: 10 per 0.5 s, one slot per 80 ms, and a
+    # second of lateness to make up (the schedule alone would allow ~20 in the first 0.75 s).
+    monkeypatch.setattr(guards, "MINUTE_MS", 500)
+    guard = RateGuard(10, state)
+    stamps = []
+    for _ in range(12):
+        guard.acquire()
+        stamps.append(time.monotonic())
+    for i, first in enumerate(stamps):
+        assert sum(first <= stamp < first + 0.5 for stamp in stamps[i:]) <= 10, stamps
+    assert stamps[10] - stamps[0] >= 0.7  # the 11th waited for the window (0.5 s + 0.25 s margin)
+
+
 def _acquire_times(kind: str, where: str, key: str, count: int, queue) -> None:
     state = (
         SQLiteState(Path(where), key_fingerprint(key)) if kind == "sqlite" else RedisState(where, key_fingerprint(key))
@@ -100,7 +237,7 @@ def _acquire_times(kind: str, where: str, key: str, count: int, queue) -> None:
 @pytest.mark.parametrize("kind", ["sqlite", "redis"])
 def test_processes_sharing_a_key_share_one_rate(kind, tmp_path, request):
     where = str(tmp_path) if kind == "sqlite" else request.getfixturevalue("redis_url")
-    key, processes, each = unique_key(), 3, 6
+    key, processes, each = unique_key(), 3, 10
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     workers = [context.Process(target=_acquire_times, args=(kind, where, key, each, queue)) for _ in range(processes)]
@@ -109,9 +246,16 @@ def test_processes_sharing_a_key_share_one_rate(kind, tmp_path, request):
     stamps = sorted(queue.get(timeout=60) for _ in range(processes * each))
     for worker in workers:
         worker.join(timeout=30)
+    interval = slot_interval_s(RPM)
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    # 18 slots at one per 100 ms: one process each would send three at once.
-    assert min(gaps) >= 0.08, gaps
+    # One process each would send three at once; together they keep to one schedule. From idle, up to
+    # a second of slots is made up at twice the pace (never faster), then one slot per interval.
+    assert min(gaps) >= interval * CATCH_UP_SPACING - 0.02, gaps
+    for i, first in enumerate(stamps):
+        for j in range(i + 1, len(stamps)):
+            assert j - i <= (stamps[j] - first + CATCH_UP_S) / interval + 1, (i, j, gaps)
+    steady = gaps[-8:]  # past the catch-up (20 slots at half the interval)
+    assert 0.9 * interval <= sum(steady) / len(steady) <= 1.2 * interval, gaps
 
 
 def test_with_a_floor_and_no_known_balance_one_request_finds_it_out(state):

@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 
 from .._state import ClaimStore
 from ..client import DEFAULT_API_URL, ClipdropClient, RetryPolicy
+from ..enrich import MAX_IN_FLIGHT
 from ..guards import CreditGuard, claim_store, rate_guard_for
 from ..storage import Storage, open_storage
 
@@ -37,8 +38,11 @@ class ClipdropResource(ConfigurableResource):
     api_key: str = Field(description="Clipdrop API key; give it as an EnvVar so it is never stored in config.")
     api_url: str = Field(default=DEFAULT_API_URL, description="Base URL of the API (or of the emulator).")
     requests_per_minute: int = Field(default=60, ge=1, description="The key's rate limit.")
-    concurrency: int = Field(
-        default=8, ge=1, description="Images in flight at once per run (enough for the rate at 1-3 s latency)."
+    concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        description="Images in flight at once per run. Unset: follows the key's rate × the observed latency "
+        "(Little's law) with 1.5× headroom, 2 to 64, and at most 256 MiB of images held.",
     )
     credit_floor: float = Field(default=0.0, ge=0, description="Stop sending before the balance would drop below this.")
     run_budget: float | None = Field(default=None, ge=0, description="Most credits one run may spend; none: no limit.")
@@ -74,7 +78,7 @@ class ClipdropResource(ConfigurableResource):
             credit_guard=CreditGuard(floor=Decimal(str(self.credit_floor)), budget=budget, state=rate_guard.state),
             timeout_s=self.timeout_seconds,
             retry=RetryPolicy(attempts=self.max_attempts),
-            max_connections=self.concurrency,
+            max_connections=self.concurrency or MAX_IN_FLIGHT,
         )
         try:
             yield client
