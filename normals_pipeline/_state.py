@@ -325,8 +325,8 @@ return 1
 """
 )
 
-# KEYS: cooldown, pace. ARGV: seconds (0 = only read). Returns the milliseconds left. A new pause also
-# moves the schedule's next slot (`tat`, in microseconds) to its end, as in `MemoryState.cool_down`.
+# KEYS: cooldown, pace. ARGV: seconds (0 = only read). Returns the milliseconds left. A new pause (not a
+# read) also moves the schedule's next slot (`tat`, in microseconds) to its end, as `MemoryState.cool_down`.
 _REDIS_COOLDOWN = (
     _REDIS_NOW
     + """
@@ -335,7 +335,7 @@ local wanted = now + math.floor(tonumber(ARGV[1]) * 1000)
 if wanted > current then
   redis.call('SET', KEYS[1], wanted, 'PX', wanted - now + 1000)
   current = wanted
-  if tonumber(redis.call('HGET', KEYS[2], 'tat') or '0') < wanted * 1000 then
+  if tonumber(ARGV[1]) > 0 and tonumber(redis.call('HGET', KEYS[2], 'tat') or '0') < wanted * 1000 then
     redis.call('HSET', KEYS[2], 'tat', string.format('%.0f', wanted * 1000))
     redis.call('PEXPIRE', KEYS[2], wanted - now + 60000)
   end

@@ -4,6 +4,7 @@ from decimal import Decimal
 
 import pytest
 
+from normals_pipeline import guards
 from normals_pipeline._errors import CreditLimitReached, OutOfCredits
 from normals_pipeline._state import MemoryState
 from normals_pipeline.guards import (
@@ -21,14 +22,35 @@ def test_fingerprint_never_contains_the_key():
     assert "secret" not in fingerprint and len(fingerprint) == 12
 
 
-def test_rate_guard_spaces_requests_evenly():
-    guard = RateGuard(rpm=600)  # one request per 100 ms
+def test_rate_guard_spaces_requests_evenly(monkeypatch):
+    # An idle key starts with up to CATCH_UP_S of slots saved up (0.2 s here): they go half an interval
+    # apart, never at once; then one request per interval.
+    monkeypatch.setattr(guards, "CATCH_UP_S", 0.2)
+    guard = RateGuard(rpm=600)  # one request per ~100 ms
     stamps = []
-    for _ in range(5):
+    for _ in range(8):
         guard.acquire()
         stamps.append(time.monotonic())
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    assert min(gaps) >= 0.09
+    assert min(gaps) >= 0.045, gaps
+    assert all(gap >= 0.09 for gap in gaps[-3:]), gaps
+    assert 0.09 * 7 - 0.2 <= stamps[-1] - stamps[0] <= 0.11 * 7, gaps  # never more than 0.2 s ahead
+
+
+def test_slots_inside_a_pause_are_void_and_the_requests_after_it_stay_spaced():
+    guard = RateGuard(rpm=600)
+    guard.acquire()
+    sent = []
+    threads = [threading.Thread(target=lambda: (guard.acquire(), sent.append(time.monotonic()))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.02)  # both hold a slot in the next 100 ms ...
+    paused = time.monotonic()
+    guard.cooldown(0.3)  # ... when a 429 pauses the key
+    for thread in threads:
+        thread.join()
+    # Neither goes inside the pause, and they do not go together when it ends (one interval apart).
+    assert min(sent) - paused >= 0.29 and abs(sent[1] - sent[0]) >= 0.08, (paused, sent)
 
 
 def test_rate_guard_cooldown_holds_every_caller():
