@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 import pandas as pd
@@ -9,6 +11,8 @@ from dagster import MetadataValue
 
 from ..enrich import ShardResult
 
+# Set by an in-process caller (the CLI) to hear of each shard as it finishes, with its plain metadata.
+SHARD_LISTENER: ContextVar[Callable[[str, dict], None] | None] = ContextVar("shard_listener", default=None)
 STOPPED_SHARDS = "stopped_shards"  # a failed run's metadata: {shard key: that shard's metadata}
 PREVIEW_COLUMNS = ["path", "error_code", "credits_consumed", "width", "height", "normal_map_uri"]
 

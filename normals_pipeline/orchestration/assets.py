@@ -27,7 +27,7 @@ from ..inventory import (
     write_inventory,
 )
 from ..storage import Storage
-from ._metadata import STOPPED_SHARDS, plain, shard_metadata
+from ._metadata import SHARD_LISTENER, STOPPED_SHARDS, plain, shard_metadata
 from .checks import check_manifests, manifest_check_spec
 from .resources import ClipdropResource, DatasetResource
 
@@ -122,7 +122,7 @@ def build_assets(shards: int, partitions: StaticPartitionsDefinition, shards_per
                 claims=clipdrop.claim_store(),
                 progress=_progress_logger(context),
                 notify=context.log.info,
-                on_shard=lambda key, result: _log_shard(context, key, result),
+                on_shard=lambda key, result: _log_shard(context, key, result, len(items[key]), client),
             )
             retries = dict(client.retries_by_code)
         metadata = {key: shard_metadata(result, len(items[key]), retries) for key, result in results.items()}
@@ -143,10 +143,14 @@ def _items_by_shard(dataset: Storage, output: Storage, keys: list[str], shards: 
     return {key: current_items(dataset, inventory.filter(pc.equal(inventory["shard"], int(key)))) for key in keys}
 
 
-def _log_shard(context: AssetExecutionContext, key: str, result: ShardResult) -> None:
+def _log_shard(context: AssetExecutionContext, key: str, result: ShardResult, images: int, client) -> None:
+    """As each shard of the run finishes: its warnings and a line in the event log, and its figures to a
+    listener in this process if there is one (`normals-pipeline run` prints a line per shard as it goes)."""
     for warning in result.warnings:
         context.log.warning(warning)
     context.log.info(f"shard {key} finished: {result.new_rows} rows written, {result.credits_consumed} credits")
+    if (listener := SHARD_LISTENER.get()) is not None:
+        listener(key, plain(shard_metadata(result, images, dict(client.retries_by_code))))
 
 
 def _fail_stopped(

@@ -15,7 +15,7 @@ from dagster import DagsterInstance, Definitions, ExecuteInProcessResult
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from ..inventory import partition_keys
-from ._metadata import STOPPED_SHARDS, plain
+from ._metadata import SHARD_LISTENER, STOPPED_SHARDS, plain
 from .assets import SURFACE_NORMALS
 from .definitions import INVENTORY_JOB, SHARD_JOB
 
@@ -157,17 +157,27 @@ def run_pipeline(
     if not inventory.success:
         raise RunFailed(_failure_message(inventory)[0], started=False)
     summary = RunSummary()
+    reported: set[str] = set()
+
+    def report(key: str, metadata: dict) -> None:
+        reported.add(key)
+        summary.add(metadata)
+        progress(key, metadata)
+
     shard_job = defs.resolve_job_def(SHARD_JOB)
     for keys in _ranges(partition_keys(shards), shards_per_run):
-        result = _execute(shard_job, keys, instance, logs)
+        token = SHARD_LISTENER.set(report)  # a line per shard as it finishes, not all at the run's end
+        try:
+            result = _execute(shard_job, keys, instance, logs)
+        finally:
+            SHARD_LISTENER.reset(token)
         done = _materializations(result)
         if not result.success:
             message, metadata = _failure_message(result)
             done.update(metadata.get(STOPPED_SHARDS) or {})
         for key in keys:
-            if key in done:
-                summary.add(done[key])
-                progress(key, done[key])
+            if key in done and key not in reported:
+                report(key, done[key])
         if not result.success:
             raise RunFailed(message)
         if (failed := _failed_check(result, keys)) is not None:
