@@ -1,7 +1,7 @@
 """Run the benchmark figures, print a table, write bench/results/<date>-<host>.json.
 
-python -m bench                       # every figure (what `make bench` runs, ~8 min on 2 cores)
-python -m bench --only throughput     # one figure (repeatable, or comma-separated)
+python -m bench                       # every figure (what `make bench` runs, ~10 min on 2 cores)
+python -m bench --only rate-3000      # one figure (repeatable, or comma-separated; `throughput`: every rate-*)
 python -m bench --quick               # small sizes: a smoke run of the harness, not a measurement
 """
 
@@ -33,47 +33,65 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    # figures 1 and 2: the emulator's limit and latency; each run sends more than one window's allowance,
-    # so a client that overshoots meets 429s instead of hiding inside the first minute.
-    rpm: int = 120
+    # every emulator with a limit: strict sliding window, 0.8 s ± 0.2 s (uniform) latency, no Retry-After
     latency: float = 0.8
-    concurrency: int = 8
-    single_images: int = 150
-    naive_images: int = 30
-    concurrent_images: int = 60  # per run, three runs
+    latency_jitter: float = 0.2
+    # figure 1 at each of RATES: rpm × rate_minutes images (1.25 min of the key's allowance, so more than
+    # one window's worth and a client that bursts or overshoots meets 429s), small ones the emulator keeps up with
+    rate_minutes: float = 1.25
+    rate_min_images: int = 10
+    rate_image_size: tuple[int, int] = (128, 160)
+    # figure 2: three runs at `rpm`, 3 × 60 = 180 requests = 1.5 min of the allowance
+    rpm: int = 120
+    concurrent_images: int = 60  # per run
     # figure 3
+    concurrency: int = 8  # the core Enricher's pool, as before (figure 3 measures the library, not the CLI)
     cpu_images: int = 12
     cpu_repeats: int = 2
     photo_size: tuple[int, int] = (2000, 3000)
-    # figure 4
+    # figure 4a: a 3000 rpm run on 2 MB images
+    memory_rpm: int = 3000
+    memory_big_images: int = 400
+    memory_file_bytes: int = 2_000_000
+    memory_allowance_mb: int = 300
+    # figure 4b
     memory_small: int = 500
     memory_large: int = 5000
     memory_image_size: tuple[int, int] = (192, 240)
     # figure 5
     inventory_files: int = 100_000
     inventory_repeats: int = 3
-    # targets (issue 3, item 6)
+    # figure 6
+    overhead_images: int = 600
+    # targets
     target_single: float = 0.98
+    target_burstiness: float = 1.2
     target_concurrent: float = 0.97
     target_cpu: float = 0.5
     target_memory: float = 1.2
     target_inventory: float = 2.0
+    target_overhead: float = 0.5
 
 
 QUICK = Config(
-    rpm=600,
     latency=0.2,
-    single_images=30,
-    naive_images=5,
+    latency_jitter=0.05,
+    rate_minutes=0.05,  # 3, 15, 60 and 150 images: seconds of work, no measurement
+    rate_min_images=4,
+    rpm=600,
     concurrent_images=10,
     cpu_images=3,
     cpu_repeats=1,
     photo_size=(1000, 1500),
+    memory_big_images=40,
     memory_small=50,
     memory_large=200,
     inventory_files=10_000,
     inventory_repeats=2,
+    overhead_images=60,
 )
+
+RATES = (60, 300, 1200, 3000)  # figure 1, one row each; `--only throughput` selects them all
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,10 +100,26 @@ class Figure:
     title: str
     target: Callable[[Config], str]
     run: Callable[[Config, Path], dict[str, Any]]
+    unit: str = ""  # "MB": the measured value is printed as a whole number of MB
+
+
+def _rate_figure(rpm: int, letter: str) -> Figure:
+    return Figure(
+        f"rate-{rpm}",
+        f"1{letter} one run at {rpm} rpm: successes/s ÷ limit",
+        lambda c: f">= {c.target_single}",
+        lambda c, w: throughput.rate_run(c, w, rpm),
+    )
+
+
+def _memory_target(config: Config) -> str:
+    from normals_pipeline.enrich import MAX_BYTES_IN_FLIGHT
+
+    return f"<= {MAX_BYTES_IN_FLIGHT / 1e6 + config.memory_allowance_mb:.0f} MB"
 
 
 FIGURES = [
-    Figure("throughput", "1 one run: successes/s ÷ limit", lambda c: f">= {c.target_single}", throughput.single_run),
+    *(_rate_figure(rpm, letter) for rpm, letter in zip(RATES, "abcd")),
     Figure(
         "concurrent",
         "2 three runs, one key: ÷ limit",
@@ -93,16 +127,25 @@ FIGURES = [
         throughput.concurrent_runs,
     ),
     Figure("cpu", "3 client CPU/img ÷ decode", lambda c: f"<= {c.target_cpu}", resources.client_cpu),
-    Figure("memory", "4 peak RSS large ÷ small shard", lambda c: f"<= {c.target_memory}", resources.peak_memory),
+    Figure("memory", "4a peak RSS, 3000 rpm, 2 MB images", _memory_target, resources.big_image_memory, unit="MB"),
+    Figure(
+        "memory-growth", "4b peak RSS, large ÷ small dataset", lambda c: f"<= {c.target_memory}", resources.peak_memory
+    ),
     Figure("inventory", "5 inventory ÷ bare scandir", lambda c: f"<= {c.target_inventory}", listing.inventory_speed),
+    Figure("overhead", "6 unthrottled: run ÷ bare httpx loop", lambda c: f">= {c.target_overhead}", resources.overhead),
 ]
 NAMES = [figure.name for figure in FIGURES]
+GROUPS = {"throughput": [f"rate-{rpm}" for rpm in RATES]}
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--only", action="append", default=[], metavar="NAME", help=f"run only these figures: {', '.join(NAMES)}"
+        "--only",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=f"run only these figures: {', '.join(NAMES)}; 'throughput' is every rate-*",
     )
     parser.add_argument("--quick", action="store_true", help="small sizes: checks the harness, measures little")
     parser.add_argument("--workdir", type=Path, default=None, help="where to put generated data (default: a temp dir)")
@@ -112,10 +155,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--output", type=Path, default=None, help="JSON path (default: bench/results/<date>-<host>.json)"
     )
     args = parser.parse_args(argv)
-    args.only = [name.strip() for item in args.only for name in item.split(",") if name.strip()]
+    names = [name.strip() for item in args.only for name in item.split(",") if name.strip()]
+    args.only = [figure for name in names for figure in GROUPS.get(name, [name])]
     unknown = sorted(set(args.only) - set(NAMES))
     if unknown:
-        parser.error(f"unknown figure(s) {', '.join(unknown)}: choose among {', '.join(NAMES)}")
+        parser.error(f"unknown figure(s) {', '.join(unknown)}: choose among {', '.join([*NAMES, *GROUPS])}")
     return args
 
 
@@ -144,12 +188,12 @@ def _host() -> str:
     return name or "machine"
 
 
-def _fmt(value: float | None) -> str:
+def _fmt(value: float | None, unit: str = "") -> str:
     if value is None:
         return "-"
     if isinstance(value, float) and math.isnan(value):
         return "nan"
-    return f"{value:.3f}"
+    return f"{value:.0f} {unit}" if unit else f"{value:.3f}"
 
 
 def _table(config: Config, results: dict[str, dict[str, Any]]) -> str:
@@ -161,7 +205,7 @@ def _table(config: Config, results: dict[str, dict[str, Any]]) -> str:
         result = results[figure.name]
         status = "ERROR" if "error" in result else ("pass" if result["passed"] else "FAIL")
         detail = result.get("error") or result.get("note", "")
-        measured, naive = _fmt(result.get("measured")), _fmt(result.get("naive"))
+        measured, naive = _fmt(result.get("measured"), figure.unit), _fmt(result.get("naive"), figure.unit)
         rows.append((figure.title, measured, figure.target(config), status, naive, detail))
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header) - 1)]
     lines = []
@@ -195,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             result["target"] = figure.target(config)
             result["seconds"] = round(time.monotonic() - figure_started, 1)
             results[figure.name] = result
-            outcome = result.get("error") or f"{_fmt(result.get('measured'))} ({result['seconds']} s)"
+            outcome = result.get("error") or f"{_fmt(result.get('measured'), figure.unit)} ({result['seconds']} s)"
             print(outcome, flush=True)
     finally:
         if not args.keep and args.workdir is None:

@@ -442,6 +442,26 @@ def test_latency_is_per_request_and_concurrent(emulator_factory: Factory) -> Non
     assert emulator.stats()["concurrent_max"] == 8
 
 
+def test_latency_jitter_varies_each_answer_within_bounds(emulator_factory: Factory) -> None:
+    emulator = emulator_factory(latency=0.05, latency_jitter=0.04)
+    post(emulator)  # the connection and imports warm up
+    durations = []
+    for _ in range(8):
+        started = time.monotonic()
+        assert post(emulator).status_code == 200
+        durations.append(time.monotonic() - started)
+    assert min(durations) >= 0.01
+    assert max(durations) < 0.09 + 0.3  # the bound plus generous room for a loaded machine
+    assert max(durations) - min(durations) > 0.005  # eight uniform draws in ±0.04 s are not all alike
+
+
+def test_latency_jitter_never_goes_below_zero(emulator_factory: Factory) -> None:
+    emulator = emulator_factory(latency=0.0, latency_jitter=0.05)
+    started = time.monotonic()
+    assert statuses(emulator, 4) == [200] * 4
+    assert time.monotonic() - started < 0.05 * 4 + 0.5
+
+
 # -- control endpoints, binding, CLI ---------------------------------------
 
 
@@ -473,6 +493,9 @@ def test_cli_builds_the_config() -> None:
     config = _cli.config_from_args(args)
     assert config.keys == {"a": Decimal(5), "b": None}
     assert (config.port, config.rpm, config.faults.error_rate, config.faults.drop_rate) == (8765, 3, 0.1, 0.2)
+    assert (config.latency, config.latency_jitter) == (0.0, 0.0)
+    jittery = _cli.config_from_args(parser.parse_args(["--latency", "0.8", "--latency-jitter", "0.2"]))
+    assert (jittery.latency, jittery.latency_jitter) == (0.8, 0.2)
     assert _cli.config_from_args(parser.parse_args([])).keys == {"emulator-key": Decimal(1000)}
     assert _cli.run(parser.parse_args(["--host", "0.0.0.0"])) == 2
 

@@ -30,6 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rpm", type=int, default=60, help="requests per minute allowed per key")
     parser.add_argument("--window", choices=["sliding", "fixed"], default="sliding", help="rate-limit window")
     parser.add_argument("--latency", type=float, default=0.0, metavar="SECONDS", help="delay added to every answer")
+    parser.add_argument(
+        "--latency-jitter",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="add a uniform draw in ±SECONDS to each answer's latency (never below 0; seeded by --seed)",
+    )
     parser.add_argument("--credits-per-call", type=Decimal, default=Decimal(1), metavar="CREDITS")
     parser.add_argument("--no-credit-headers", action="store_true", help="omit x-credits-consumed/x-remaining-credits")
     parser.add_argument("--allow-remote", action="store_true", help="allow binding a non-loopback interface")
@@ -77,6 +84,7 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         rpm=args.rpm,
         window=args.window,
         latency=args.latency,
+        latency_jitter=args.latency_jitter,
         credits_per_call=args.credits_per_call,
         faults=faults,
         credit_headers=not args.no_credit_headers,

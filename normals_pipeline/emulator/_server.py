@@ -101,7 +101,11 @@ class Faults:
 
 @dataclass
 class EmulatorConfig:
-    """How the emulator behaves; ``keys`` maps api key -> credits (None = unlimited)."""
+    """How the emulator behaves; ``keys`` maps api key -> credits (None = unlimited).
+
+    Every answer waits ``latency`` seconds, plus a uniform draw in ±``latency_jitter`` (never below
+    0 in all), from a generator seeded with ``faults.seed`` when the emulator starts.
+    """
 
     host: str = "127.0.0.1"
     port: int = 0
@@ -109,6 +113,7 @@ class EmulatorConfig:
     rpm: int = 60
     window: Literal["sliding", "fixed"] = "sliding"
     latency: float = 0.0
+    latency_jitter: float = 0.0
     credits_per_call: Decimal = Decimal(1)
     faults: Faults = field(default_factory=Faults)
     credit_headers: bool = True
@@ -168,6 +173,7 @@ class _Service:
         self._credits = dict(config.keys)
         self._limiter: dict[str, deque[float]] = {key: deque() for key in config.keys}
         self._faults = _FaultState.of(config.faults)
+        self._latency_rng = random.Random(config.faults.seed)  # apart from the faults': set_faults resets those
         self._in_flight = 0
         self._reset_stats()
 
@@ -196,6 +202,15 @@ class _Service:
     def reset_stats(self) -> None:
         with self._lock:
             self._reset_stats()
+
+    def latency(self) -> float:
+        """This answer's delay: ``latency`` ± a uniform draw within ``latency_jitter``, at least 0."""
+        jitter = self.config.latency_jitter
+        if jitter <= 0:
+            return self.config.latency
+        with self._lock:
+            offset = self._latency_rng.uniform(-jitter, jitter)
+        return max(0.0, self.config.latency + offset)
 
     def set_faults(self, faults: Faults) -> None:
         with self._lock:
@@ -465,7 +480,7 @@ class _Handler(BaseHTTPRequestHandler):
         reply = self.server.service.handle(
             self.headers.get("x-api-key"), self.headers.get("content-type", ""), body, arrived
         )
-        time.sleep(self.server.service.config.latency + reply.delay)
+        time.sleep(self.server.service.latency() + reply.delay)
         return self._send(reply)
 
     def _control(self, path: str) -> None:
@@ -555,6 +570,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 256  # socketserver's 5 overflows when a client opens dozens of connections at once
 
     def __init__(self, address: tuple[str, int], service: _Service, family: socket.AddressFamily) -> None:
         self.address_family = family
