@@ -16,6 +16,7 @@ from dagster import (
 
 from .. import manifest
 from .._errors import ApiUnreachable, ClipdropError
+from ..client import ClipdropClient
 from ..enrich import Item, ShardResult, current_items, enrich_shards
 from ..inventory import (
     SHARDS_KEY,
@@ -143,7 +144,9 @@ def _items_by_shard(dataset: Storage, output: Storage, keys: list[str], shards: 
     return {key: current_items(dataset, inventory.filter(pc.equal(inventory["shard"], int(key)))) for key in keys}
 
 
-def _log_shard(context: AssetExecutionContext, key: str, result: ShardResult, images: int, client) -> None:
+def _log_shard(
+    context: AssetExecutionContext, key: str, result: ShardResult, images: int, client: ClipdropClient
+) -> None:
     """As each shard of the run finishes: its warnings and a line in the event log, and its figures to a
     listener in this process if there is one (`normals-pipeline run` prints a line per shard as it goes)."""
     for warning in result.warnings:
