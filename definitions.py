@@ -12,18 +12,16 @@ import os
 from dagster import EnvVar
 
 from normals_pipeline.client import DEFAULT_API_URL
-from normals_pipeline.orchestration import ClipdropResource, build_definitions
+from normals_pipeline.orchestration import normals_definitions
 from normals_pipeline.orchestration.partitions import shard_count_from_env, shards_per_run_from_env
 
-defs = build_definitions(
-    dataset_uri=EnvVar("NORMALS_DATASET"),
-    output_uri=EnvVar("NORMALS_OUTPUT"),
+defs = normals_definitions(
+    dataset=EnvVar("NORMALS_DATASET"),
+    output=EnvVar("NORMALS_OUTPUT"),
     shards=shard_count_from_env(),
     shards_per_run=shards_per_run_from_env(),
-    clipdrop=ClipdropResource(
-        api_key=EnvVar("CLIPDROP_API_KEY"),
-        api_url=os.environ.get("CLIPDROP_API_URL", DEFAULT_API_URL),
-        requests_per_minute=int(os.environ.get("CLIPDROP_RPM", "60")),
-        redis_url=os.environ.get("NORMALS_REDIS_URL"),
-    ),
+    api_key=EnvVar("CLIPDROP_API_KEY"),
+    api_url=os.environ.get("CLIPDROP_API_URL", DEFAULT_API_URL),
+    requests_per_minute=int(os.environ.get("CLIPDROP_RPM", "60")),
+    redis_url=os.environ.get("NORMALS_REDIS_URL"),
 )

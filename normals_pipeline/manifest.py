@@ -137,6 +137,13 @@ def write_manifest(output: Storage, partition_key: str, df: pd.DataFrame) -> str
     return output.uri_for(path)
 
 
+def read_manifests(output: Storage) -> pd.DataFrame:
+    """Every shard's manifest of an output, as one frame with a `partition` column (the shard's key):
+    what a downstream asset reads."""
+    frames = [read_manifest(output, key).assign(partition=key) for key in manifest_keys(output)]
+    return pd.concat(frames, ignore_index=True) if frames else empty_manifest().assign(partition=pd.Series(dtype=str))
+
+
 def quarantine(output: Storage, path: str, error: Exception) -> str:
     """Move an unreadable file to `<output>/quarantine/<path>.<time>` and say so in one line."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")

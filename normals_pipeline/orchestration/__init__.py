@@ -1,6 +1,7 @@
 """The thin Dagster layer: resources, partitions, assets, checks, sensors and schedules over the core."""
 
 from .definitions import build_definitions
+from .factory import normals_definitions
 from .resources import ClipdropResource, DatasetResource
 
-__all__ = ["ClipdropResource", "DatasetResource", "build_definitions"]
+__all__ = ["ClipdropResource", "DatasetResource", "build_definitions", "normals_definitions"]

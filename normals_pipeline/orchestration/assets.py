@@ -30,11 +30,8 @@ from ..inventory import (
 from ..storage import Storage
 from ._metadata import SHARD_LISTENER, STOPPED_SHARDS, plain, shard_metadata
 from .checks import check_manifests, manifest_check_spec
+from .naming import CLIPDROP, INVENTORY, STORAGE, SURFACE_NORMALS, Names
 from .resources import ClipdropResource, DatasetResource
-
-INVENTORY = "image_inventory"
-SURFACE_NORMALS = "surface_normals"
-POOL = "clipdrop"
 
 
 def _refuse_nested(dataset: Storage, output: Storage) -> None:
@@ -64,10 +61,15 @@ def _check_layout(output: Storage, shards: int) -> None:
         raise Failure(description=str(error), allow_retries=False) from None
 
 
-def build_assets(shards: int, partitions: StaticPartitionsDefinition, shards_per_run: int) -> list:
-    @asset(name=INVENTORY, group_name="normals", kinds={"parquet"})
-    def image_inventory(context: AssetExecutionContext, storage: DatasetResource) -> MaterializeResult:
+def build_assets(
+    names: Names, shards: int, partitions: StaticPartitionsDefinition, shards_per_run: int, group: str, pool: str
+) -> list:
+    storage_key, clipdrop_key = names.name(STORAGE), names.name(CLIPDROP)
+
+    @asset(key=names.asset(INVENTORY), group_name=group, kinds={"parquet"}, required_resource_keys={storage_key})
+    def image_inventory(context: AssetExecutionContext) -> MaterializeResult:
         """Every candidate image of the dataset, listed once per refresh, with its shard."""
+        storage: DatasetResource = getattr(context.resources, storage_key)
         dataset, output = storage.dataset(), storage.output()
         _refuse_nested(dataset, output)
         _check_layout(output, shards)
@@ -92,23 +94,24 @@ def build_assets(shards: int, partitions: StaticPartitionsDefinition, shards_per
         )
 
     @asset(
-        name=SURFACE_NORMALS,
-        group_name="normals",
+        key=names.asset(SURFACE_NORMALS),
+        group_name=group,
         kinds={"parquet", "jpeg"},
         deps=[image_inventory],
         partitions_def=partitions,
         backfill_policy=BackfillPolicy.multi_run(max_partitions_per_run=shards_per_run),
-        pool=POOL,
-        check_specs=[manifest_check_spec(SURFACE_NORMALS)],
+        pool=pool,
+        check_specs=[manifest_check_spec(names.asset(SURFACE_NORMALS))],
+        required_resource_keys={storage_key, clipdrop_key},
     )
-    def surface_normals(
-        context: AssetExecutionContext, storage: DatasetResource, clipdrop: ClipdropResource
-    ) -> MaterializeResult:
+    def surface_normals(context: AssetExecutionContext) -> MaterializeResult:
         """Normal maps for the images of the run's shards not enriched yet, and each shard's manifest.
 
         A run may cover a range of shards (a backfill, `normals-pipeline run`): their images go through one
         stream of work; each shard's manifest is written as soon as it is finished, and each partition
         gets its own materialization and metadata."""
+        storage: DatasetResource = getattr(context.resources, storage_key)
+        clipdrop: ClipdropResource = getattr(context.resources, clipdrop_key)
         keys = list(context.partition_keys)
         dataset, output = storage.dataset(), storage.output()
         items = _items_by_shard(dataset, output, keys, shards)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 import pandera.errors
-from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, MetadataValue
+from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetKey, MetadataValue
 
 from .. import manifest
 from ._metadata import markdown_table
@@ -12,7 +12,7 @@ from ._metadata import markdown_table
 MANIFEST_CHECK = "manifest_schema"
 
 
-def manifest_check_spec(asset_key: str) -> AssetCheckSpec:
+def manifest_check_spec(asset_key: AssetKey) -> AssetCheckSpec:
     return AssetCheckSpec(
         MANIFEST_CHECK, asset=asset_key, description="The shard's manifest matches the pandera schema."
     )

@@ -1,16 +1,18 @@
-"""`build_definitions`: the whole code location from a dataset, an output and a Clipdrop resource."""
+"""`build_definitions`: one dataset's Dagster objects from its resources, under its names."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from dagster import AssetSelection, Definitions, EnvVar, define_asset_job
 
-from .assets import INVENTORY, SURFACE_NORMALS, build_assets
+from .assets import build_assets
+from .naming import CLIPDROP, INVENTORY, INVENTORY_JOB, SHARD_JOB, STORAGE, SURFACE_NORMALS, Names
 from .partitions import DEFAULT_SHARDS, DEFAULT_SHARDS_PER_RUN, shard_partitions
 from .resources import ClipdropResource, DatasetResource
 from .sensors import build_daily_schedule, build_new_images_sensor
 
-INVENTORY_JOB = "refresh_inventory"
-SHARD_JOB = "enrich_shard"
+DEFAULT_POOL = "clipdrop"
 
 
 def build_definitions(
@@ -21,19 +23,28 @@ def build_definitions(
     shards_per_run: int = DEFAULT_SHARDS_PER_RUN,
     clipdrop: ClipdropResource | None = None,
     storage: DatasetResource | None = None,
+    key_prefix: str | Sequence[str] | None = None,
+    group: str = "normals",
+    pool: str = DEFAULT_POOL,
+    sensor_enabled: bool = False,
+    schedule_enabled: bool = False,
+    schedule_cron: str = "0 2 * * *",
 ) -> Definitions:
-    """Everything Dagster needs; the CLI and `definitions.py` both go through here. `shards_per_run`: how
-    many shards a backfill ("Materialize all") puts in one run."""
+    """Everything Dagster needs for one dataset; `normals_definitions` (the factory), `definitions.py`, the
+    Component and the CLI all go through here. `shards_per_run`: how many shards a backfill puts in one run."""
+    names = Names.of(key_prefix)
     partitions = shard_partitions(shards)
-    inventory_job = define_asset_job(INVENTORY_JOB, selection=AssetSelection.assets(INVENTORY))
-    shard_job = define_asset_job(SHARD_JOB, selection=AssetSelection.assets(SURFACE_NORMALS))
+    inventory_job = define_asset_job(
+        names.name(INVENTORY_JOB), selection=AssetSelection.assets(names.asset(INVENTORY))
+    )
+    shard_job = define_asset_job(names.name(SHARD_JOB), selection=AssetSelection.assets(names.asset(SURFACE_NORMALS)))
     return Definitions(
-        assets=build_assets(shards, partitions, shards_per_run),
+        assets=build_assets(names, shards, partitions, shards_per_run, group, pool),
         jobs=[inventory_job, shard_job],
-        sensors=[build_new_images_sensor(shards, inventory_job, shard_job)],
-        schedules=[build_daily_schedule(inventory_job)],
+        sensors=[build_new_images_sensor(names, shards, inventory_job, shard_job, sensor_enabled)],
+        schedules=[build_daily_schedule(names, inventory_job, schedule_cron, schedule_enabled)],
         resources={
-            "storage": storage or DatasetResource(dataset_uri=dataset_uri, output_uri=output_uri),
-            "clipdrop": clipdrop or ClipdropResource(api_key=EnvVar("CLIPDROP_API_KEY")),
+            names.name(STORAGE): storage or DatasetResource(dataset_uri=dataset_uri, output_uri=output_uri),
+            names.name(CLIPDROP): clipdrop or ClipdropResource(api_key=EnvVar("CLIPDROP_API_KEY")),
         },
     )

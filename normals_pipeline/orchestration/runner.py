@@ -16,8 +16,7 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 
 from ..inventory import partition_keys
 from ._metadata import SHARD_LISTENER, STOPPED_SHARDS, plain
-from .assets import SURFACE_NORMALS
-from .definitions import INVENTORY_JOB, SHARD_JOB
+from .naming import INVENTORY_JOB, SHARD_JOB, SURFACE_NORMALS
 
 # Step failures are logged at ERROR with their whole stack trace; the caller prints one line instead and the
 # trace stays in the run's event log. Nothing is logged at CRITICAL, so the quiet console prints nothing.

@@ -23,6 +23,7 @@ from dagster import (
 )
 
 from ..inventory import InventoryMissing, partition_key, read_inventory, take_inventory
+from .naming import SCHEDULE, SENSOR, STORAGE, Names
 from .resources import DatasetResource
 
 if TYPE_CHECKING:
@@ -41,16 +42,24 @@ def shard_digests(table: pa.Table, shards: int) -> dict[str, str]:
 
 
 def build_new_images_sensor(
-    shards: int, inventory_job: "UnresolvedAssetJobDefinition", shard_job: "UnresolvedAssetJobDefinition"
+    names: Names,
+    shards: int,
+    inventory_job: "UnresolvedAssetJobDefinition",
+    shard_job: "UnresolvedAssetJobDefinition",
+    enabled: bool = False,
 ):
+    storage_key = names.name(STORAGE)
+
     @sensor(
-        name="new_images_sensor",
+        name=names.name(SENSOR),
         jobs=[inventory_job, shard_job],
         minimum_interval_seconds=60,
-        default_status=DefaultSensorStatus.STOPPED,
+        default_status=DefaultSensorStatus.RUNNING if enabled else DefaultSensorStatus.STOPPED,
         description="Notices new or changed images and requests runs for the shards that have them.",
+        required_resource_keys={storage_key},
     )
-    def new_images_sensor(context: SensorEvaluationContext, storage: DatasetResource):
+    def new_images_sensor(context: SensorEvaluationContext):
+        storage: DatasetResource = getattr(context.resources, storage_key)
         listing = shard_digests(take_inventory(storage.dataset(), shards), shards)
         try:
             stored = shard_digests(read_inventory(storage.output()), shards)
@@ -74,11 +83,13 @@ def build_new_images_sensor(
     return new_images_sensor
 
 
-def build_daily_schedule(inventory_job: "UnresolvedAssetJobDefinition") -> ScheduleDefinition:
+def build_daily_schedule(
+    names: Names, inventory_job: "UnresolvedAssetJobDefinition", cron: str = "0 2 * * *", enabled: bool = False
+) -> ScheduleDefinition:
     return ScheduleDefinition(
-        name="daily_inventory_schedule",
+        name=names.name(SCHEDULE),
         job=inventory_job,
-        cron_schedule="0 2 * * *",
-        default_status=DefaultScheduleStatus.STOPPED,
-        description="Refreshes the inventory daily at 02:00; with the sensor on, new images are then enriched.",
+        cron_schedule=cron,
+        default_status=DefaultScheduleStatus.RUNNING if enabled else DefaultScheduleStatus.STOPPED,
+        description=f"Refreshes the inventory ({cron}); with the sensor on, new images are then enriched.",
     )

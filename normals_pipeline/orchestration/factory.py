@@ -1,0 +1,81 @@
+"""`normals_definitions`: the pipeline for one dataset as `Definitions`, from plain settings.
+
+This is the Python form of the Component (`normals_pipeline.SurfaceNormalsComponent`, which only resolves
+YAML into a call of this function). Several datasets go into one code location with `Definitions.merge`,
+each under its own `key_prefix`; they share one rate and credit guard per API key (the guards live in the
+key's state, not in the definitions) and, by default, one Dagster pool per key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from dagster import Definitions, EnvVar
+
+from ..client import DEFAULT_API_URL
+from ..guards import key_fingerprint
+from .definitions import DEFAULT_POOL, build_definitions
+from .partitions import DEFAULT_SHARDS, DEFAULT_SHARDS_PER_RUN
+from .resources import ClipdropResource, DatasetResource
+
+DEFAULT_KEY_ENV = "CLIPDROP_API_KEY"
+DEFAULT_KEY = EnvVar(DEFAULT_KEY_ENV)
+
+
+def pool_for(api_key: str | EnvVar) -> str:
+    """One pool per key: `clipdrop` for the usual variable, else named by the variable or the key's
+    fingerprint (never the key)."""
+    if isinstance(api_key, EnvVar):
+        name = api_key.env_var_name
+        return DEFAULT_POOL if name == DEFAULT_KEY_ENV else f"{DEFAULT_POOL}_{name.lower()}"
+    return f"{DEFAULT_POOL}_{key_fingerprint(api_key)}"
+
+
+def normals_definitions(
+    *,
+    dataset: str | EnvVar,
+    output: str | EnvVar,
+    shards: int = DEFAULT_SHARDS,
+    shards_per_run: int = DEFAULT_SHARDS_PER_RUN,
+    api_key: str | EnvVar = DEFAULT_KEY,
+    api_url: str = DEFAULT_API_URL,
+    requests_per_minute: int = 60,
+    concurrency: int | None = None,
+    credit_floor: float = 0.0,
+    run_budget: float | None = None,
+    redis_url: str | None = None,
+    oversize: Literal["downscale", "refuse"] = "downscale",
+    key_prefix: str | Sequence[str] | None = None,
+    group: str = "normals",
+    pool: str | None = None,
+    sensor_enabled: bool = False,
+    schedule_enabled: bool = False,
+    schedule_cron: str = "0 2 * * *",
+) -> Definitions:
+    """The inventory and surface-normals assets, their check, jobs, sensor and schedule for one dataset.
+    Pass the key as `EnvVar(...)`: a plain string would be shown in the UI's resource configuration."""
+    clipdrop = ClipdropResource(
+        api_key=api_key,
+        api_url=api_url,
+        requests_per_minute=requests_per_minute,
+        concurrency=concurrency,
+        credit_floor=credit_floor,
+        run_budget=run_budget,
+        redis_url=redis_url,
+        oversize=oversize,
+    )
+    return build_definitions(
+        dataset_uri=dataset,
+        output_uri=output,
+        shards=shards,
+        shards_per_run=shards_per_run,
+        clipdrop=clipdrop,
+        storage=DatasetResource(dataset_uri=dataset, output_uri=output),
+        key_prefix=key_prefix,
+        group=group,
+        pool=pool or pool_for(api_key),
+        sensor_enabled=sensor_enabled,
+        schedule_enabled=schedule_enabled,
+        schedule_cron=schedule_cron,
+    )
