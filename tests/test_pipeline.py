@@ -242,3 +242,17 @@ def test_a_backfill_puts_16_shards_in_a_run():
     defs = build_definitions(dataset_uri="/d", output_uri="/o", shards=100)
     policy = defs.resolve_assets_def("surface_normals").backfill_policy
     assert policy.max_partitions_per_run == 16
+
+
+def test_a_range_run_ties_a_check_evaluation_to_every_partition(portraits, tmp_path, emulator):
+    defs = definitions(portraits, tmp_path / "out", emulator.url)
+    instance = DagsterInstance.ephemeral()
+    defs.resolve_job_def("refresh_inventory").execute_in_process(instance=instance)
+    tags = {"dagster/asset_partition_range_start": "00", "dagster/asset_partition_range_end": "03"}
+    result = defs.resolve_job_def("enrich_shard").execute_in_process(instance=instance, tags=tags)
+
+    evaluations = result.get_asset_check_evaluations()
+    tied = {evaluation.partition for evaluation in evaluations if evaluation.partition}
+    assert tied == {"00", "01", "02", "03"} and all(evaluation.passed for evaluation in evaluations)
+    [whole] = [evaluation for evaluation in evaluations if not evaluation.partition]
+    assert whole.metadata["shards"].value == "00, 01, 02, 03"  # the range's own result names its shards

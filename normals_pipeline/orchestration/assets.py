@@ -1,9 +1,11 @@
 """Assets: the dataset's inventory, and the partitioned surface normals that enrich it shard by shard."""
 
+from collections.abc import Iterator
 from typing import NoReturn
 
 import pyarrow.compute as pc
 from dagster import (
+    AssetCheckEvaluation,
     AssetExecutionContext,
     AssetMaterialization,
     BackfillPolicy,
@@ -29,7 +31,7 @@ from ..inventory import (
 )
 from ..storage import Storage
 from ._metadata import SHARD_LISTENER, STOPPED_SHARDS, plain, shard_metadata
-from .checks import check_manifests, manifest_check_spec
+from .checks import check_manifests, manifest_check_spec, per_shard_evaluations
 from .naming import CLIPDROP, INVENTORY, STORAGE, SURFACE_NORMALS, Names
 from .resources import ClipdropResource, DatasetResource
 
@@ -101,10 +103,10 @@ def build_assets(
         partitions_def=partitions,
         backfill_policy=BackfillPolicy.multi_run(max_partitions_per_run=shards_per_run),
         pool=pool,
-        check_specs=[manifest_check_spec(names.asset(SURFACE_NORMALS))],
+        check_specs=[manifest_check_spec(names.asset(SURFACE_NORMALS), partitions)],
         required_resource_keys={storage_key, clipdrop_key},
     )
-    def surface_normals(context: AssetExecutionContext) -> MaterializeResult:
+    def surface_normals(context: AssetExecutionContext) -> Iterator[MaterializeResult | AssetCheckEvaluation]:
         """Normal maps for the images of the run's shards not enriched yet, and each shard's manifest.
 
         A run may cover a range of shards (a backfill, `normals-pipeline run`): their images go through one
@@ -136,7 +138,8 @@ def build_assets(
         for key in keys:
             context.add_asset_metadata(metadata[key], partition_key=key)
         manifests = {key: result.manifest for key, result in results.items()}
-        return MaterializeResult(check_results=[check_manifests(manifests)])
+        yield MaterializeResult(check_results=[check_manifests(manifests)])
+        yield from per_shard_evaluations(names.asset(SURFACE_NORMALS), manifests)
 
     return [image_inventory, surface_normals]
 

@@ -1,10 +1,24 @@
-"""Asset checks: every materialized shard's manifest is validated against the pandera schema."""
+"""Asset checks: every materialized shard's manifest is validated against the pandera schema.
+
+The check is partitioned like the asset, so a run of one shard ties its result to the partition. Dagster
+1.13 wants exactly one result per check from a step, and a step over a range of shards has no single
+partition: such a run gives that one result for the range (its metadata and description name the shards)
+and, besides it, one evaluation per shard tied to its partition, so every partition shows its own.
+"""
 
 from __future__ import annotations
 
 import pandas as pd
 import pandera.errors
-from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetKey, MetadataValue
+from dagster import (
+    AssetCheckEvaluation,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetKey,
+    MetadataValue,
+    PartitionsDefinition,
+)
 
 from .. import manifest
 from ._metadata import markdown_table
@@ -12,16 +26,39 @@ from ._metadata import markdown_table
 MANIFEST_CHECK = "manifest_schema"
 
 
-def manifest_check_spec(asset_key: AssetKey) -> AssetCheckSpec:
+def manifest_check_spec(asset_key: AssetKey, partitions: PartitionsDefinition) -> AssetCheckSpec:
     return AssetCheckSpec(
-        MANIFEST_CHECK, asset=asset_key, description="The shard's manifest matches the pandera schema."
+        MANIFEST_CHECK,
+        asset=asset_key,
+        description="The shard's manifest matches the pandera schema.",
+        partitions_def=partitions,
     )
+
+
+def per_shard_evaluations(asset_key: AssetKey, manifests: dict[str, pd.DataFrame]) -> list[AssetCheckEvaluation]:
+    """One evaluation per shard, tied to its partition (for a run over several shards; see the module)."""
+    if len(manifests) < 2:
+        return []
+    evaluations = []
+    for key, df in manifests.items():
+        result = check_manifests({key: df})
+        evaluations.append(
+            AssetCheckEvaluation(
+                asset_key=asset_key,
+                check_name=MANIFEST_CHECK,
+                passed=result.passed,
+                metadata=result.metadata,
+                severity=result.severity,
+                description=result.description,
+                partition=key,
+            )
+        )
+    return evaluations
 
 
 def check_manifests(manifests: dict[str, pd.DataFrame]) -> AssetCheckResult:
     """Validate each shard's manifest lazily, so the result lists every failing column and check (not just
-    the first) and names the shards that fail. A run of one shard gets its result tied to the partition;
-    a run over a range gets one result for the range (Dagster 1.13 evaluates a check once per step)."""
+    the first) and names the shards that fail."""
     failures = []
     for key, df in manifests.items():
         try:
@@ -33,6 +70,7 @@ def check_manifests(manifests: dict[str, pd.DataFrame]) -> AssetCheckResult:
         return AssetCheckResult(
             check_name=MANIFEST_CHECK,
             passed=True,
+            description=f"manifest of shard(s) {shards} matches the schema",
             metadata={"rows": sum(len(df) for df in manifests.values()), "shards": shards},
         )
     cases = pd.concat(failures, ignore_index=True)[["shard", "column", "check", "failure_case"]]
