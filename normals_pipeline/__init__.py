@@ -27,7 +27,7 @@ from .client import DEFAULT_API_URL, ApiResult, ClipdropClient, RetryPolicy
 from .enrich import Enricher, Item, ShardResult, current_items
 from .guards import CreditGuard, RateGuard, rate_guard_for
 from .inventory import read_inventory, shard_of, take_inventory, write_inventory
-from .manifest import MANIFEST_SCHEMA, read_manifest, write_manifest
+from .manifest import MANIFEST_SCHEMA, read_manifest, read_manifests, write_manifest
 from .prepare import PreparedImage, prepare
 from .storage import LocalStorage, S3Storage, Storage, open_storage
 
@@ -66,8 +66,26 @@ __all__ = [
     "rate_guard_for",
     "read_inventory",
     "read_manifest",
+    "read_manifests",
     "shard_of",
     "take_inventory",
     "write_inventory",
     "write_manifest",
 ]
+
+# The Dagster Component, loaded on first use so that importing the core never imports Dagster. `dg` finds it
+# through the `dagster_dg_cli.registry_modules` entry point (`normals_pipeline`), which lists `dir()` of this
+# module: hence `__dir__`.
+_LAZY = {"SurfaceNormalsComponent": "normals_pipeline.components"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -1,0 +1,3 @@
+from .component import SurfaceNormalsComponent
+
+__all__ = ["SurfaceNormalsComponent"]
