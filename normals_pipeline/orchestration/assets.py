@@ -30,7 +30,14 @@ from ..inventory import (
     write_inventory,
 )
 from ..storage import Storage
-from ._metadata import SHARD_LISTENER, STOPPED_SHARDS, plain, shard_metadata
+from ._metadata import (
+    SHARD_LISTENER,
+    STOPPED_SHARDS,
+    column_schema_metadata,
+    plain,
+    preview_metadata,
+    shard_metadata,
+)
 from .checks import check_manifests, manifest_check_spec, per_shard_evaluations
 from .naming import CLIPDROP, INVENTORY, STORAGE, SURFACE_NORMALS, Names
 from .resources import ClipdropResource, DatasetResource
@@ -105,6 +112,7 @@ def build_assets(
         pool=pool,
         check_specs=[manifest_check_spec(names.asset(SURFACE_NORMALS), partitions)],
         required_resource_keys={storage_key, clipdrop_key},
+        metadata=column_schema_metadata(),
     )
     def surface_normals(context: AssetExecutionContext) -> Iterator[MaterializeResult | AssetCheckEvaluation]:
         """Normal maps for the images of the run's shards not enriched yet, and each shard's manifest.
@@ -131,7 +139,13 @@ def build_assets(
                 on_shard=lambda key, result: _log_shard(context, key, result, len(items[key]), client),
             )
             retries = dict(client.retries_by_code)
-        metadata = {key: shard_metadata(result, len(items[key]), retries) for key, result in results.items()}
+        metadata = {
+            key: {
+                **shard_metadata(result, len(items[key]), retries),
+                "preview": preview_metadata(result.manifest, output, dataset),
+            }
+            for key, result in results.items()
+        }
         stopped = {key: result.stopped for key, result in results.items() if result.stopped is not None}
         if stopped:
             _fail_stopped(context, metadata, stopped, clipdrop.api_url)
@@ -175,7 +189,9 @@ def _fail_stopped(
     context.log.error(f"shards {', '.join(stopped)} stopped: {message}")
     if not isinstance(error, ClipdropError):
         raise error
-    failed = {key: plain(metadata[key]) for key in stopped}
+    failed = {
+        key: plain({name: value for name, value in metadata[key].items() if name != "preview"}) for key in stopped
+    }
     raise Failure(description=message, metadata={STOPPED_SHARDS: MetadataValue.json(failed)}, allow_retries=False)
 
 
