@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test dev emulator bench clean
+.PHONY: install demo test dev ui-test emulator bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,14 +21,29 @@ test: $(STAMP)
 	$(BIN)/ruff check normals_pipeline tests bench definitions.py
 	$(BIN)/python -m pytest -q
 
-# The Dagster UI (http://127.0.0.1:3000) against the emulator on synthetic portraits.
+# The Dagster UI (http://127.0.0.1:3000) against the emulator on synthetic portraits of its own (dev-data/portraits).
+# `dg dev` (not the superseded `dagster dev`) runs from DAGSTER_HOME, so the only dagster.yaml in the folder it
+# starts from is the instance's own (the repo root's copy would warn that it is not the one in use).
+DEV_HOME := $(CURDIR)/.dagster_home
 DEV_ENV = NORMALS_DATASET=$(CURDIR)/dev-data/portraits NORMALS_OUTPUT=$(CURDIR)/dev-data/enriched \
-	CLIPDROP_API_URL=http://127.0.0.1:8765 CLIPDROP_API_KEY=emulator-key DAGSTER_HOME=$(CURDIR)/.dagster_home
+	CLIPDROP_API_URL=http://127.0.0.1:8765 CLIPDROP_API_KEY=emulator-key DAGSTER_HOME=$(DEV_HOME)
 dev: $(STAMP)
 	test -d dev-data/portraits || $(BIN)/normals-pipeline portraits dev-data/portraits --count 24
-	mkdir -p .dagster_home && cp dagster.yaml .dagster_home/dagster.yaml
+	mkdir -p $(DEV_HOME) && cp dagster.yaml $(DEV_HOME)/dagster.yaml
 	$(BIN)/normals-pipeline emulator --port 8765 & emulator=$$!; trap "kill $$emulator" EXIT INT TERM; \
-	$(DEV_ENV) $(BIN)/dagster dev -w workspace.yaml
+	cd $(DEV_HOME) && $(DEV_ENV) $(CURDIR)/$(BIN)/dg dev -w $(CURDIR)/workspace.yaml
+
+# The browser test (tests/test_ui.py, a few minutes): what `make dev` serves, driven in Debian's Chromium through
+# a "Materialize all" backfill of every shard; screenshots in tests/screenshots/. Needs /usr/bin/chromium
+# (apt-get install chromium); installs the `ui` extra (playwright, which drives that browser: no download).
+UI_STAMP := $(VENV)/.installed-ui
+$(UI_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,ui]'
+	touch $(UI_STAMP)
+
+ui-test: $(UI_STAMP)
+	@test -x /usr/bin/chromium || { echo "make ui-test needs Debian's Chromium: apt-get install -y chromium" >&2; exit 2; }
+	NORMALS_UI_TEST=1 $(BIN)/python -m pytest -q tests/test_ui.py
 
 emulator: $(STAMP)
 	$(BIN)/normals-pipeline emulator

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import struct
 import warnings
 from collections.abc import Iterator
@@ -130,9 +131,21 @@ def _pillow_errors() -> Iterator[None]:
         yield
     except Image.DecompressionBombError:
         raise _reject("too_many_pixels", "far over the API's 25 megapixel limit (decompression bomb)") from None
+    except Image.UnidentifiedImageError:  # Pillow's message names the in-memory file by its address
+        raise _reject("unreadable_image", f"cannot identify image file: {_NOT_AN_IMAGE}") from None
     except _PILLOW_ERRORS as error:
         code = "truncated_image" if "truncated" in str(error).lower() else "unreadable_image"
-        raise _reject(code, f"not a readable image ({type(error).__name__}: {error})") from None
+        raise _reject(code, f"not a readable image ({type(error).__name__}: {_plain(error)})") from None
+
+
+_NOT_AN_IMAGE = "not a PNG, JPEG, WEBP or other image format Pillow reads"
+_OBJECT_REPR = re.compile(r"<[^<>]*? at 0x[0-9a-fA-F]+>")  # e.g. <_io.BytesIO object at 0x7f42e94245e0>
+
+
+def _plain(error: BaseException) -> str:
+    """The error's text with any object repr (which holds a memory address: different on every run, and
+    meaningless to whoever reads the manifest) said as "the file"."""
+    return " ".join(_OBJECT_REPR.sub("the file", str(error)).split()) or "no details"
 
 
 def _open(data: bytes) -> ImageFile.ImageFile:

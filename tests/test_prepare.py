@@ -388,3 +388,42 @@ def test_reencoding_lowers_quality_then_size_until_it_fits(monkeypatch):
     assert prepared.steps == ("reencoded",)
     assert len(prepared.data) <= 20_000
     assert prepared.width < 300 and abs(prepared.width * 200 / 300 - prepared.height) <= 1
+
+
+def _bad_inputs() -> dict[str, bytes]:
+    jpeg, png, gif = (encode(noise("RGB", (64, 48), 3), fmt) for fmt in ("JPEG", "PNG", "GIF"))
+    webp = encode(noise("RGB", (64, 48), 3), "WEBP")
+    return {
+        "text": b"this file is text, not a JPEG",
+        "zeros": bytes(100),
+        "html": b"<html><body>not an image</body></html>",
+        "pdf": b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n",
+        "png-broken-header": png[:30] + b"xx" + png[32:],
+        "gif-cut": gif[:20],
+        "tiff-garbage": b"II*\x00" + b"\xff" * 100,
+        "webp-garbage": webp[:20] + b"\xff" * (len(webp) - 20),
+        "bmp-cut": encode(noise("RGB", (64, 48), 3), "BMP")[:30],
+        "jpeg-cut": jpeg[: len(jpeg) // 2],
+    }
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # Pillow, reading the garbage TIFF
+@pytest.mark.parametrize("name", sorted(_bad_inputs()))
+def test_rejection_messages_hold_no_memory_address(name):
+    """Pillow names an in-memory file by its repr (`<_io.BytesIO object at 0x7f...>`): a manifest's
+    error_message must not carry it."""
+    with pytest.raises(ImageRejected) as rejected:
+        prepare(_bad_inputs()[name])
+    message = str(rejected.value)
+    assert rejected.value.error_code in CODES
+    assert "0x" not in message and " object at " not in message, message
+    assert message.strip() and "\n" not in message
+
+
+def test_a_file_pillow_cannot_identify_says_so_plainly():
+    with pytest.raises(ImageRejected) as rejected:
+        prepare(b"this file is text, not a JPEG")
+    assert rejected.value.error_code == "unreadable_image"
+    assert str(rejected.value) == (
+        "cannot identify image file: not a PNG, JPEG, WEBP or other image format Pillow reads"
+    )

@@ -8,6 +8,8 @@ and, besides it, one evaluation per shard tied to its partition, so every partit
 
 from __future__ import annotations
 
+import warnings
+
 import pandas as pd
 import pandera.errors
 from dagster import (
@@ -16,8 +18,14 @@ from dagster import (
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetKey,
+    AssetRecordsFilter,
+    DagsterInstance,
     MetadataValue,
     PartitionsDefinition,
+    PreviewWarning,
+)
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData,
 )
 
 from .. import manifest
@@ -27,16 +35,31 @@ MANIFEST_CHECK = "manifest_schema"
 
 
 def manifest_check_spec(asset_key: AssetKey, partitions: PartitionsDefinition) -> AssetCheckSpec:
-    return AssetCheckSpec(
-        MANIFEST_CHECK,
-        asset=asset_key,
-        description="The shard's manifest matches the pandera schema.",
-        partitions_def=partitions,
+    with warnings.catch_warnings():  # a partitioned check is a "preview" in 1.13: it is what ties results
+        warnings.simplefilter("ignore", PreviewWarning)
+        return AssetCheckSpec(
+            MANIFEST_CHECK,
+            asset=asset_key,
+            description="The shard's manifest matches the pandera schema.",
+            partitions_def=partitions,
+        )
+
+
+def _target(instance: DagsterInstance, asset_key: AssetKey, key: str) -> AssetCheckEvaluationTargetMaterializationData:
+    """The partition's latest materialization: the UI counts a check result for a partition only when it
+    points at it."""
+    filter_ = AssetRecordsFilter(asset_key=asset_key, asset_partitions=[key])
+    [record] = instance.fetch_materializations(filter_, limit=1).records
+    return AssetCheckEvaluationTargetMaterializationData(
+        run_id=record.event_log_entry.run_id, storage_id=record.storage_id, timestamp=record.timestamp
     )
 
 
-def per_shard_evaluations(asset_key: AssetKey, manifests: dict[str, pd.DataFrame]) -> list[AssetCheckEvaluation]:
-    """One evaluation per shard, tied to its partition (for a run over several shards; see the module)."""
+def per_shard_evaluations(
+    instance: DagsterInstance, asset_key: AssetKey, manifests: dict[str, pd.DataFrame]
+) -> list[AssetCheckEvaluation]:
+    """One evaluation per shard, tied to its partition and its materialization (for a run over several
+    shards, once they are materialized; see the module)."""
     if len(manifests) < 2:
         return []
     evaluations = []
@@ -51,6 +74,7 @@ def per_shard_evaluations(asset_key: AssetKey, manifests: dict[str, pd.DataFrame
                 severity=result.severity,
                 description=result.description,
                 partition=key,
+                target_materialization_data=_target(instance, asset_key, key),
             )
         )
     return evaluations
