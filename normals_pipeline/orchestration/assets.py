@@ -1,6 +1,5 @@
 """Assets: the dataset's inventory, and the partitioned surface normals that enrich it shard by shard."""
 
-import warnings
 from collections.abc import Iterator
 from typing import NoReturn
 
@@ -10,7 +9,6 @@ from dagster import (
     AssetExecutionContext,
     AssetMaterialization,
     BackfillPolicy,
-    BetaWarning,
     Failure,
     MaterializeResult,
     MetadataValue,
@@ -110,7 +108,7 @@ def build_assets(
         kinds={"parquet", "jpeg"},
         deps=[image_inventory],
         partitions_def=partitions,
-        backfill_policy=_backfill_policy(shards_per_run),
+        backfill_policy=BackfillPolicy.multi_run(max_partitions_per_run=shards_per_run),
         pool=pool,
         check_specs=[manifest_check_spec(names.asset(SURFACE_NORMALS), partitions)],
         required_resource_keys={storage_key, clipdrop_key},
@@ -158,12 +156,6 @@ def build_assets(
         yield from per_shard_evaluations(context.instance, names.asset(SURFACE_NORMALS), manifests)
 
     return [image_inventory, surface_normals]
-
-
-def _backfill_policy(shards_per_run: int) -> BackfillPolicy:
-    with warnings.catch_warnings():  # "beta" in 1.13; it is what makes a backfill a handful of runs
-        warnings.simplefilter("ignore", BetaWarning)
-        return BackfillPolicy.multi_run(max_partitions_per_run=shards_per_run)
 
 
 def _items_by_shard(dataset: Storage, output: Storage, keys: list[str], shards: int) -> dict[str, list[Item]]:

@@ -8,8 +8,6 @@ and, besides it, one evaluation per shard tied to its partition, so every partit
 
 from __future__ import annotations
 
-import warnings
-
 import pandas as pd
 import pandera.errors
 from dagster import (
@@ -22,7 +20,6 @@ from dagster import (
     DagsterInstance,
     MetadataValue,
     PartitionsDefinition,
-    PreviewWarning,
 )
 from dagster._core.definitions.asset_checks.asset_check_evaluation import (
     AssetCheckEvaluationTargetMaterializationData,
@@ -35,14 +32,12 @@ MANIFEST_CHECK = "manifest_schema"
 
 
 def manifest_check_spec(asset_key: AssetKey, partitions: PartitionsDefinition) -> AssetCheckSpec:
-    with warnings.catch_warnings():  # a partitioned check is a "preview" in 1.13: it is what ties results
-        warnings.simplefilter("ignore", PreviewWarning)
-        return AssetCheckSpec(
-            MANIFEST_CHECK,
-            asset=asset_key,
-            description="The shard's manifest matches the pandera schema.",
-            partitions_def=partitions,
-        )
+    return AssetCheckSpec(
+        MANIFEST_CHECK,
+        asset=asset_key,
+        description="The shard's manifest matches the pandera schema.",
+        partitions_def=partitions,
+    )
 
 
 def _target(instance: DagsterInstance, asset_key: AssetKey, key: str) -> AssetCheckEvaluationTargetMaterializationData:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
-from dagster import AssetSelection, Definitions, EnvVar, define_asset_job
+from dagster import AssetSelection, BetaWarning, Definitions, EnvVar, PreviewWarning, define_asset_job
 
 from .assets import build_assets
 from .naming import CLIPDROP, INVENTORY, INVENTORY_JOB, SHARD_JOB, STORAGE, SURFACE_NORMALS, Names
@@ -38,8 +39,12 @@ def build_definitions(
         names.name(INVENTORY_JOB), selection=AssetSelection.assets(names.asset(INVENTORY))
     )
     shard_job = define_asset_job(names.name(SHARD_JOB), selection=AssetSelection.assets(names.asset(SURFACE_NORMALS)))
+    with warnings.catch_warnings():  # backfill policies and partitioned checks are "beta"/"preview" in 1.13:
+        warnings.simplefilter("ignore", BetaWarning)  # they are what make a backfill a handful of runs and tie
+        warnings.simplefilter("ignore", PreviewWarning)  # each check result to its partition
+        assets = build_assets(names, shards, partitions, shards_per_run, group, pool)
     return Definitions(
-        assets=build_assets(names, shards, partitions, shards_per_run, group, pool),
+        assets=assets,
         jobs=[inventory_job, shard_job],
         sensors=[build_new_images_sensor(names, shards, inventory_job, shard_job, sensor_enabled)],
         schedules=[build_daily_schedule(names, inventory_job, schedule_cron, schedule_enabled)],
