@@ -14,28 +14,26 @@ DEFAULT_SHARDS = 16
 DEFAULT_SHARDS_PER_RUN = 16
 
 
-def shard_count_from_env() -> int:
-    """`NORMALS_SHARDS`, read when the definitions load: the partition set is part of the code location."""
-    raw = os.environ.get("NORMALS_SHARDS", str(DEFAULT_SHARDS))
+def _count_from_env(name: str, default: int, most: int = 10_000) -> int:
+    """A whole number from 1 to `most` in the environment variable `name`, read when the definitions load."""
+    raw = os.environ.get(name, str(default))
     try:
-        shards = int(raw)
+        value = int(raw)
     except ValueError:
-        raise ValueError(f"NORMALS_SHARDS must be a whole number, got {raw!r}") from None
-    if not 1 <= shards <= 10_000:
-        raise ValueError(f"NORMALS_SHARDS must be between 1 and 10000, got {shards}")
-    return shards
+        raise ValueError(f"{name} must be a whole number, got {raw!r}") from None
+    if not 1 <= value <= most:
+        raise ValueError(f"{name} must be between 1 and {most}, got {value}")
+    return value
+
+
+def shard_count_from_env() -> int:
+    """`NORMALS_SHARDS`: the partition set is part of the code location."""
+    return _count_from_env("NORMALS_SHARDS", DEFAULT_SHARDS)
 
 
 def shards_per_run_from_env() -> int:
     """`NORMALS_SHARDS_PER_RUN`: how many shards a backfill puts in one run."""
-    raw = os.environ.get("NORMALS_SHARDS_PER_RUN", str(DEFAULT_SHARDS_PER_RUN))
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"NORMALS_SHARDS_PER_RUN must be a whole number, got {raw!r}") from None
-    if value < 1:
-        raise ValueError(f"NORMALS_SHARDS_PER_RUN must be at least 1, got {value}")
-    return value
+    return _count_from_env("NORMALS_SHARDS_PER_RUN", DEFAULT_SHARDS_PER_RUN)
 
 
 def shard_partitions(shards: int) -> StaticPartitionsDefinition:
