@@ -38,7 +38,7 @@ from ._metadata import (
     preview_metadata,
     shard_metadata,
 )
-from .checks import check_manifests, manifest_check_spec, per_shard_evaluations
+from .checks import check_manifests, manifest_check_spec, per_shard_evaluations, schema_failures
 from .naming import CLIPDROP, INVENTORY, STORAGE, SURFACE_NORMALS, Names
 from .resources import ClipdropResource, DatasetResource
 
@@ -139,21 +139,21 @@ def build_assets(
                 on_shard=lambda key, result: _log_shard(context, key, result, len(items[key]), client),
             )
             retries = dict(client.retries_by_code)
-        metadata = {
-            key: {
-                **shard_metadata(result, len(items[key]), retries),
-                "preview": preview_metadata(result.manifest, output, dataset),
-            }
-            for key, result in results.items()
-        }
+        metadata = {key: shard_metadata(result, len(items[key]), retries) for key, result in results.items()}
         stopped = {key: result.stopped for key, result in results.items() if result.stopped is not None}
+        finished = {  # what a materialization shows: the figures and a preview (not made for stopped shards)
+            key: {**metadata[key], "preview": preview_metadata(result.manifest, output, dataset)}
+            for key, result in results.items()
+            if key not in stopped
+        }
         if stopped:
-            _fail_stopped(context, metadata, stopped, clipdrop.api_url)
+            _fail_stopped(context, finished, {key: metadata[key] for key in stopped}, stopped, clipdrop.api_url)
         for key in keys:
-            context.add_asset_metadata(metadata[key], partition_key=key)
+            context.add_asset_metadata(finished[key], partition_key=key)
         manifests = {key: result.manifest for key, result in results.items()}
-        yield MaterializeResult(check_results=[check_manifests(manifests)])
-        yield from per_shard_evaluations(context.instance, names.asset(SURFACE_NORMALS), manifests)
+        failures = schema_failures(manifests)
+        yield MaterializeResult(check_results=[check_manifests(manifests, failures)])
+        yield from per_shard_evaluations(context.instance, names.asset(SURFACE_NORMALS), manifests, failures)
 
     return [image_inventory, surface_normals]
 
@@ -177,21 +177,22 @@ def _log_shard(
 
 
 def _fail_stopped(
-    context: AssetExecutionContext, metadata: dict[str, dict], stopped: dict[str, Exception], api_url: str
+    context: AssetExecutionContext,
+    finished: dict[str, dict],
+    stopped_metadata: dict[str, dict],
+    stopped: dict[str, Exception],
+    api_url: str,
 ) -> NoReturn:
     """Shards finished before the stop are materialized; the stopped ones fail with the one-line reason
     (their finished rows are written), and their metadata rides on the failure."""
-    for key, shard in metadata.items():
-        if key not in stopped:
-            context.log_event(AssetMaterialization(asset_key=context.asset_key, partition=key, metadata=shard))
+    for key, shard in finished.items():
+        context.log_event(AssetMaterialization(asset_key=context.asset_key, partition=key, metadata=shard))
     error = next(iter(stopped.values()))
     message = stop_message(error, api_url)
     context.log.error(f"shards {', '.join(stopped)} stopped: {message}")
     if not isinstance(error, ClipdropError):
         raise error
-    failed = {
-        key: plain({name: value for name, value in metadata[key].items() if name != "preview"}) for key in stopped
-    }
+    failed = {key: plain(shard) for key, shard in stopped_metadata.items()}
     raise Failure(description=message, metadata={STOPPED_SHARDS: MetadataValue.json(failed)}, allow_retries=False)
 
 

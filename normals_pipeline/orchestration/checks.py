@@ -50,8 +50,25 @@ def _target(instance: DagsterInstance, asset_key: AssetKey, key: str) -> AssetCh
     )
 
 
+def schema_failures(manifests: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """Each shard's failure cases (`shard, column, check, failure_case`; empty when it passes), validating
+    each manifest once and lazily, so every failing column and check is listed, not just the first."""
+    failures = {}
+    for key, df in manifests.items():
+        try:
+            manifest.validate(df)
+        except pandera.errors.SchemaErrors as errors:
+            failures[key] = errors.failure_cases[["column", "check", "failure_case"]].assign(shard=key)
+        else:
+            failures[key] = pd.DataFrame(columns=["column", "check", "failure_case", "shard"])
+    return failures
+
+
 def per_shard_evaluations(
-    instance: DagsterInstance, asset_key: AssetKey, manifests: dict[str, pd.DataFrame]
+    instance: DagsterInstance,
+    asset_key: AssetKey,
+    manifests: dict[str, pd.DataFrame],
+    failures: dict[str, pd.DataFrame],
 ) -> list[AssetCheckEvaluation]:
     """One evaluation per shard, tied to its partition and its materialization (for a run over several
     shards, once they are materialized; see the module)."""
@@ -59,7 +76,7 @@ def per_shard_evaluations(
         return []
     evaluations = []
     for key, df in manifests.items():
-        result = check_manifests({key: df})
+        result = check_manifests({key: df}, {key: failures[key]})
         evaluations.append(
             AssetCheckEvaluation(
                 asset_key=asset_key,
@@ -75,24 +92,22 @@ def per_shard_evaluations(
     return evaluations
 
 
-def check_manifests(manifests: dict[str, pd.DataFrame]) -> AssetCheckResult:
-    """Validate each shard's manifest lazily, so the result lists every failing column and check (not just
-    the first) and names the shards that fail."""
-    failures = []
-    for key, df in manifests.items():
-        try:
-            manifest.validate(df)
-        except pandera.errors.SchemaErrors as errors:
-            failures.append(errors.failure_cases[["column", "check", "failure_case"]].assign(shard=key))
+def check_manifests(
+    manifests: dict[str, pd.DataFrame], failures: dict[str, pd.DataFrame] | None = None
+) -> AssetCheckResult:
+    """The check's result for these shards, naming the shards that fail; `failures` as `schema_failures`
+    gives them (computed here when not given)."""
+    failures = schema_failures(manifests) if failures is None else failures
+    found = [cases for cases in failures.values() if len(cases)]
     shards = ", ".join(sorted(manifests))
-    if not failures:
+    if not found:
         return AssetCheckResult(
             check_name=MANIFEST_CHECK,
             passed=True,
             description=f"manifest of shard(s) {shards} matches the schema",
             metadata={"rows": sum(len(df) for df in manifests.values()), "shards": shards},
         )
-    cases = pd.concat(failures, ignore_index=True)[["shard", "column", "check", "failure_case"]]
+    cases = pd.concat(found, ignore_index=True)[["shard", "column", "check", "failure_case"]]
     first = cases.iloc[0]
     failing = ", ".join(sorted(cases["shard"].unique()))
     return AssetCheckResult(
