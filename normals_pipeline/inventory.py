@@ -133,6 +133,11 @@ def write_inventory(output: Storage, table: pa.Table) -> str:
     return output.uri_for(INVENTORY_PATH)
 
 
+def shards_taken_with(table: pa.Table) -> int:
+    """The shard count an inventory was taken with (0 if it does not say)."""
+    return int((table.schema.metadata or {}).get(SHARDS_KEY.encode(), b"0"))
+
+
 def read_inventory(output: Storage, shard: int | None = None, shards: int | None = None) -> pa.Table:
     """The whole inventory, or only the rows of one shard of `shards` (which must be the count the
     inventory was taken with: a different count puts images in other shards)."""
@@ -149,7 +154,7 @@ def read_inventory(output: Storage, shard: int | None = None, shards: int | None
             f"the inventory at {output.uri_for(INVENTORY_PATH)} cannot be read ({err}): materialize the inventory "
             "asset again"
         ) from err
-    taken_with = int((table.schema.metadata or {}).get(SHARDS_KEY.encode(), b"0"))
+    taken_with = shards_taken_with(table)
     if shards is not None and taken_with != shards:
         raise InventoryMismatch(
             f"the inventory was taken for {taken_with} shards but the pipeline uses {shards}: "

@@ -256,16 +256,16 @@ class LayoutMismatch(ValueError):
     """The output's manifests were written with another shard count."""
 
 
-def check_layout(output: Storage, shards: int, inventory_shards: int | None = None) -> None:
+def check_layout(
+    output: Storage, shards: int, inventory_shards: Callable[[], int | None] = lambda: None
+) -> None:
     """Refuse a shard count other than the one this output's manifests were written with (images would
     land in other partitions and be listed twice); record the count on first use. An output from before
-    `layout.json` takes the count its inventory was taken with."""
+    `layout.json` takes the count its inventory was taken with (`inventory_shards`, asked only then)."""
     if output.exists(LAYOUT_PATH):
         recorded = int(json.loads(output.read_bytes(LAYOUT_PATH))["shards"])
-    elif manifest_keys(output) and inventory_shards:
-        recorded = inventory_shards
     else:
-        recorded = shards
+        recorded = (manifest_keys(output) and inventory_shards()) or shards
     if recorded != shards:
         raise LayoutMismatch(
             f"{output.uri} was enriched with {recorded} shards, not {shards}: run with --shards {recorded} "
@@ -273,7 +273,11 @@ def check_layout(output: Storage, shards: int, inventory_shards: int | None = No
             f"`normals-pipeline reshard --output {output.uri} --shards {shards}`"
         )
     if not output.exists(LAYOUT_PATH):
-        output.write_bytes(LAYOUT_PATH, json.dumps({"shards": shards}).encode(), "application/json")
+        _record_layout(output, shards)
+
+
+def _record_layout(output: Storage, shards: int) -> None:
+    output.write_bytes(LAYOUT_PATH, json.dumps({"shards": shards}).encode(), "application/json")
 
 
 def manifest_keys(output: Storage) -> list[str]:
@@ -291,11 +295,7 @@ def reshard(output: Storage, shards: int, shard_of: Callable[[str], str]) -> int
     record the new count; returns the rows kept. Run it while no run writes to the output."""
     old_keys = sorted(set(manifest_keys(output)) | _journal_keys(output))
     journals = [Journal(output, key) for key in old_keys]
-    warnings: list[str] = []
-    frames = [
-        with_journal(read_manifest(output, key, warnings), journal.read(warnings))
-        for key, journal in zip(old_keys, journals)
-    ]
+    frames = [load_shard(output, journal, key).previous for key, journal in zip(old_keys, journals)]
     rows = pd.concat(frames, ignore_index=True) if frames else empty_manifest()
     target = rows["path"].map(shard_of)
     for key, part in rows.groupby(target, sort=True):
@@ -304,7 +304,7 @@ def reshard(output: Storage, shards: int, shard_of: Callable[[str], str]) -> int
         output.delete(partition_path(key))
     for journal in journals:
         journal.clear()
-    output.write_bytes(LAYOUT_PATH, json.dumps({"shards": shards}).encode(), "application/json")
+    _record_layout(output, shards)
     return len(rows)
 
 

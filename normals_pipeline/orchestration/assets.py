@@ -21,9 +21,9 @@ from .._errors import ApiUnreachable, ClipdropError
 from ..client import ClipdropClient
 from ..enrich import Item, ShardResult, current_items, enrich_shards
 from ..inventory import (
-    SHARDS_KEY,
     InventoryMissing,
     read_inventory,
+    shards_taken_with,
     skipped_entries,
     skipped_names,
     take_inventory,
@@ -58,14 +58,18 @@ def stop_message(error: Exception, api_url: str) -> str:
     return error.message if isinstance(error, ClipdropError) else f"{type(error).__name__}: {error}"
 
 
+def _inventory_shards(output: Storage) -> int | None:
+    """The count the output's current inventory was taken with, if it has one."""
+    try:
+        return shards_taken_with(read_inventory(output)) or None
+    except InventoryMissing:
+        return None
+
+
 def _check_layout(output: Storage, shards: int) -> None:
     """A shard count other than the output's would list images in two partitions: refuse it."""
     try:
-        taken_with = (read_inventory(output).schema.metadata or {}).get(SHARDS_KEY.encode())
-    except InventoryMissing:
-        taken_with = None
-    try:
-        manifest.check_layout(output, shards, int(taken_with) if taken_with else None)
+        manifest.check_layout(output, shards, lambda: _inventory_shards(output))
     except manifest.LayoutMismatch as error:
         raise Failure(description=str(error), allow_retries=False) from None
 
