@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     portraits.add_argument("--count", type=int, default=12)
     reshard = commands.add_parser("reshard", help="move an output's manifests to another shard count (no run going)")
     reshard.add_argument("--output", required=True, help="folder or s3://bucket/prefix enriched before")
-    reshard.add_argument("--shards", type=_count(10_000), required=True, help="the new number of partitions")
+    reshard.add_argument("--shards", type=_count(MAX_SHARDS), required=True, help="the new number of partitions")
     return parser
 
 

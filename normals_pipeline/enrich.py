@@ -7,8 +7,8 @@ content waits for it and reuses the map. A bad image becomes a row with an error
 further sending pointless (key refused, credits gone, API unreachable, maps cannot be stored) stops the
 loop, and every row done before that is kept.
 
-`enrich_shard` runs one shard start to finish under the shard's claim, so a shard has one writer at a
-time whichever process, run or host works on it.
+`enrich_shards` runs a range of shards start to finish as one stream, under the shards' claims, so a
+shard has one writer at a time whichever process, run or host works on it.
 """
 
 from __future__ import annotations
