@@ -224,10 +224,38 @@ def test_never_more_than_rpm_in_a_window_even_when_making_up(state, monkeypatch)
     assert stamps[10] - stamps[0] >= 0.7  # the 11th waited for the window (0.5 s + 0.25 s margin)
 
 
+def _shared_state(kind: str, where: str, key: str):
+    fingerprint = key_fingerprint(key)
+    return SQLiteState(Path(where), fingerprint) if kind == "sqlite" else RedisState(where, fingerprint)
+
+
+def _take_slots(kind: str, where: str, key: str, count: int, queue) -> None:
+    state = _shared_state(kind, where, key)
+    for _ in range(count):
+        asked = time.time()
+        queue.put(asked + state.next_slot(10.0, 0.0, 0.0))
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_processes_take_slots_from_one_schedule(kind, tmp_path, request):
+    where = str(tmp_path) if kind == "sqlite" else request.getfixturevalue("redis_url")
+    key, processes, each = unique_key(), 3, 5
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    workers = [context.Process(target=_take_slots, args=(kind, where, key, each, queue)) for _ in range(processes)]
+    for worker in workers:
+        worker.start()
+    slots = sorted(queue.get(timeout=60) for _ in range(processes * each))
+    for worker in workers:
+        worker.join(timeout=30)
+    # One schedule, one slot per 10 s for all fifteen requests (three schedules would hand out each slot
+    # three times). Slots are 10 s apart so that a process's scheduling delay (ms) cannot blur them.
+    gaps = [b - a for a, b in zip(slots, slots[1:])]
+    assert all(9.5 <= gap <= 10.5 for gap in gaps), gaps
+
+
 def _acquire_times(kind: str, where: str, key: str, count: int, queue) -> None:
-    state = (
-        SQLiteState(Path(where), key_fingerprint(key)) if kind == "sqlite" else RedisState(where, key_fingerprint(key))
-    )
+    state = _shared_state(kind, where, key)
     guard = RateGuard(RPM, state)
     for _ in range(count):
         guard.acquire()
@@ -248,9 +276,11 @@ def test_processes_sharing_a_key_share_one_rate(kind, tmp_path, request):
         worker.join(timeout=30)
     interval = slot_interval_s(RPM)
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    # One process each would send three at once; together they keep to one schedule. From idle, up to
-    # a second of slots is made up at twice the pace (never faster), then one slot per interval.
-    assert min(gaps) >= interval * CATCH_UP_SPACING - 0.02, gaps
+    # Together the processes keep to one schedule (the test above shows the slots; the catch-up's spacing
+    # is shown by test_one_late_caller_does_not_cost_the_slots_after_it). Here, with real sleeps, what the
+    # server would count: from idle up to a second of slots made up, never more, then one send per
+    # interval. Gaps between two sends are not asserted: on two busy cores a sleeper wakes tens of ms
+    # late, next to the following send.
     for i, first in enumerate(stamps):
         for j in range(i + 1, len(stamps)):
             assert j - i <= (stamps[j] - first + CATCH_UP_S) / interval + 1, (i, j, gaps)
