@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,cluster]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -38,7 +38,7 @@ dev: $(STAMP)
 # (apt-get install chromium); installs the `ui` extra (playwright, which drives that browser: no download).
 UI_STAMP := $(VENV)/.installed-ui
 $(UI_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,ui]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,cluster,ui]'
 	touch $(UI_STAMP)
 
 ui-test: $(UI_STAMP)
