@@ -1,0 +1,304 @@
+"""Training pairs (`normals_pipeline.training`): built from an enrichment against the emulator, read back by the
+loaders ML users have (Hugging Face datasets, pyarrow.dataset, duckdb, polars, WebDataset tars, NormalsDataset)."""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import shutil
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import ExifTags, Image
+
+from normals_pipeline.client import ClipdropClient
+from normals_pipeline.emulator._normals import render_normal_map
+from normals_pipeline.enrich import current_items, enrich_shard, normal_map_path
+from normals_pipeline.guards import RateGuard
+from normals_pipeline.inventory import take_inventory
+from normals_pipeline.storage import LocalStorage, S3Storage, Storage
+from normals_pipeline.synthetic import make_portraits
+from normals_pipeline.training import (
+    PARQUET_DIR,
+    SCHEMA,
+    WEBDATASET_DIR,
+    NormalsDataset,
+    _S3File,
+    check_splits,
+    split_files,
+    split_of,
+    write_training_pairs,
+)
+
+prepare_module = importlib.import_module("normals_pipeline.prepare")  # the package re-exports the function
+EVEN = {"train": 0.5, "validation": 0.25, "test": 0.25}  # every split gets some of a few images
+
+
+def enrich(dataset: Storage, output: Storage, url: str):
+    """One shard of everything in `dataset`, through the core, as the asset does; returns its manifest."""
+    items = current_items(dataset, take_inventory(dataset, 1))
+    with ClipdropClient("test-key", base_url=url, rate_guard=RateGuard(100_000)) as client:
+        return enrich_shard(dataset, output, client, "00", items).manifest
+
+
+@pytest.fixture
+def enriched(tmp_path, emulator):
+    """12 portraits, a broken file and a byte-for-byte duplicate, enriched into `out`."""
+    folder = tmp_path / "in"
+    make_portraits(folder, 12)
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    shutil.copy(folder / "portrait_000.jpg", folder / "copy of 000.jpg")
+    dataset, output = LocalStorage(folder), LocalStorage(tmp_path / "out")
+    return dataset, output, enrich(dataset, output, emulator.url)
+
+
+def test_pairs_load_through_all_four_readers(enriched, tmp_path):
+    dataset, output, manifest = enriched
+    result = write_training_pairs(dataset, output, "00", manifest, splits=EVEN)
+    assert result.pairs == 13 and not result.left_out  # 12 + the duplicate; the broken file has no map
+    assert set(result.splits) == {"train", "validation", "test"} and sum(result.splits.values()) == 13
+    root = tmp_path / "out" / PARQUET_DIR
+
+    import datasets
+
+    loaded = datasets.load_dataset(str(root), cache_dir=str(tmp_path / "hf"))  # splits found by file name
+    assert {name: len(split) for name, split in loaded.items()} == dict(result.splits)
+    for split, rows in loaded.items():
+        for row in rows:
+            assert isinstance(row["image"], Image.Image) and isinstance(row["normal_map"], Image.Image)
+            assert row["image"].size == row["normal_map"].size == (row["width"], row["height"])
+            assert row["split"] == split
+
+    table = pads.dataset(root, partitioning="hive").to_table()
+    assert table.num_rows == 13 and set(table["partition"].to_pylist()) == {0}
+    assert Counter(table["split"].to_pylist()) == result.splits
+
+    import duckdb
+
+    counts = duckdb.sql(
+        f"SELECT split, count(*), min(partition) FROM read_parquet('{root}/*/*.parquet', hive_partitioning=true) "
+        "GROUP BY split"
+    ).fetchall()
+    assert {split: n for split, n, _ in counts} == dict(result.splits) and {int(p) for *_, p in counts} == {0}
+
+    import polars as pl
+
+    frame = pl.scan_parquet(f"{root}/**/*.parquet", hive_partitioning=True).select("split", "partition").collect()
+    assert Counter(frame["split"].to_list()) == result.splits and {int(p) for p in frame["partition"].to_list()} == {0}
+
+
+def test_the_files_carry_the_huggingface_image_features(enriched):
+    dataset, output, manifest = enriched
+    result = write_training_pairs(dataset, output, "00", manifest)
+    schema = pq.read_schema(io.BytesIO(output.read_bytes(result.files[0])))
+    assert schema.equals(SCHEMA, check_metadata=True)
+    assert str(schema.field("image").type) == "struct<bytes: binary, path: string>"
+    features = json.loads(schema.metadata[b"huggingface"])["info"]["features"]
+    assert features["image"] == features["normal_map"] == {"_type": "Image"}
+
+
+def _exif(orientation: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    return exif
+
+
+def test_an_exif_turned_image_and_a_downscaled_one_pair_pixel_for_pixel(tmp_path, emulator, monkeypatch):
+    monkeypatch.setattr(prepare_module, "MAX_PIXELS", 300 * 400)  # the 480×640 portrait needs a downscale
+    folder = tmp_path / "in"
+    [turned_source, big_source] = make_portraits(folder, 2)
+    portrait = Image.open(turned_source).convert("RGB").resize((150, 200))  # small: only turned
+    turned = portrait.transpose(Image.Transpose.ROTATE_90)  # stored on its side, EXIF 6 shows it upright
+    turned.save(folder / "turned.jpg", quality=95, exif=_exif(6))
+    turned_source.unlink()
+    Image.open(big_source).convert("RGB").resize((480, 640)).save(folder / "big.png")
+    big_source.unlink()
+    dataset, output = LocalStorage(folder), LocalStorage(tmp_path / "out")
+    manifest = enrich(dataset, output, emulator.url)
+    assert dict(zip(manifest["path"], manifest["preparation"])) == {
+        "turned.jpg": "exif_transpose",
+        "big.png": "downscaled",
+    }
+
+    write_training_pairs(dataset, output, "00", manifest, splits={"train": 1.0})
+    rows = pq.read_table(tmp_path / "out" / PARQUET_DIR / "partition=00" / "train-00000.parquet").to_pylist()
+    assert {row["path"] for row in rows} == {"turned.jpg", "big.png"}
+    for row in rows:
+        image = Image.open(io.BytesIO(row["image"]["bytes"]))
+        assert image.getexif().get(ExifTags.Base.Orientation, 1) == 1  # upright pixels, no tag to apply twice
+        # the emulator renders a map in the pixel grid of what it received: these are exactly those pixels
+        assert render_normal_map(image) == row["normal_map"]["bytes"]
+        source = Image.open(folder / row["path"])
+        assert source.size != image.size  # the file in the dataset would not have lined up
+    sizes = {row["path"]: (row["width"], row["height"]) for row in rows}
+    assert sizes["turned.jpg"] == portrait.size
+    assert sizes["big.png"][0] * sizes["big.png"][1] <= 300 * 400
+
+
+def test_a_source_changed_or_gone_since_enrichment_is_left_out_and_counted(enriched, tmp_path):
+    dataset, output, manifest = enriched
+    folder = tmp_path / "in"
+    Image.new("RGB", (64, 64), "red").save(folder / "portrait_003.jpg")  # edited after its map was made
+    (folder / "portrait_004.png").unlink()
+    output.delete(normal_map_path(manifest.set_index("path").loc["portrait_006.jpg", "content_hash"]))
+    result = write_training_pairs(dataset, output, "00", manifest)
+    assert dict(result.left_out) == {"source_changed": 1, "source_missing": 1, "map_missing": 1}
+    assert result.pairs == 13 - 3
+
+
+def test_splits_are_stable_across_reruns_and_duplicates_share_theirs(enriched, tmp_path, emulator):
+    dataset, output, manifest = enriched
+
+    def splits() -> dict[str, str]:
+        table = pads.dataset(tmp_path / "out" / PARQUET_DIR, partitioning="hive").to_table(columns=["path", "split"])
+        return dict(zip(table["path"].to_pylist(), table["split"].to_pylist()))
+
+    first = write_training_pairs(dataset, output, "00", manifest, splits=EVEN)
+    before = splits()
+    make_portraits(tmp_path / "in" / "later", 4, seed=5)  # more images: nothing moves
+    again = write_training_pairs(dataset, output, "00", enrich(dataset, output, emulator.url), splits=EVEN)
+    after = splits()
+    assert {path: after[path] for path in before} == before and len(after) == len(before) + 4
+    assert first.pairs + 4 == again.pairs
+    assert before["copy of 000.jpg"] == before["portrait_000.jpg"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    content=st.text(min_size=1, max_size=80),
+    weights=st.tuples(*(st.integers(0, 20) for _ in range(3))).filter(lambda w: sum(w) > 0),
+)
+def test_split_of_depends_on_the_content_alone_and_never_picks_an_empty_split(content, weights):
+    fractions = {name: w / sum(weights) for name, w in zip(("train", "validation", "test"), weights)}
+    split = split_of(content, fractions)
+    assert split == split_of(content, dict(fractions)) == split_of(str(content), fractions)
+    assert fractions[split] > 0
+
+
+def test_split_of_follows_the_fractions():
+    hashes = [f"{i:064x}" for i in range(20_000)]
+    counts = Counter(split_of(h, {"train": 0.8, "validation": 0.15, "test": 0.05}) for h in hashes)
+    assert abs(counts["train"] / 20_000 - 0.8) < 0.015 and abs(counts["test"] / 20_000 - 0.05) < 0.01
+
+
+@pytest.mark.parametrize(
+    "bad", [{"train": 0.9}, {"train": 1.2, "test": -0.2}, {"train": 0.5, "dev": 0.5}, {"train": float("nan")}]
+)
+def test_split_fractions_are_checked(bad):
+    with pytest.raises(ValueError, match="split"):
+        check_splits(bad)
+    assert check_splits({"train": 0.8, "test": 0.2}) == {"train": 0.8, "validation": 0.0, "test": 0.2}
+
+
+def test_a_rerun_rewrites_the_shard_and_leaves_no_stale_file(enriched, tmp_path):
+    dataset, output, manifest = enriched
+    write_training_pairs(dataset, output, "00", manifest, splits=EVEN, webdataset=True)
+    assert {p.rsplit("/", 1)[1].split("-")[0] for p in split_files_all(output)} == {"train", "validation", "test"}
+    result = write_training_pairs(dataset, output, "00", manifest, splits={"train": 1.0})
+    assert split_files_all(output) == [f"{PARQUET_DIR}/partition=00/train-00000.parquet"] == result.files
+    assert output.list_prefix(WEBDATASET_DIR) == []  # turned off: its tars went too
+    assert split_files(output, "validation") == []
+
+
+def split_files_all(output: Storage) -> list[str]:
+    return output.list_prefix(PARQUET_DIR)
+
+
+def test_webdataset_shards_in_img2dataset_layout(enriched):
+    dataset, output, manifest = enriched
+    result = write_training_pairs(dataset, output, "00", manifest, splits=EVEN, webdataset=True)
+    assert output.list_prefix(WEBDATASET_DIR) == [
+        f"{WEBDATASET_DIR}/00_0000.tar",
+        f"{WEBDATASET_DIR}/00_0000_stats.json",
+    ]
+    stats = json.loads(output.read_bytes(f"{WEBDATASET_DIR}/00_0000_stats.json"))
+    assert stats["count"] == stats["successes"] == 13 and stats["splits"] == dict(result.splits)
+    with tarfile.open(fileobj=io.BytesIO(output.read_bytes(f"{WEBDATASET_DIR}/00_0000.tar"))) as tar:
+        names = tar.getnames()
+        samples: dict[str, dict[str, bytes]] = {}
+        for name in names:
+            key, _, field = name.partition(".")  # as webdataset splits a member's name
+            samples.setdefault(key, {})[field] = tar.extractfile(name).read()
+    assert len(samples) == 13 and all("." not in key for key in samples)
+    for key, fields in samples.items():
+        meta = json.loads(fields["json"])
+        image_field = next(f for f in fields if f in ("jpg", "png", "webp"))
+        assert set(fields) == {image_field, "normal.jpg", "json"} and meta["key"] == key
+        image, normal_map = (Image.open(io.BytesIO(fields[f])) for f in (image_field, "normal.jpg"))
+        assert image.size == normal_map.size == (meta["width"], meta["height"])
+        assert meta["split"] in ("train", "validation", "test") and meta["path"]
+
+
+def _dataset(output: Storage, **options) -> NormalsDataset:
+    pytest.importorskip("normals_pipeline.normals", reason="normals.py (decoding) is not in this tree yet")
+    return NormalsDataset(output, **options)
+
+
+def test_normals_dataset_gives_aligned_numpy_arrays(enriched):
+    dataset, output, manifest = enriched
+    result = write_training_pairs(dataset, output, "00", manifest, splits=EVEN)
+    data = _dataset(output, split="train", convention="opencv")
+    assert len(data) == result.splits["train"]
+    for index in range(len(data)):
+        item = data[index]
+        assert item["image"].dtype == np.uint8 and item["normals"].dtype == np.float32 and item["mask"].dtype == bool
+        assert item["image"].shape == item["normals"].shape and item["mask"].shape == item["image"].shape[:2]
+        norms = np.linalg.norm(item["normals"], axis=2)
+        assert np.allclose(norms, 1, atol=1e-3) and 0 < item["mask"].mean() < 1
+    with pytest.raises(IndexError):
+        data[len(data)]
+
+
+def test_normals_dataset_resizes_and_flips_all_three_together(enriched):
+    dataset, output, manifest = enriched
+    write_training_pairs(dataset, output, "00", manifest, splits={"train": 1.0})
+    plain = _dataset(output, size=(64, 96))[0]
+    flipped = _dataset(output, size=(64, 96), hflip=1.0)[0]
+    assert plain["image"].shape == (96, 64, 3) and plain["normals"].shape == (96, 64, 3)
+    assert plain["mask"].shape == (96, 64)
+    assert np.array_equal(flipped["image"], plain["image"][:, ::-1])
+    assert np.array_equal(flipped["mask"], plain["mask"][:, ::-1])
+    mirrored = plain["normals"][:, ::-1] * np.array([-1, 1, 1], np.float32)
+    assert np.allclose(flipped["normals"], mirrored, atol=1e-6)
+    draws = [_dataset(output, hflip=0.5, seed=3) for _ in range(2)]
+    assert all(np.array_equal(draws[0][i]["image"], draws[1][i]["image"]) for i in range(4))  # reproducible
+
+
+def test_normals_dataset_feeds_a_torch_dataloader(enriched):
+    torch = pytest.importorskip("torch")
+    dataset, output, manifest = enriched
+    write_training_pairs(dataset, output, "00", manifest, splits={"train": 1.0})
+    data = _dataset(output, size=(32, 48), hflip=0.5)
+    loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True, num_workers=2)
+    batches = list(loader)
+    assert sum(len(batch["image"]) for batch in batches) == len(data) == 13
+    assert tuple(batches[0]["normals"].shape[1:]) == (48, 32, 3) and batches[0]["mask"].dtype == torch.bool
+
+
+def test_training_pairs_on_s3(tmp_path, emulator, s3_client, s3_bucket):
+    folder = tmp_path / "in"
+    make_portraits(folder, 4)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            s3_client.put_object(
+                Bucket=s3_bucket, Key=f"in/{path.relative_to(folder).as_posix()}", Body=path.read_bytes()
+            )
+    dataset, output = S3Storage(s3_bucket, "in", s3_client), S3Storage(s3_bucket, "out", s3_client)
+    manifest = enrich(dataset, output, emulator.url)
+
+    result = write_training_pairs(dataset, output, "00", manifest, splits={"train": 1.0}, webdataset=True)
+    assert result.pairs == 4 and result.uri == f"s3://{s3_bucket}/out/{PARQUET_DIR}/partition=00"
+    assert output.list_prefix("training") == sorted(result.files)
+    [path] = split_files(output, "train")
+    whole = pq.read_table(io.BytesIO(output.read_bytes(path)))
+    ranged = pq.ParquetFile(_S3File(output, path))  # what NormalsDataset reads on S3: footer and one row group
+    assert ranged.metadata.num_rows == 4 and ranged.read_row_group(0).equals(
+        whole.slice(0, ranged.metadata.row_group(0).num_rows)
+    )
