@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test dev ui-test emulator bench clean
+.PHONY: install demo test dev ui-test emulator bench cluster-up cluster-down clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/normals-pipeline demo
 
 test: $(STAMP)
-	$(BIN)/ruff check normals_pipeline tests bench definitions.py
+	$(BIN)/ruff check normals_pipeline tests bench definitions.py deploy
 	$(BIN)/python -m pytest -q
 
 # The Dagster UI (http://127.0.0.1:3000) against the emulator on synthetic portraits of its own (dev-data/portraits).
@@ -51,6 +51,14 @@ emulator: $(STAMP)
 # The benchmark figures of bench/README.md (~10 min on 2 cores); writes bench/results/<date>-<host>.json.
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# Several hosts on this machine (deploy/README.md): PostgreSQL instance, RabbitMQ broker, three Celery workers
+# sharing the key through Redis, webserver and daemon, the emulator as the API. Prints the UI address.
+cluster-up: $(STAMP)
+	deploy/cluster.sh up
+
+cluster-down:
+	deploy/cluster.sh down
 
 clean:
 	rm -rf $(VENV) demo-output dev-data .dagster_home .pytest_cache .hypothesis
