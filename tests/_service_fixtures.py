@@ -1,4 +1,5 @@
-"""Fixtures for the services this machine kind runs (Redis): skip without them, unless REQUIRE_SERVICES=1."""
+"""Fixtures for the services this machine kind runs (Redis, PostgreSQL, RabbitMQ): skip without them, unless
+REQUIRE_SERVICES=1."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-__all__ = ["redis_url"]
+__all__ = ["amqp_url", "postgres_url", "redis_url"]
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def _unavailable(what: str, why: str) -> None:
@@ -27,7 +30,7 @@ def redis_url() -> Iterator[str]:
     if not url:
         _unavailable("Redis", "NORMALS_TEST_REDIS_URL is not set")
     host = redis.Redis.from_url(url).connection_pool.connection_kwargs.get("host", "")
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if host not in _LOOPBACK:
         pytest.fail(f"tests only talk to loopback, not {host}")
     client = redis.Redis.from_url(url)
     try:
@@ -40,6 +43,56 @@ def redis_url() -> Iterator[str]:
     if new:
         client.delete(*new)
     client.close()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh database on NORMALS_TEST_POSTGRES_URL's server, as a `postgresql+psycopg2://` URL (SQLAlchemy 2.1's
+    plain `postgresql://` wants psycopg 3); dropped afterwards, so concurrent runs and leftovers never meet."""
+    import psycopg2
+    from psycopg2 import sql
+    from sqlalchemy.engine import make_url
+
+    url = os.environ.get("NORMALS_TEST_POSTGRES_URL")
+    if not url:
+        _unavailable("PostgreSQL", "NORMALS_TEST_POSTGRES_URL is not set")
+    server = make_url(url)
+    if server.host not in _LOOPBACK:
+        pytest.fail(f"tests only talk to loopback, not {server.host}")
+    name = f"normals_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg2.connect(server.set(drivername="postgresql").render_as_string(hide_password=False))
+    except psycopg2.Error as error:
+        _unavailable("PostgreSQL", str(error).strip())
+    admin.autocommit = True  # CREATE/DROP DATABASE cannot run in a transaction
+    with admin.cursor() as cursor:
+        cursor.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield server.set(drivername="postgresql+psycopg2", database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        admin.close()
+
+
+@pytest.fixture
+def amqp_url() -> str:
+    """NORMALS_TEST_AMQP_URL (a RabbitMQ broker for Celery, e.g. pyamqp://guest:guest@127.0.0.1:5672//), checked
+    by connecting. Tests name their own queues, so nothing is left to clean up but those."""
+    from kombu import Connection
+    from sqlalchemy.engine import make_url
+
+    url = os.environ.get("NORMALS_TEST_AMQP_URL")
+    if not url:
+        _unavailable("RabbitMQ", "NORMALS_TEST_AMQP_URL is not set")
+    if make_url(url).host not in _LOOPBACK:
+        pytest.fail(f"tests only talk to loopback, not {make_url(url).host}")
+    try:
+        with Connection(url, connect_timeout=5) as connection:
+            connection.ensure_connection(max_retries=1)
+    except Exception as error:  # kombu raises the transport's own errors
+        _unavailable("RabbitMQ", str(error).strip() or type(error).__name__)
+    return url
 
 
 def unique_key() -> str:
