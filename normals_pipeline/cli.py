@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, NoReturn
 from .emulator import _cli as emulator_cli
 
 if TYPE_CHECKING:
+    from .orchestration.runner import TrainingSummary
     from .storage import Storage
 
 MAX_SHARDS = 10_000
@@ -80,6 +81,19 @@ def _api_url(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _splits(text: str) -> dict[str, float]:
+    """`TRAIN,VALIDATION,TEST` fractions, e.g. 0.9,0.05,0.05: the training module's own rule."""
+    from .training import SPLITS, check_splits
+
+    try:
+        values = [float(part) for part in text.split(",")]
+        if len(values) != len(SPLITS):
+            raise ValueError(f"expected {len(SPLITS)} fractions (train,validation,test), got {text!r}")
+        return check_splits(dict(zip(SPLITS, values)))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, help="folder or s3://bucket/prefix of images")
     parser.add_argument("--output", required=True, help="folder or s3://bucket/prefix for maps and manifest")
@@ -122,6 +136,21 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--redis-url",
         default=os.environ.get("NORMALS_REDIS_URL"),
         help="share the key's rate and credits across hosts (default: across this host's processes, via SQLite)",
+    )
+    parser.add_argument(
+        "--no-training-pairs",
+        dest="training_pairs",
+        action="store_false",
+        help="do not build the training pairs (image as sent + normal map) under <output>/training/",
+    )
+    parser.add_argument(
+        "--splits",
+        type=_splits,
+        default="0.9,0.05,0.05",
+        help="train,validation,test fractions of the training pairs, by content (default: 0.9,0.05,0.05)",
+    )
+    parser.add_argument(
+        "--webdataset", action="store_true", help="also write the training pairs as WebDataset tar shards"
     )
     parser.add_argument(
         "--refresh-balance",
@@ -281,7 +310,15 @@ def _run(args: argparse.Namespace, shards: int) -> int:
         redis_url=args.redis_url,
         oversize=args.oversize,
     )
-    defs = build_definitions(dataset_uri=args.dataset, output_uri=args.output, shards=shards, clipdrop=clipdrop)
+    defs = build_definitions(
+        dataset_uri=args.dataset,
+        output_uri=args.output,
+        shards=shards,
+        clipdrop=clipdrop,
+        training_pairs=args.training_pairs,
+        training_splits=args.splits,
+        webdataset=args.webdataset,
+    )
     print(f"enriching {args.dataset} -> {args.output} ({shards} shards, {args.rpm} requests/min)", flush=True)
     started = time.monotonic()
     try:
@@ -306,7 +343,17 @@ def _run(args: argparse.Namespace, shards: int) -> int:
         f"errors: {errors}; {summary.requests} requests, {summary.credits_consumed:g} credits consumed{remaining}"
     )
     print(f"manifest: {args.output.rstrip('/')}/manifest/ (hive-partitioned Parquet)")
+    if summary.training is not None:
+        _print_training(summary.training, args.output)
     return 0
+
+
+def _print_training(training: TrainingSummary, output: str) -> None:
+    from .training import PARQUET_DIR, SPLITS
+
+    splits = ", ".join(f"{split} {training.splits[split]}" for split in SPLITS)
+    left_out = ", ".join(f"{reason}: {n}" for reason, n in sorted(training.left_out.items())) or "none"
+    print(f"training pairs: {training.pairs} ({splits}), left out: {left_out}; {output.rstrip('/')}/{PARQUET_DIR}/")
 
 
 def main(argv: list[str] | None = None) -> int:

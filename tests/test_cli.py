@@ -276,3 +276,22 @@ def test_after_a_top_up_the_refusal_says_when_and_refresh_balance_goes_at_once(
 
     assert run(dataset, tmp_path / "out", emulator.url, "--refresh-balance") == 0
     assert Decimal(emulator.stats()["charged"]) == 4
+
+
+def test_run_builds_training_pairs_by_default_and_not_with_the_flag(dataset, tmp_path, emulator, monkeypatch, capsys):
+    monkeypatch.setenv("CLIPDROP_API_KEY", "test-key")
+    assert run(dataset, tmp_path / "out", emulator.url, "--splits", "1,0,0", "--webdataset") == 0
+    out = capsys.readouterr().out
+    assert "training pairs: 4 (train 4, validation 0, test 0), left out: none" in out
+    assert len(list((tmp_path / "out" / "training" / "parquet").glob("partition=*/train-*.parquet"))) >= 1
+    assert list((tmp_path / "out" / "training" / "webdataset").glob("*.tar"))
+
+    assert run(dataset, tmp_path / "off", emulator.url, "--no-training-pairs") == 0
+    assert "training pairs" not in capsys.readouterr().out
+    assert not (tmp_path / "off" / "training").exists()
+
+
+def test_bad_split_fractions_are_one_line_exit_2(dataset, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CLIPDROP_API_KEY", "test-key")
+    assert run(dataset, tmp_path / "out", "http://127.0.0.1:9", "--splits", "0.5,0.6,0") == 2
+    assert "split fractions must sum to 1" in capsys.readouterr().err

@@ -49,6 +49,9 @@ DEFAULTS = {
     "sensor_enabled": False,
     "schedule_enabled": False,
     "schedule_cron": "0 2 * * *",
+    "training_pairs": True,
+    "training_splits": {"train": 0.9, "validation": 0.05, "test": 0.05},
+    "webdataset": False,
 }
 
 
@@ -175,7 +178,7 @@ def test_two_instances_scaffolded_checked_and_run_on_one_key(tmp_path: Path, emu
     defs = json.loads(_dg(project, env, "list", "defs", "--json"))
     assets = {asset["asset_key"] for asset in defs["assets"]}
     for name in ("portraits_a", "portraits_b"):
-        assert {f"{name}/image_inventory", f"{name}/surface_normals"} <= assets
+        assert {f"{name}/image_inventory", f"{name}/surface_normals", f"{name}/training_pairs"} <= assets
     # the key never reaches the definitions: the resource holds a reference
     assert KEY not in json.dumps(defs)
 
@@ -186,7 +189,7 @@ def test_two_instances_scaffolded_checked_and_run_on_one_key(tmp_path: Path, emu
                 str(BIN / "dg"),
                 "launch",
                 "--assets",
-                f"{name}/image_inventory,{name}/surface_normals",
+                f"{name}/image_inventory,{name}/surface_normals,{name}/training_pairs",
                 "--partition",
                 "00",
             ],
@@ -219,6 +222,7 @@ def test_two_instances_scaffolded_checked_and_run_on_one_key(tmp_path: Path, emu
         output = project / "enriched" / name
         assert len(list((output / "normals").rglob("*.jpg"))) == IMAGES
         assert (output / "manifest" / "partition=00" / "manifest.parquet").is_file()
+        assert list((output / "training" / "parquet" / "partition=00").glob("*.parquet"))  # built in the same run
 
 
 def _component(api_key: str) -> SurfaceNormalsComponent:

@@ -33,7 +33,7 @@ def test_two_datasets_merge_into_one_code_location_under_their_prefixes(tmp_path
     defs = two_datasets(tmp_path, "http://127.0.0.1:9")
     repository = defs.get_repository_def()
     keys = {key.to_user_string() for key in repository.asset_graph.get_all_asset_keys()}
-    assert keys == {f"photos/{n}/{a}" for n in "ab" for a in ("image_inventory", "surface_normals")}
+    assert keys == {f"photos/{n}/{a}" for n in "ab" for a in ("image_inventory", "surface_normals", "training_pairs")}
     assert {job.name for job in repository.get_all_jobs()} >= {
         "photos_a__refresh_inventory",
         "photos_a__enrich_shard",

@@ -8,13 +8,14 @@ key's state, not in the definitions) and, by default, one Dagster pool per key.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from dagster import Definitions, EnvVar
 
 from ..client import DEFAULT_API_URL
 from ..guards import key_fingerprint
+from ..training import DEFAULT_SPLITS
 from .definitions import DEFAULT_POOL, build_definitions
 from .partitions import DEFAULT_SHARDS, DEFAULT_SHARDS_PER_RUN
 from .resources import ClipdropResource, DatasetResource
@@ -52,9 +53,14 @@ def normals_definitions(
     sensor_enabled: bool = False,
     schedule_enabled: bool = False,
     schedule_cron: str = "0 2 * * *",
+    training_pairs: bool = True,
+    training_splits: Mapping[str, float] = DEFAULT_SPLITS,
+    webdataset: bool = False,
 ) -> Definitions:
-    """The inventory and surface-normals assets, their check, jobs, sensor and schedule for one dataset.
-    Pass the key as `EnvVar(...)`: a plain string would be shown in the UI's resource configuration."""
+    """The inventory, surface-normals and training-pairs assets, their check, jobs, sensor and schedule for one
+    dataset. Pass the key as `EnvVar(...)`: a plain string would be shown in the UI's resource configuration.
+    `training_splits`: fractions of `train`, `validation`, `test` (each >= 0, summing to 1); `webdataset`: also
+    write the pairs as WebDataset tars."""
     clipdrop = ClipdropResource(
         api_key=api_key,
         api_url=api_url,
@@ -78,4 +84,7 @@ def normals_definitions(
         sensor_enabled=sensor_enabled,
         schedule_enabled=schedule_enabled,
         schedule_cron=schedule_cron,
+        training_pairs=training_pairs,
+        training_splits=training_splits,
+        webdataset=webdataset,
     )

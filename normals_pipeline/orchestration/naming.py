@@ -1,8 +1,8 @@
 """Names of one dataset's Dagster objects, so several datasets live in one code location.
 
 Without a prefix the names are the plain ones (`image_inventory`, `refresh_inventory`, resource `storage`, …).
-With `key_prefix=["portraits"]` the assets are `portraits/image_inventory` and `portraits/surface_normals`,
-and jobs, sensor, schedule and resource keys start with `portraits__`.
+With `key_prefix=["portraits"]` the assets are `portraits/image_inventory`, `portraits/surface_normals` and
+`portraits/training_pairs`, and jobs, sensor, schedule and resource keys start with `portraits__`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dagster import AssetKey
 
 INVENTORY = "image_inventory"
 SURFACE_NORMALS = "surface_normals"
+TRAINING_PAIRS = "training_pairs"
 INVENTORY_JOB = "refresh_inventory"
 SHARD_JOB = "enrich_shard"
 SENSOR = "new_images_sensor"

@@ -16,7 +16,7 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 
 from ..inventory import partition_keys
 from ._metadata import SHARD_LISTENER, STOPPED_SHARDS, plain
-from .naming import INVENTORY_JOB, SHARD_JOB, SURFACE_NORMALS
+from .naming import INVENTORY_JOB, SHARD_JOB, SURFACE_NORMALS, TRAINING_PAIRS
 
 # Step failures are logged at ERROR with their whole stack trace; the caller prints one line instead and the
 # trace stays in the run's event log. Nothing is logged at CRITICAL, so the quiet console prints nothing.
@@ -40,6 +40,18 @@ class CheckFailed(RunFailed):
 
 
 @dataclass
+class TrainingSummary:
+    pairs: int = 0
+    left_out: Counter[str] = field(default_factory=Counter)
+    splits: Counter[str] = field(default_factory=Counter)
+
+    def add(self, metadata: dict) -> None:
+        self.pairs += int(metadata.get("pairs", 0))
+        self.left_out.update(metadata.get("left_out_by_reason") or {})
+        self.splits.update(metadata.get("splits") or {})
+
+
+@dataclass
 class RunSummary:
     images: int = 0
     enriched: int = 0
@@ -47,6 +59,7 @@ class RunSummary:
     requests: int = 0
     remaining_credits: float | None = None
     errors: Counter[str] = field(default_factory=Counter)
+    training: TrainingSummary | None = None  # None: the definitions have no training_pairs asset
 
     def add(self, metadata: dict) -> None:
         self.images += int(metadata.get("images", 0))
@@ -103,14 +116,14 @@ def _failed_check(result: ExecuteInProcessResult, keys: list[str]) -> str | None
     return None
 
 
-def _materializations(result: ExecuteInProcessResult) -> dict[str, dict]:
-    """Each shard's metadata, from its own materialization (a ranged run emits one per partition)."""
+def _materializations(result: ExecuteInProcessResult, asset: str = SURFACE_NORMALS) -> dict[str, dict]:
+    """Each shard's metadata of `asset`, from its own materialization (a ranged run emits one per partition)."""
     found = {}
     for event in result.all_events:
         if not event.is_step_materialization:
             continue
         materialization = event.step_materialization_data.materialization
-        if materialization.asset_key.to_user_string() == SURFACE_NORMALS and materialization.partition:
+        if materialization.asset_key.path[-1] == asset and materialization.partition:
             found[materialization.partition] = plain(materialization.metadata)
     return found
 
@@ -155,7 +168,8 @@ def run_pipeline(
     )
     if not inventory.success:
         raise RunFailed(_failure_message(inventory)[0], started=False)
-    summary = RunSummary()
+    shard_job = defs.resolve_job_def(SHARD_JOB)
+    summary = RunSummary(training=TrainingSummary() if _builds(shard_job, TRAINING_PAIRS) else None)
     reported: set[str] = set()
 
     def report(key: str, metadata: dict) -> None:
@@ -163,7 +177,6 @@ def run_pipeline(
         summary.add(metadata)
         progress(key, metadata)
 
-    shard_job = defs.resolve_job_def(SHARD_JOB)
     for keys in _ranges(partition_keys(shards), shards_per_run):
         token = SHARD_LISTENER.set(report)  # a line per shard as it finishes, not all at the run's end
         try:
@@ -181,4 +194,12 @@ def run_pipeline(
             raise RunFailed(message)
         if (failed := _failed_check(result, keys)) is not None:
             raise CheckFailed(failed)
+        if summary.training is not None:
+            for metadata in _materializations(result, TRAINING_PAIRS).values():
+                summary.training.add(metadata)
     return summary
+
+
+def _builds(job, asset: str) -> bool:
+    """Whether the job materializes `asset` (under any key prefix)."""
+    return any(key.path[-1] == asset for key in job.asset_layer.selected_asset_keys)

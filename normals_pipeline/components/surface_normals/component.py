@@ -20,6 +20,7 @@ from pydantic import ConfigDict, Field, field_validator
 from ...client import DEFAULT_API_URL
 from ...orchestration.factory import DEFAULT_KEY_ENV, normals_definitions
 from ...orchestration.partitions import DEFAULT_SHARDS, DEFAULT_SHARDS_PER_RUN
+from ...training import DEFAULT_SPLITS, check_splits
 from .scaffolder import SurfaceNormalsScaffolder
 
 # `{{ env.NAME }}` or `{{ env('NAME') }}`, the whole value, nothing else (no default, no expression).
@@ -121,9 +122,10 @@ class SurfaceNormalsComponent(dg.Component, dg.Model, dg.Resolvable):
 
     Defines, under `key_prefix`: the asset `image_inventory` (the dataset listed into the output),
     `surface_normals` partitioned by hash shard (a JPEG normal map and a Parquet manifest row per image; each
-    image sent once), the asset check `manifest_schema`, the jobs `refresh_inventory` and `enrich_shard`, the
-    sensor `new_images_sensor` and the schedule `daily_inventory_schedule` (both off unless enabled here), and
-    their resources. Job, sensor, schedule and resource names start with `<key_prefix joined by _>__`, so
+    image sent once), `training_pairs` partitioned alike (each image as sent next to its normal map, for
+    training), the asset check `manifest_schema`, the jobs `refresh_inventory` and `enrich_shard`, the sensor
+    `new_images_sensor` and the schedule `daily_inventory_schedule` (both off unless enabled here), and their
+    resources. Job, sensor, schedule and resource names start with `<key_prefix joined by _>__`, so
     several instances (one per dataset) load into one code location.
 
     Every instance on one key shares that key's rate limit and credit balance (the guards keep their state
@@ -200,6 +202,25 @@ class SurfaceNormalsComponent(dg.Component, dg.Model, dg.Resolvable):
     sensor_enabled: Annotated[bool, _doc("Start new_images_sensor on (it enriches new images).", True)] = False
     schedule_enabled: Annotated[bool, _doc("Start daily_inventory_schedule on.", True)] = False
     schedule_cron: Annotated[str, _doc("Cron of daily_inventory_schedule.", "0 2 * * *")] = "0 2 * * *"
+    training_pairs: Annotated[
+        bool,
+        _doc(
+            "Define training_pairs: each enriched image as sent next to its normal map, as Parquet under "
+            "<output>/training/parquet/, built in the same runs as surface_normals.",
+            True,
+        ),
+    ] = True
+    training_splits: Annotated[
+        dict[str, float],
+        _doc(
+            "Fractions of train, validation and test (each >= 0, summing to 1); an image's split follows from "
+            "its content, so it never moves and duplicates share it.",
+            {"train": 0.8, "validation": 0.1, "test": 0.1},
+        ),
+    ] = dict(DEFAULT_SPLITS)
+    webdataset: Annotated[
+        bool, _doc("Also write the training pairs as WebDataset tars (img2dataset's layout).", True)
+    ] = False
 
     @field_validator("api_key", mode="before")
     @classmethod
@@ -211,6 +232,11 @@ class SurfaceNormalsComponent(dg.Component, dg.Model, dg.Resolvable):
             f'api_key must be dagster.EnvVar("{DEFAULT_KEY_ENV}") (or another variable), not the key: a plain '
             "string is shown in the Dagster UI's resource configuration"
         )
+
+    @field_validator("training_splits")
+    @classmethod
+    def _splits_sum_to_one(cls, value: dict[str, float]) -> dict[str, float]:
+        return check_splits(value)
 
     @classmethod
     def get_spec(cls) -> dg.ComponentTypeSpec:
@@ -236,6 +262,9 @@ class SurfaceNormalsComponent(dg.Component, dg.Model, dg.Resolvable):
             sensor_enabled=self.sensor_enabled,
             schedule_enabled=self.schedule_enabled,
             schedule_cron=self.schedule_cron,
+            training_pairs=self.training_pairs,
+            training_splits=self.training_splits,
+            webdataset=self.webdataset,
         )
 
 

@@ -26,6 +26,8 @@ def _yaml_scalar(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, dict):
+        return json.dumps(value)  # a JSON object is a YAML flow mapping
     return json.dumps(str(value))  # a JSON string is a YAML double-quoted scalar
 
 

@@ -1,0 +1,79 @@
+"""The `training_pairs` asset: each shard's enriched images next to their normal maps, as training files.
+
+Partitioned and backfilled like `surface_normals`, so a backfill, "Materialize all" or `normals-pipeline run`
+puts both in the same runs: the pairs of a shard are built right after its maps, from its manifest, by
+`normals_pipeline.training` (this module only reads the settings and reports).
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+from dagster import (
+    AssetExecutionContext,
+    BackfillPolicy,
+    MaterializeResult,
+    MetadataValue,
+    StaticPartitionsDefinition,
+    asset,
+)
+
+from ..manifest import read_manifest
+from ..training import PARQUET_DIR, TrainingResult, check_splits, write_training_pairs
+from .naming import STORAGE, SURFACE_NORMALS, TRAINING_PAIRS, Names
+from .resources import DatasetResource
+
+
+def training_metadata(result: TrainingResult) -> dict[str, Any]:
+    return {
+        "pairs": result.pairs,
+        "left_out": sum(result.left_out.values()),
+        "left_out_by_reason": MetadataValue.json(dict(sorted(result.left_out.items()))),
+        "splits": MetadataValue.json({split: result.splits[split] for split in sorted(result.splits)}),
+        "files": len(result.files),
+        "path": MetadataValue.path(result.uri),
+        "dagster/row_count": result.pairs,
+    }
+
+
+def build_training_asset(
+    names: Names,
+    partitions: StaticPartitionsDefinition,
+    shards_per_run: int,
+    group: str,
+    splits: Mapping[str, float],
+    webdataset: bool,
+):
+    storage_key = names.name(STORAGE)
+    fractions = check_splits(splits)  # refused when the definitions load, not in the first run
+
+    @asset(
+        key=names.asset(TRAINING_PAIRS),
+        group_name=group,
+        kinds={"parquet"},
+        deps=[names.asset(SURFACE_NORMALS)],
+        partitions_def=partitions,
+        backfill_policy=BackfillPolicy.multi_run(max_partitions_per_run=shards_per_run),
+        required_resource_keys={storage_key},
+        description=(
+            f"Each enriched image as it was sent next to its normal map, the same size, under <output>/{PARQUET_DIR}/"
+            f"partition=<key>/<split>-<part>.parquet (Hugging Face Image columns; splits {fractions} by content)"
+            + (", and WebDataset tars." if webdataset else ".")
+        ),
+    )
+    def training_pairs(context: AssetExecutionContext) -> MaterializeResult:
+        """Re-reads each source, checks it against the manifest's hash and prepares it again, so the stored image
+        is exactly what the API saw; rows whose source changed or vanished are left out and counted."""
+        storage: DatasetResource = getattr(context.resources, storage_key)
+        dataset, output = storage.dataset(), storage.output()
+        for key in context.partition_keys:
+            warnings: list[str] = []
+            shard = read_manifest(output, key, warnings)
+            for warning in warnings:
+                context.log.warning(warning)
+            result = write_training_pairs(dataset, output, key, shard, splits=fractions, webdataset=webdataset)
+            left_out = ", ".join(f"{reason}: {n}" for reason, n in sorted(result.left_out.items())) or "none"
+            context.log.info(f"shard {key}: {result.pairs} training pairs, left out: {left_out}")
+            context.add_asset_metadata(training_metadata(result), partition_key=key)
+        return MaterializeResult()
+
+    return training_pairs

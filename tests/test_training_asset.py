@@ -1,0 +1,82 @@
+"""The `training_pairs` asset through Dagster: in the shard job with `surface_normals`, partitioned and backfilled
+alike, one materialization per partition with its own figures, also in a run over a range."""
+
+import pyarrow.dataset as pads
+import pytest
+from dagster import AssetKey, DagsterInstance, materialize
+
+from normals_pipeline.enrich import normal_map_path
+from normals_pipeline.manifest import read_manifest
+from normals_pipeline.orchestration import ClipdropResource, build_definitions, normals_definitions
+from normals_pipeline.storage import LocalStorage
+from normals_pipeline.synthetic import make_portraits
+
+SHARDS = 4
+RANGE = {"dagster/asset_partition_range_start": "00", "dagster/asset_partition_range_end": "03"}
+
+
+def definitions(dataset, output, url, **settings):
+    resource = ClipdropResource(api_key="test-key", api_url=url, requests_per_minute=100_000)
+    return build_definitions(
+        dataset_uri=str(dataset), output_uri=str(output), shards=SHARDS, clipdrop=resource, **settings
+    )
+
+
+def training_materializations(instance, key: AssetKey = AssetKey("training_pairs")):  # noqa: B008
+    """The latest materialization's metadata per partition."""
+    latest = {}
+    for record in instance.fetch_materializations(key, limit=1000).records:  # newest first
+        latest.setdefault(record.asset_materialization.partition, record.asset_materialization.metadata)
+    return latest
+
+
+def test_a_ranged_run_builds_every_shards_pairs_with_its_own_metadata(tmp_path, emulator):
+    make_portraits(tmp_path / "in", 10)
+    output = tmp_path / "out"
+    defs = definitions(tmp_path / "in", output, emulator.url, webdataset=True)
+    instance = DagsterInstance.ephemeral()
+    defs.resolve_job_def("refresh_inventory").execute_in_process(instance=instance)
+
+    result = defs.resolve_job_def("enrich_shard").execute_in_process(instance=instance, tags=RANGE)
+
+    assert result.success
+    assert len([run for run in instance.get_runs() if run.job_name == "enrich_shard"]) == 1  # both assets, one run
+    per_shard = {key: len(read_manifest(LocalStorage(output), key)) for key in ("00", "01", "02", "03")}
+    materialized = training_materializations(instance)
+    assert set(materialized) == set(per_shard)  # an empty shard too
+    for key, metadata in materialized.items():
+        assert metadata["pairs"].value == per_shard[key] and metadata["left_out"].value == 0
+        assert sum(metadata["splits"].value.values()) == per_shard[key]
+        assert metadata["path"].value.endswith(f"training/parquet/partition%3D{key}")  # a file URI
+    table = pads.dataset(output / "training" / "parquet", partitioning="hive").to_table()
+    assert table.num_rows == 10
+    assert len(list((output / "training" / "webdataset").glob("*.tar"))) == sum(1 for n in per_shard.values() if n)
+
+    # a map lost since (surface_normals would make it again): the asset alone leaves its pair out and says why
+    manifest = read_manifest(LocalStorage(output), "01")
+    LocalStorage(output).delete(normal_map_path(manifest["content_hash"].iloc[0]))
+    pairs = defs.resolve_assets_def("training_pairs")  # its resources bound by the definitions
+    assert materialize([pairs], partition_key="01", instance=instance).success
+    metadata = training_materializations(instance)["01"]
+    assert metadata["left_out_by_reason"].value == {"map_missing": 1}
+    assert metadata["pairs"].value == per_shard["01"] - 1
+
+
+def test_same_partitions_and_backfill_policy_as_surface_normals_under_the_prefix():
+    defs = normals_definitions(dataset="/d", output="/o", shards=100, shards_per_run=8, key_prefix="portraits")
+    normals = defs.resolve_assets_def(AssetKey(["portraits", "surface_normals"]))
+    pairs = defs.resolve_assets_def(AssetKey(["portraits", "training_pairs"]))
+    assert pairs.partitions_def == normals.partitions_def
+    assert pairs.backfill_policy == normals.backfill_policy and pairs.backfill_policy.max_partitions_per_run == 8
+    assert pairs.group_names_by_key[pairs.key] == normals.group_names_by_key[normals.key]
+    assert normals.key in pairs.asset_deps[pairs.key]
+    job = defs.resolve_job_def("portraits__enrich_shard")
+    assert job.asset_layer.selected_asset_keys >= {normals.key, pairs.key}
+
+
+def test_training_pairs_can_be_left_out_and_bad_splits_are_refused():
+    defs = normals_definitions(dataset="/d", output="/o", training_pairs=False)
+    keys = {key.to_user_string() for key in defs.get_repository_def().asset_graph.get_all_asset_keys()}
+    assert keys == {"image_inventory", "surface_normals"}
+    with pytest.raises(ValueError, match="sum to 1"):
+        normals_definitions(dataset="/d", output="/o", training_splits={"train": 0.9})
