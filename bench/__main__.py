@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import listing, resources, throughput
+from . import listing, normals_decode, resources, throughput
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -63,6 +63,9 @@ class Config:
     inventory_repeats: int = 3
     # figure 6
     overhead_images: int = 600
+    # figure 7: a size x size normal map, decoded this many times (and Pillow as many, in turns)
+    normals_size: int = 1024
+    normals_repeats: int = 200
     # targets
     target_single: float = 0.98
     target_burstiness: float = 1.2
@@ -71,6 +74,7 @@ class Config:
     target_memory: float = 1.2
     target_inventory: float = 2.0
     target_overhead: float = 0.5
+    target_normals_decode: float = 1.5
 
 
 QUICK = Config(
@@ -89,6 +93,7 @@ QUICK = Config(
     inventory_files=10_000,
     inventory_repeats=2,
     overhead_images=60,
+    normals_repeats=10,
 )
 
 RATES = (60, 300, 1200, 3000)  # figure 1, one row each; `--only throughput` selects them all
@@ -133,6 +138,12 @@ FIGURES = [
     ),
     Figure("inventory", "5 inventory ÷ bare scandir", lambda c: f"<= {c.target_inventory}", listing.inventory_speed),
     Figure("overhead", "6 unthrottled: run ÷ bare httpx loop", lambda c: f">= {c.target_overhead}", resources.overhead),
+    Figure(
+        "normals-decode",
+        "7 normal map decode + mask ÷ Pillow decode",
+        lambda c: f"<= {c.target_normals_decode}",
+        normals_decode.decode_speed,
+    ),
 ]
 NAMES = [figure.name for figure in FIGURES]
 GROUPS = {"throughput": [f"rate-{rpm}" for rpm in RATES]}
