@@ -1,7 +1,8 @@
 """`normals-pipeline demo`: the whole product on the embedded default, with no key and no network.
 
 Synthetic portraits in a local folder, the emulator on a free loopback port, two runs through the
-Dagster definitions (the second charges nothing), and a contact sheet to look at.
+Dagster definitions (the second charges nothing), a contact sheet to look at, and the training pairs with
+the two lines that load them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from PIL import Image
 from .emulator import Emulator, EmulatorConfig
 from .enrich import normal_map_path
 from .synthetic import contact_sheet, make_portraits
+from .training import PARQUET_DIR
 
 DEMO_KEY = "demo-key"
 DEMO_SHARDS = 4
@@ -80,6 +82,13 @@ def run_demo(workdir: Path, images: int) -> int:
         f"\nthe emulator charged {charged} credits in all.\n"
         f"dataset:       {dataset}\nnormal maps:   {output / 'normals'}\n"
         f"manifest:      {output / 'manifest'}  (pyarrow.dataset.dataset(..., partitioning='hive'))\n"
-        f"contact sheet: {sheet}"
+        f"contact sheet: {sheet}\n"
+        f"training pairs: {output / PARQUET_DIR}\n\n"
+        "load them with Hugging Face datasets (images decoded as PIL, splits by file name):\n"
+        "    import datasets\n"
+        f"    pairs = datasets.load_dataset({str(output / PARQUET_DIR)!r})\n"
+        "or as numpy arrays (image, normals, mask) for a torch DataLoader:\n"
+        "    from normals_pipeline.training import NormalsDataset\n"
+        f"    pairs = NormalsDataset({str(output)!r}, split='train', convention='opengl', size=(256, 256))"
     )
     return 0

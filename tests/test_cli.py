@@ -245,6 +245,8 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "the emulator charged 3 credits in all" in out
     assert (tmp_path / "demo" / "enriched" / "contact_sheet.png").stat().st_size > 0
+    assert "training pairs: 3 (" in out and "datasets.load_dataset(" in out and "NormalsDataset(" in out
+    assert list((tmp_path / "demo" / "enriched" / "training" / "parquet").glob("partition=*/*.parquet"))
 
 
 def test_refresh_balance_that_cannot_reach_the_state_is_one_line_exit_2(dataset, tmp_path, monkeypatch, capsys):
