@@ -42,6 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from . import normals
 from ._errors import ImageRejected
 from .enrich import normal_map_path
 from .prepare import Oversize, prepare
@@ -248,6 +249,7 @@ class _ShardWriter:
         self.key = partition_key
         self.webdataset = webdataset
         self.buffers: dict[str, list[Pair]] = {split: [] for split in SPLITS}
+        self.buffered: Counter[str] = Counter()  # bytes in each split's buffer, and in the tar's ("")
         self.parts: Counter[str] = Counter()
         self.samples: list[Pair] = []
         self.tar_parts = 0
@@ -255,13 +257,14 @@ class _ShardWriter:
         self.written: list[str] = []
 
     def add(self, pair: Pair) -> None:
-        buffer = self.buffers[pair.split]
-        buffer.append(pair)
-        if sum(p.nbytes for p in buffer) >= PART_BYTES:
+        self.buffers[pair.split].append(pair)
+        self.buffered[pair.split] += pair.nbytes
+        if self.buffered[pair.split] >= PART_BYTES:
             self._flush(pair.split)
         if self.webdataset:
             self.samples.append(pair)
-            if sum(p.nbytes for p in self.samples) >= PART_BYTES:
+            self.buffered[""] += pair.nbytes
+            if self.buffered[""] >= PART_BYTES:
                 self._flush_tar()
 
     def close(self) -> list[str]:
@@ -276,8 +279,8 @@ class _ShardWriter:
     def _flush(self, split: str) -> None:
         path = f"{shard_folder(self.key)}/{split}-{self.parts[split]:05d}.parquet"
         self.parts[split] += 1
-        self._put(path, parquet_bytes(self.buffers.pop(split)), "application/vnd.apache.parquet")
-        self.buffers[split] = []
+        self._put(path, parquet_bytes(self.buffers[split]), "application/vnd.apache.parquet")
+        self.buffers[split], self.buffered[split] = [], 0
 
     def _flush_tar(self) -> None:
         """A tar of img2dataset's layout, then its stats file (written last, as img2dataset's completion marker)."""
@@ -291,7 +294,7 @@ class _ShardWriter:
         self._put(f"{name}_stats.json", json.dumps(stats).encode(), "application/json")
         self.tar_parts += 1
         self.tar_samples += len(self.samples)
-        self.samples = []
+        self.samples, self.buffered[""] = [], 0
 
     def _put(self, path: str, data: bytes, content_type: str) -> None:
         self.output.write_bytes(path, data, content_type)
@@ -452,8 +455,6 @@ class NormalsDataset:
         self.epoch = epoch
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        from . import normals  # decoding is normals.py's; the writer above does not need it
-
         if not -self._length <= index < self._length:
             raise IndexError(f"index {index} out of range for {self._length} pairs")
         index %= self._length

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import io
 import json
+import pickle
 import shutil
 import tarfile
 from collections import Counter
@@ -236,15 +237,10 @@ def test_webdataset_shards_in_img2dataset_layout(enriched):
         assert meta["split"] in ("train", "validation", "test") and meta["path"]
 
 
-def _dataset(output: Storage, **options) -> NormalsDataset:
-    pytest.importorskip("normals_pipeline.normals", reason="normals.py (decoding) is not in this tree yet")
-    return NormalsDataset(output, **options)
-
-
 def test_normals_dataset_gives_aligned_numpy_arrays(enriched):
     dataset, output, manifest = enriched
     result = write_training_pairs(dataset, output, "00", manifest, splits=EVEN)
-    data = _dataset(output, split="train", convention="opencv")
+    data = NormalsDataset(output, split="train", convention="opencv")
     assert len(data) == result.splits["train"]
     for index in range(len(data)):
         item = data[index]
@@ -254,20 +250,22 @@ def test_normals_dataset_gives_aligned_numpy_arrays(enriched):
         assert np.allclose(norms, 1, atol=1e-3) and 0 < item["mask"].mean() < 1
     with pytest.raises(IndexError):
         data[len(data)]
+    copy = pickle.loads(pickle.dumps(data))  # what a DataLoader worker gets
+    assert all(np.array_equal(copy[-1][name], data[-1][name]) for name in ("image", "normals", "mask"))
 
 
 def test_normals_dataset_resizes_and_flips_all_three_together(enriched):
     dataset, output, manifest = enriched
     write_training_pairs(dataset, output, "00", manifest, splits={"train": 1.0})
-    plain = _dataset(output, size=(64, 96))[0]
-    flipped = _dataset(output, size=(64, 96), hflip=1.0)[0]
+    plain = NormalsDataset(output, size=(64, 96))[0]
+    flipped = NormalsDataset(output, size=(64, 96), hflip=1.0)[0]
     assert plain["image"].shape == (96, 64, 3) and plain["normals"].shape == (96, 64, 3)
     assert plain["mask"].shape == (96, 64)
     assert np.array_equal(flipped["image"], plain["image"][:, ::-1])
     assert np.array_equal(flipped["mask"], plain["mask"][:, ::-1])
     mirrored = plain["normals"][:, ::-1] * np.array([-1, 1, 1], np.float32)
     assert np.allclose(flipped["normals"], mirrored, atol=1e-6)
-    draws = [_dataset(output, hflip=0.5, seed=3) for _ in range(2)]
+    draws = [NormalsDataset(output, hflip=0.5, seed=3) for _ in range(2)]
     assert all(np.array_equal(draws[0][i]["image"], draws[1][i]["image"]) for i in range(4))  # reproducible
 
 
@@ -275,7 +273,7 @@ def test_normals_dataset_feeds_a_torch_dataloader(enriched):
     torch = pytest.importorskip("torch")
     dataset, output, manifest = enriched
     write_training_pairs(dataset, output, "00", manifest, splits={"train": 1.0})
-    data = _dataset(output, size=(32, 48), hflip=0.5)
+    data = NormalsDataset(output, size=(32, 48), hflip=0.5)
     loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True, num_workers=2)
     batches = list(loader)
     assert sum(len(batch["image"]) for batch in batches) == len(data) == 13
@@ -298,7 +296,31 @@ def test_training_pairs_on_s3(tmp_path, emulator, s3_client, s3_bucket):
     assert output.list_prefix("training") == sorted(result.files)
     [path] = split_files(output, "train")
     whole = pq.read_table(io.BytesIO(output.read_bytes(path)))
+    item = NormalsDataset(output, split="train")[3]
+    assert item["image"].shape == item["normals"].shape and item["mask"].any()
+    assert pickle.loads(pickle.dumps(NormalsDataset(output)))[3]["mask"].sum() == item["mask"].sum()  # reopened
     ranged = pq.ParquetFile(_S3File(output, path))  # what NormalsDataset reads on S3: footer and one row group
     assert ranged.metadata.num_rows == 4 and ranged.read_row_group(0).equals(
         whole.slice(0, ranged.metadata.row_group(0).num_rows)
     )
+
+
+def test_a_large_shard_is_written_in_parts_that_a_rerun_folds_back(enriched, monkeypatch):
+    import normals_pipeline.training as training
+
+    dataset, output, manifest = enriched
+    monkeypatch.setattr(training, "PART_BYTES", 1)  # every pair fills a part
+    write_training_pairs(dataset, output, "00", manifest, splits={"train": 1.0}, webdataset=True)
+    assert len(split_files(output, "train")) == 13
+    tars = [p for p in output.list_prefix(WEBDATASET_DIR) if p.endswith(".tar")]
+    keys = set()
+    for path in tars:
+        with tarfile.open(fileobj=io.BytesIO(output.read_bytes(path))) as tar:
+            keys |= {name.partition(".")[0] for name in tar.getnames()}
+    assert len(tars) == len(keys) == 13  # keys go on across the shard's tars
+    assert len(NormalsDataset(output)) == 13
+
+    monkeypatch.setattr(training, "PART_BYTES", 64 * 2**20)
+    write_training_pairs(dataset, output, "00", manifest, splits={"train": 1.0})
+    assert split_files(output, "train") == [f"{PARQUET_DIR}/partition=00/train-00000.parquet"]
+    assert len(NormalsDataset(output)) == 13
