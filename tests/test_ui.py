@@ -234,12 +234,14 @@ def backfill(page, dev_server) -> Backfill:
     deadline = started + BACKFILL_TIMEOUT_S
     while True:
         dev_server.check_alive()
-        node = dev_server.graphql(PARTITION_STATS, {"key": {"path": [ASSET]}})["assetNodeOrError"]
-        stats = node["partitionStats"]
-        if stats["numFailed"]:
+        stats = {  # the training pairs are built in the same runs, right after each run's maps
+            asset: dev_server.graphql(PARTITION_STATS, {"key": {"path": [asset]}})["assetNodeOrError"]["partitionStats"]
+            for asset in (ASSET, "training_pairs")
+        }
+        if any(counts["numFailed"] for counts in stats.values()):
             _shot(page, "99-failed")
-            pytest.fail(f"{stats['numFailed']} partitions failed:\n{dev_server.log_tail()}")
-        if stats["numMaterialized"] == SHARDS:
+            pytest.fail(f"partitions failed: {stats}\n{dev_server.log_tail()}")
+        if all(counts["numMaterialized"] == SHARDS for counts in stats.values()):
             break
         if time.monotonic() > deadline:
             pytest.fail(f"{stats} after {BACKFILL_TIMEOUT_S} s:\n{dev_server.log_tail()}")
