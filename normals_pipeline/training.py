@@ -46,7 +46,7 @@ from . import normals
 from ._errors import ImageRejected
 from .enrich import normal_map_path
 from .prepare import Oversize, prepare
-from .storage import LocalStorage, NotARegularFile, S3Storage, Storage, open_storage
+from .storage import LocalStorage, S3Storage, Storage, open_storage
 
 TRAINING_DIR = "training"
 PARQUET_DIR = f"{TRAINING_DIR}/parquet"
@@ -165,7 +165,7 @@ def make_pair(
         data = dataset.read_bytes(row["path"])
     except FileNotFoundError:
         return "source_missing"
-    except (NotARegularFile, OSError):
+    except (OSError, ValueError):  # a FIFO swapped in (NotARegularFile), a permission, a path refused
         return "source_unreadable"
     if hashlib.sha256(data).hexdigest() != row["content_hash"]:
         return "source_changed"
@@ -176,7 +176,7 @@ def make_pair(
         return "source_unreadable"
     except FileNotFoundError:
         return "map_missing"
-    if _size(normal_map) != (sent.width, sent.height) or (row["width"], row["height"]) != (sent.width, sent.height):
+    if _size(normal_map) != (sent.width, sent.height):
         return "size_mismatch"
     split = split_of(row["content_hash"], fractions)
     return Pair(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import io
 import json
+import os
 import pickle
 import shutil
 import tarfile
@@ -148,10 +149,22 @@ def test_a_source_changed_or_gone_since_enrichment_is_left_out_and_counted(enric
     folder = tmp_path / "in"
     Image.new("RGB", (64, 64), "red").save(folder / "portrait_003.jpg")  # edited after its map was made
     (folder / "portrait_004.png").unlink()
-    output.delete(normal_map_path(manifest.set_index("path").loc["portrait_006.jpg", "content_hash"]))
+    hashes = manifest.set_index("path")["content_hash"]
+    output.delete(normal_map_path(hashes["portrait_006.jpg"]))
+    small = io.BytesIO()
+    Image.new("RGB", (10, 10), (128, 128, 255)).save(small, "JPEG")
+    output.write_bytes(normal_map_path(hashes["portrait_009.jpg"]), small.getvalue())  # not the image's size
+    (folder / "portrait_010.png").unlink()
+    os.mkfifo(folder / "portrait_010.png")  # never opened: refused as not a regular file
     result = write_training_pairs(dataset, output, "00", manifest)
-    assert dict(result.left_out) == {"source_changed": 1, "source_missing": 1, "map_missing": 1}
-    assert result.pairs == 13 - 3
+    assert dict(result.left_out) == {
+        "source_changed": 1,
+        "source_missing": 1,
+        "map_missing": 1,
+        "size_mismatch": 1,
+        "source_unreadable": 1,
+    }
+    assert result.pairs == 13 - 5
 
 
 def test_splits_are_stable_across_reruns_and_duplicates_share_theirs(enriched, tmp_path, emulator):
