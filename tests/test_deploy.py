@@ -19,6 +19,7 @@ from _emulator_fixtures import TEST_KEY
 from dagster import AssetKey, DagsterInstance, execute_job
 from dagster._core.definitions.reconstruct import ReconstructableRepository
 from dagster._core.storage.tags import PARTITION_NAME_TAG
+from kombu import Connection
 
 from normals_pipeline.emulator import Emulator
 from normals_pipeline.inventory import take_inventory, write_inventory
@@ -124,6 +125,9 @@ def celery_worker(tmp_path: Path, amqp_url: str, pipeline_env: dict) -> Iterator
         except subprocess.TimeoutExpired:
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait()
+        with Connection(amqp_url) as connection:  # the queue and exchange named after it, left by the worker
+            connection.default_channel.queue_delete(queue)
+            connection.default_channel.exchange_delete(queue)
 
 
 # dagster-celery registers its task again on each executor's app: harmless, and not ours to fix
