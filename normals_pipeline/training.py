@@ -14,7 +14,8 @@ Layout under `<output>/training/`, one folder per dataset shard (hive key `parti
 `split` is a column inside the files (so every reader has it, Hugging Face `datasets` included, which reads no
 hive keys) and the start of the file name (so `datasets` finds the splits by name). Each file holds at most
 about `PART_BYTES` of images, so a shard of any size is written in bounded memory; a re-run rewrites the
-shard's files and deletes those it did not write again.
+shard's files and deletes those it did not write again, or keeps them when nothing they were made from changed
+(recorded in `training/.built/<key>.json`, a hidden folder no reader lists).
 
 `NormalsDataset` reads one split back as numpy arrays (image, normals, mask) for a torch `DataLoader` or
 any other loop, without this package importing torch.
@@ -142,6 +143,7 @@ class TrainingResult:
     splits: Counter[str] = field(default_factory=Counter)
     files: list[str] = field(default_factory=list)  # paths written, relative to the output
     uri: str = ""  # the shard's Parquet folder
+    reused: bool = False  # nothing changed since the last build: its files were kept
 
 
 def successful_rows(manifest: pd.DataFrame) -> pd.DataFrame:
@@ -226,11 +228,17 @@ def write_training_pairs(
     """Build one shard's pairs from its manifest and write them (see the module docstring for the layout).
 
     Idempotent: the shard's files are rewritten, and its files from an earlier run that this one did not
-    write (a split or part that is now empty, WebDataset shards after `webdataset` was turned off) deleted."""
+    write (a split or part that is now empty, WebDataset shards after `webdataset` was turned off) deleted.
+    A shard whose successful rows and settings are those of its last build, which left nothing out and whose
+    files are all still there, is kept as it is (`reused`): a re-run reads no image again, as it sends none."""
     fractions = check_splits(splits)
+    rows = successful_rows(manifest)
+    stamp = _stamp(rows, fractions, webdataset)
+    if (kept := _last_build(output, partition_key, stamp)) is not None:
+        return kept
     writer = _ShardWriter(output, partition_key, webdataset)
     result = TrainingResult(uri=output.uri_for(shard_folder(partition_key)))
-    for outcome in make_pairs(dataset, output, successful_rows(manifest), fractions, oversize):
+    for outcome in make_pairs(dataset, output, rows, fractions, oversize):
         if isinstance(outcome, str):
             result.left_out[outcome] += 1
             continue
@@ -238,7 +246,43 @@ def write_training_pairs(
         result.pairs += 1
         result.splits[outcome.split] += 1
     result.files = writer.close()
+    record = {"stamp": stamp, **{name: getattr(result, name) for name in ("pairs", "left_out", "splits", "files")}}
+    output.write_bytes(_build_record(partition_key), json.dumps(record).encode(), "application/json")
     return result
+
+
+def _build_record(partition_key: str) -> str:
+    """Where a shard's last build is recorded: a hidden folder, which no reader of the pairs lists."""
+    return f"{TRAINING_DIR}/.built/{partition_key}.json"
+
+
+def _stamp(rows: pd.DataFrame, fractions: Mapping[str, float], webdataset: bool) -> str:
+    """What a shard's pairs are made from: its successful rows (a changed file has a new hash) and the settings."""
+    digest = hashlib.sha256(json.dumps([sorted(fractions.items()), webdataset, PART_BYTES, ROW_GROUP_ROWS]).encode())
+    for path, content_hash in zip(rows["path"], rows["content_hash"]):
+        digest.update(f"{path}\0{content_hash}\n".encode())
+    return digest.hexdigest()
+
+
+def _last_build(output: Storage, partition_key: str, stamp: str) -> TrainingResult | None:
+    """The last build's result if it was made from the same rows and settings, left nothing out (a source
+    unreadable then may be readable now) and its files are all there."""
+    try:
+        record = json.loads(output.read_bytes(_build_record(partition_key)))
+    except (FileNotFoundError, ValueError):
+        return None
+    if record.get("stamp") != stamp or record["left_out"]:  # what was left out may be readable now
+        return None
+    if not all(output.exists(path) for path in record["files"]):
+        return None
+    return TrainingResult(
+        record["pairs"],
+        Counter(record["left_out"]),
+        Counter(record["splits"]),
+        record["files"],
+        output.uri_for(shard_folder(partition_key)),
+        reused=True,
+    )
 
 
 class _ShardWriter:

@@ -337,3 +337,31 @@ def test_a_large_shard_is_written_in_parts_that_a_rerun_folds_back(enriched, mon
     write_training_pairs(dataset, output, "00", manifest, splits={"train": 1.0})
     assert split_files(output, "train") == [f"{PARQUET_DIR}/partition=00/train-00000.parquet"]
     assert len(NormalsDataset(output)) == 13
+
+
+def test_an_unchanged_shard_is_kept_and_one_with_left_outs_is_built_again(enriched, tmp_path):
+    dataset, output, manifest = enriched
+    first = write_training_pairs(dataset, output, "00", manifest)
+    written = {path: (tmp_path / "out" / path).stat().st_mtime_ns for path in first.files}
+    again = write_training_pairs(dataset, output, "00", manifest)
+    assert (
+        again.reused
+        and not first.reused
+        and (again.pairs, again.splits, again.files)
+        == (
+            first.pairs,
+            first.splits,
+            first.files,
+        )
+    )
+    assert {path: (tmp_path / "out" / path).stat().st_mtime_ns for path in first.files} == written  # not rewritten
+
+    missing = tmp_path / "in" / "portrait_003.jpg"
+    saved = missing.read_bytes()
+    missing.unlink()
+    assert write_training_pairs(dataset, output, "00", manifest, splits=EVEN).left_out == {"source_missing": 1}
+    missing.write_bytes(saved)  # back (a transient failure): the next run builds its pair again
+    back = write_training_pairs(dataset, output, "00", manifest, splits=EVEN)
+    assert not back.reused and back.pairs == 13 and not back.left_out
+    (tmp_path / "out" / back.files[0]).unlink()  # a file of the last build lost: built again
+    assert not write_training_pairs(dataset, output, "00", manifest, splits=EVEN).reused

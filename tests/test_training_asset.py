@@ -3,7 +3,7 @@ alike, one materialization per partition with its own figures, also in a run ove
 
 import pyarrow.dataset as pads
 import pytest
-from dagster import AssetKey, DagsterInstance, materialize
+from dagster import AssetKey, DagsterInstance
 
 from normals_pipeline.enrich import normal_map_path
 from normals_pipeline.manifest import read_manifest
@@ -52,11 +52,15 @@ def test_a_ranged_run_builds_every_shards_pairs_with_its_own_metadata(tmp_path, 
     assert table.num_rows == 10
     assert len(list((output / "training" / "webdataset").glob("*.tar"))) == sum(1 for n in per_shard.values() if n)
 
-    # a map lost since (surface_normals would make it again): the asset alone leaves its pair out and says why
+    # nothing changed: the next run keeps every shard's pairs as they are
+    assert defs.resolve_job_def("enrich_shard").execute_in_process(instance=instance, tags=RANGE).success
+    assert all(metadata["reused"].value for metadata in training_materializations(instance).values())
+
+    # a map lost since, then a rebuild (another setting): the pair is left out, and the partition says why
     manifest = read_manifest(LocalStorage(output), "01")
     LocalStorage(output).delete(normal_map_path(manifest["content_hash"].iloc[0]))
-    pairs = defs.resolve_assets_def("training_pairs")  # its resources bound by the definitions
-    assert materialize([pairs], partition_key="01", instance=instance).success
+    defs = definitions(tmp_path / "in", output, emulator.url, webdataset=False)
+    defs.resolve_job_def("enrich_shard").execute_in_process(instance=instance, partition_key="01")
     metadata = training_materializations(instance)["01"]
     assert metadata["left_out_by_reason"].value == {"map_missing": 1}
     assert metadata["pairs"].value == per_shard["01"] - 1

@@ -30,6 +30,7 @@ def training_metadata(result: TrainingResult) -> dict[str, Any]:
         "left_out_by_reason": MetadataValue.json(dict(sorted(result.left_out.items()))),
         "splits": MetadataValue.json({split: result.splits[split] for split in sorted(result.splits)}),
         "files": len(result.files),
+        "reused": result.reused,
         "path": MetadataValue.path(result.uri),
         "dagster/row_count": result.pairs,
     }
@@ -72,7 +73,8 @@ def build_training_asset(
                 context.log.warning(warning)
             result = write_training_pairs(dataset, output, key, shard, splits=fractions, webdataset=webdataset)
             left_out = ", ".join(f"{reason}: {n}" for reason, n in sorted(result.left_out.items())) or "none"
-            context.log.info(f"shard {key}: {result.pairs} training pairs, left out: {left_out}")
+            kept = " (unchanged since the last build: kept)" if result.reused else ""
+            context.log.info(f"shard {key}: {result.pairs} training pairs, left out: {left_out}{kept}")
             context.add_asset_metadata(training_metadata(result), partition_key=key)
         return MaterializeResult()
 
