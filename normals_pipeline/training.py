@@ -59,6 +59,7 @@ LEFT_OUT_REASONS = ("source_missing", "source_unreadable", "source_changed", "ma
 PART_BYTES = 64 * 2**20  # image + map bytes per file: bounds memory, and a size loaders stream well
 ROW_GROUP_ROWS = 16  # small row groups: `NormalsDataset` reads one group per item it is asked for
 READ_THREADS = 8  # sources and maps are read in parallel (S3 latency), a window at a time
+OPEN_FILES = 8  # Parquet files a NormalsDataset keeps open
 _EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
 
 _IMAGE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
@@ -524,7 +525,10 @@ class NormalsDataset:
         return self._cached[1].slice(offset, 1).to_pylist()[0]
 
     def _parquet(self, index: int) -> pq.ParquetFile:
+        """File `index`, opened on first use; at most `OPEN_FILES` stay open (a split may have thousands)."""
         if index not in self._handles:
+            if len(self._handles) >= OPEN_FILES:
+                self._handles.pop(next(iter(self._handles))).close()
             storage = self._store()
             path = self.files[index]
             if isinstance(storage, LocalStorage):

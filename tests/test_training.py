@@ -331,7 +331,8 @@ def test_a_large_shard_is_written_in_parts_that_a_rerun_folds_back(enriched, mon
         with tarfile.open(fileobj=io.BytesIO(output.read_bytes(path))) as tar:
             keys |= {name.partition(".")[0] for name in tar.getnames()}
     assert len(tars) == len(keys) == 13  # keys go on across the shard's tars
-    assert len(NormalsDataset(output)) == 13
+    data = NormalsDataset(output)
+    assert len(data) == 13 and all(data[i]["mask"].any() for i in (*range(13), 0))  # 13 files, 8 kept open
 
     monkeypatch.setattr(training, "PART_BYTES", 64 * 2**20)
     write_training_pairs(dataset, output, "00", manifest, splits={"train": 1.0})
