@@ -10,6 +10,7 @@ from normals_pipeline.manifest import read_manifest
 from normals_pipeline.orchestration import ClipdropResource, build_definitions, normals_definitions
 from normals_pipeline.storage import LocalStorage
 from normals_pipeline.synthetic import make_portraits
+from normals_pipeline.training import SCHEMA
 
 SHARDS = 4
 RANGE = {"dagster/asset_partition_range_start": "00", "dagster/asset_partition_range_end": "03"}
@@ -74,6 +75,8 @@ def test_same_partitions_and_backfill_policy_as_surface_normals_under_the_prefix
     assert pairs.backfill_policy == normals.backfill_policy and pairs.backfill_policy.max_partitions_per_run == 8
     assert pairs.group_names_by_key[pairs.key] == normals.group_names_by_key[normals.key]
     assert normals.key in pairs.asset_deps[pairs.key]
+    columns = pairs.metadata_by_key[pairs.key]["dagster/column_schema"].columns  # shown before any run
+    assert [column.name for column in columns] == SCHEMA.names and all(column.description for column in columns)
     job = defs.resolve_job_def("portraits__enrich_shard")
     assert job.asset_layer.selected_asset_keys >= {normals.key, pairs.key}
 

@@ -14,13 +14,31 @@ from dagster import (
     MaterializeResult,
     MetadataValue,
     StaticPartitionsDefinition,
+    TableColumn,
+    TableSchema,
     asset,
 )
 
 from ..manifest import read_manifest
-from ..training import PARQUET_DIR, TrainingResult, check_splits, write_training_pairs
+from ..training import PARQUET_DIR, SCHEMA, TrainingResult, check_splits, write_training_pairs
 from .naming import STORAGE, SURFACE_NORMALS, TRAINING_PAIRS, Names
 from .resources import DatasetResource
+
+COLUMNS = {
+    "image": "The image exactly as sent to the API (EXIF orientation applied, downscaled or converted if it was), "
+    "as Hugging Face's Image feature.",
+    "normal_map": "Its normal map as the API returned it (JPEG), the same size, as Hugging Face's Image feature.",
+    "path": "Relative to the dataset root.",
+    "content_hash": "SHA-256 of the source file's bytes, as in the manifest.",
+    "width": "Width of the image and of the map.",
+    "height": "Height of the image and of the map.",
+    "split": "train, validation or test, from the content hash: stable across runs, shared by duplicates.",
+}
+
+
+def column_schema() -> TableSchema:
+    """The Parquet columns, shown on the asset before any run."""
+    return TableSchema(columns=[TableColumn(field.name, str(field.type), COLUMNS[field.name]) for field in SCHEMA])
 
 
 def training_metadata(result: TrainingResult) -> dict[str, Any]:
@@ -55,6 +73,7 @@ def build_training_asset(
         partitions_def=partitions,
         backfill_policy=BackfillPolicy.multi_run(max_partitions_per_run=shards_per_run),
         required_resource_keys={storage_key},
+        metadata={"dagster/column_schema": column_schema()},
         description=(
             f"Each enriched image as it was sent next to its normal map, the same size, under <output>/{PARQUET_DIR}/"
             f"partition=<key>/<split>-<part>.parquet (Hugging Face Image columns; splits {fractions} by content)"
