@@ -11,23 +11,26 @@ Background pixels get exactly "facing the viewer", (0, 0, 1) in ``opengl``, conv
 
 **The mask** (True = person). The API draws everything that is not a person as (128, 128, 255), "facing the
 viewer", but a JPEG never gives back one exact colour: 4:2:0 chroma subsampling smears colour across a sharp
-silhouette (on the tests' maps at quality 75, background pixels next to it are bent by up to ~60°, most by less
-than 35°), and a person can face the viewer too (the nose tip is (128, 128, 255) inside the face). So:
+silhouette (on the tests' maps at quality 75, background pixels next to it are bent by up to ~60°, most by far
+less), and a person can face the viewer too: the nose tip inside the face, and the emulator's torso, whose
+inside is exactly (128, 128, 255) where it runs off the bottom and side edges. So:
 
-1. *candidates*: pixels whose decoded normal is within `BACKGROUND_ANGLE` (35°) of +Z. Wide enough to take
-   back nearly all of that ring; a person's own pixels near its silhouette are near grazing (over 40°), so
-   they are not candidates there.
-2. *reached*: in `CELL`×`CELL` (8 px) cells, a cell being a candidate when its centre pixel is, the candidate
-   cells connected (4-neighbours) to a candidate cell of the top row, left or right column. Not the bottom
-   row: a portrait's torso usually runs off the bottom edge and may face the viewer there.
+1. *candidates*: pixels within `BACKGROUND_ANGLE` (25°) of +Z. That takes back most of the JPEG ring, and
+   stays well below the least tilted silhouette seen (~36°, where the emulator's torso meets a side edge).
+2. *reached*: the map in `CELL`×`CELL` (8 px) cells; the cells that are candidates throughout (so a 1 px line
+   of tilted normals separates), connected (4-neighbours) to a seed: a top-row cell whose centre is within
+   `SEED_ANGLE` (3°) of +Z, the API's flat background. Only the top edge: a portrait's torso runs off the
+   bottom and often the sides, where it may face the viewer; its silhouette, not the edge, divides it from
+   the background.
 3. *background*: the candidate pixels in a reached cell or next to one. A facing region enclosed by the
-   person (nose tip, frontal face, chest) is never reached, so it stays person, whatever its size.
+   person or by its silhouette and the image edge (nose tip, frontal face, torso) is never reached, so it
+   stays person, whatever its size.
 
-Everything else is person. Limits, by construction: background cut off from the top and sides (between an arm
-and the body; touching only the bottom edge) or joined to them only through gaps narrower than about a cell
-counts as person; a person's region within 35° of facing the viewer that touches the top, left or right edge
-counts as background. Cells, because connecting a few thousand of them takes a few numpy sweeps, where a
-per-pixel flood fill is a Python loop (Pillow's `ImageDraw.floodfill` is one).
+Everything else is person. Limits, by construction: background not joined to the top edge through cells of
+candidates (a pocket between an arm and the body, a gap narrower than about two cells) counts as person; a
+person's region within 25° of facing the viewer that reaches the top edge with a centre within 3° counts as
+background. Cells, because connecting a few thousand of them takes a few numpy sweeps, where a per-pixel
+flood fill is a Python loop (Pillow's `ImageDraw.floodfill` is one).
 
 **Layout.** `decode` returns normals as an H×W×3 view of a channel-planar (3, H, W) float32 array: it is
 decoded a channel at a time, and ``normals.transpose(2, 0, 1)`` is then a contiguous C×H×W array (what torch
@@ -50,6 +53,7 @@ from PIL import Image
 __all__ = [
     "CONVENTIONS",
     "BACKGROUND_ANGLE",
+    "SEED_ANGLE",
     "CELL",
     "Convention",
     "InvalidNormalMap",
@@ -61,11 +65,13 @@ __all__ = [
     "to_convention",
 ]
 
-BACKGROUND_ANGLE = 35.0  # degrees from +Z: a background candidate (see the mask rule)
-CELL = 8  # px: the grid on which candidates are connected to the border
+BACKGROUND_ANGLE = 25.0  # degrees from +Z: a background candidate (see the mask rule)
+SEED_ANGLE = 3.0  # degrees from +Z: a top-edge cell where the background may start
+CELL = 8  # px: the grid on which candidates are connected to the top edge
 
 _JPEG_START, _JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
 _COS_ANGLE = np.float32(np.cos(np.radians(BACKGROUND_ANGLE)))
+_COS_SEED = np.float32(np.cos(np.radians(SEED_ANGLE)))
 _HALF = np.float32(127.5)
 _BLOCK_PIXELS = 65_536  # pixels per block: their float work (3 × 4 bytes each, 768 KiB) stays in the CPU cache
 _FACING = np.array([0.0, 0.0, 1.0], dtype=np.float32)
@@ -186,60 +192,84 @@ def _open_jpeg(data: bytes) -> Image.Image:
     return image
 
 
-def _near_background(rgb: tuple[np.ndarray, ...]) -> np.ndarray:
-    """Steps 2 and 3 of the mask rule: the CELL×CELL cells whose candidate pixels are background (the reached
-    cells and their neighbours), a cell being a candidate when its centre pixel is."""
-    height, width = rgb[0].shape
-    rows = np.minimum(np.arange(0, height, CELL) + CELL // 2, height - 1)
-    cols = np.minimum(np.arange(0, width, CELL) + CELL // 2, width - 1)
-    vectors = np.stack([channel[rows][:, cols] for channel in rgb], axis=-1).astype(np.float32) - _HALF
-    candidate = vectors[..., 2] > _COS_ANGLE * np.sqrt(np.einsum("ijk,ijk->ij", vectors, vectors))
-    return _dilate(_reach(candidate))
-
-
 def _decode_planes(rgb: tuple[np.ndarray, ...], signs: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Unit normals as an H×W×3 view of (3, H, W) float32, and the mask: see the module docstring.
-
-    Worked in blocks of rows that fit the CPU cache, everything done to a block before the next: the float
-    work is then a few passes over a block in cache instead of over 12 MB (a 1024×1024 map) in memory.
-    """
-    height, width = rgb[0].shape
-    planes = np.empty((3, height, width), dtype=np.float32)
-    person = np.empty((height, width), dtype=bool)
-    rows = max(1, _BLOCK_PIXELS // width // CELL) * CELL  # whole cells, so a block starts a row of cells
-    scales = np.empty((rows, width), dtype=np.float32)
-    near_by_column = _near_background(rgb)[:, np.arange(width) // CELL]
-    for top in range(0, height, rows):
-        block, background = planes[:, top : top + rows], person[top : top + rows]
-        count, scale = block.shape[1], scales[: block.shape[1]]
-        for plane, channel in zip(block, rgb):
-            np.copyto(plane, channel[top : top + count])  # a plain cast: much faster than a mixed-type subtract
-        block -= _HALF
-        np.einsum("kij,kij->ij", block, block, out=scale)
-        np.sqrt(scale, out=scale)  # the length
-        np.greater(block[2], np.multiply(scale, _COS_ANGLE), out=background)  # step 1: candidates
-        background &= np.repeat(near_by_column[top // CELL : top // CELL + rows // CELL], CELL, axis=0)[:count]
-        np.divide(~background, scale, out=scale)  # 1 / length, 0 on the background ...
-        block *= scale
-        block[2] += background  # ... where z becomes exactly 1
+    """Unit normals as an H×W×3 view of (3, H, W) float32, and the mask: see the module docstring."""
+    planes, background = _unit_planes(rgb)
+    _keep_connected(background, rgb)
+    person = ~background
+    rows = _block_rows(person.shape[1])
+    for top in range(0, person.shape[0], rows):
+        block = planes[:, top : top + rows]
+        block *= person[top : top + rows]
+        block[2] += background[top : top + rows]  # (0, 0, 1) on the background
         for plane, sign in zip(block, signs):
             if sign < 0:
                 np.negative(plane, out=plane)
-        np.logical_not(background, out=background)
     return planes.transpose(1, 2, 0), person
 
 
-def _reach(candidate: np.ndarray) -> np.ndarray:
-    """Candidate cells connected (4-neighbours) to a candidate cell of the top row, left or right column.
+def _unit_planes(rgb: tuple[np.ndarray, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(3, H, W) unit vectors and the candidates (step 1 of the mask rule).
+
+    Worked in blocks of rows that fit the CPU cache: the float work is then a few passes over a block in
+    cache instead of over 12 MB (a 1024×1024 map) in memory.
+    """
+    height, width = rgb[0].shape
+    planes = np.empty((3, height, width), dtype=np.float32)
+    candidate = np.empty((height, width), dtype=bool)
+    rows = _block_rows(width)
+    lengths = np.empty((rows, width), dtype=np.float32)
+    for top in range(0, height, rows):
+        block = planes[:, top : top + rows]
+        length = lengths[: block.shape[1]]
+        for plane, channel in zip(block, rgb):
+            np.copyto(plane, channel[top : top + rows])  # a plain cast: much faster than a mixed-type subtract
+        block -= _HALF
+        np.einsum("kij,kij->ij", block, block, out=length)
+        np.sqrt(length, out=length)
+        block /= length
+        np.greater(block[2], _COS_ANGLE, out=candidate[top : top + rows])
+    return planes, candidate
+
+
+def _block_rows(width: int) -> int:
+    return max(1, _BLOCK_PIXELS // width)
+
+
+def _keep_connected(candidate: np.ndarray, rgb: tuple[np.ndarray, ...]) -> None:
+    """Steps 2 and 3 of the mask rule: clear the candidates that are not in or next to a reached cell."""
+    cells = np.asarray(Image.fromarray(candidate.view(np.uint8) * np.uint8(255)).reduce(CELL)) == 255
+    far = ~_dilate(_reach(cells, cells[0] & _top_centres_facing(rgb)))
+    if far.any():
+        _clear(candidate, far)
+
+
+def _top_centres_facing(rgb: tuple[np.ndarray, ...]) -> np.ndarray:
+    """For the top row of cells: is the centre pixel within SEED_ANGLE of +Z?"""
+    row = min(CELL // 2, rgb[0].shape[0] - 1)
+    cols = np.minimum(np.arange(0, rgb[0].shape[1], CELL) + CELL // 2, rgb[0].shape[1] - 1)
+    vectors = np.stack([channel[row, cols] for channel in rgb], axis=-1).astype(np.float32) - _HALF
+    return vectors[:, 2] > _COS_SEED * np.linalg.norm(vectors, axis=-1)
+
+
+def _clear(pixels: np.ndarray, cells: np.ndarray) -> None:
+    """Set False the pixels of the True cells, working within those cells' bounding box only."""
+    rows, cols = np.nonzero(cells.any(axis=1))[0], np.nonzero(cells.any(axis=0))[0]
+    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    block = np.repeat(np.repeat(cells[top:bottom, left:right], CELL, axis=0), CELL, axis=1)
+    window = pixels[top * CELL : bottom * CELL, left * CELL : right * CELL]
+    window &= ~block[: window.shape[0], : window.shape[1]]
+
+
+def _reach(candidate: np.ndarray, seed: np.ndarray) -> np.ndarray:
+    """Candidate cells connected (4-neighbours) to a seed cell of the top row.
 
     Sweeps that spread along whole runs of candidate cells, along rows then columns, until nothing changes:
     a few sweeps over a few thousand cells, where a per-pixel flood fill would be a Python loop.
     """
     sweeps = [(runs, np.zeros(int(runs.max()) + 1, dtype=bool)) for runs in (_runs(candidate), _runs(candidate.T).T)]
     reached = np.zeros_like(candidate)
-    reached[0] = candidate[0]
-    reached[:, 0] |= candidate[:, 0]
-    reached[:, -1] |= candidate[:, -1]
+    reached[0] = seed
     count = -1
     while count != (count := int(np.count_nonzero(reached))):
         for runs, hit in sweeps:

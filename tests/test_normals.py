@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import random
 from itertools import product
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image, ImageFile
 
+from normals_pipeline.emulator._normals import _foreground_mask, render_normal_map
 from normals_pipeline.normals import (
     CONVENTIONS,
     InvalidNormalMap,
@@ -24,10 +26,11 @@ from normals_pipeline.normals import (
     resize,
     to_convention,
 )
+from normals_pipeline.synthetic import _portrait as _synthetic_portrait
 
 SIZE = 512
 QUALITIES = (75, 90, 95)  # Pillow's default subsampling for RGB JPEG is 4:2:0, as the API's output
-MAX_MEAN_ERROR_DEG = {75: 2.0, 90: 1.5, 95: 1.5}  # measured 1.31, 1.00, 0.90 (see the README)
+MAX_MEAN_ERROR_DEG = {75: 2.0, 90: 1.5, 95: 1.5}  # measured 1.42, 1.07, 0.96 (see the README)
 
 
 def _ellipsoid(size: tuple[int, int], centre: tuple[float, float], axes: tuple[float, float, float]) -> tuple:
@@ -43,8 +46,9 @@ def _ellipsoid(size: tuple[int, int], centre: tuple[float, float], axes: tuple[f
 
 
 def _portrait(width: int = SIZE, height: int = SIZE, nose: float = 0.025) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A head in front of a torso that runs off the bottom edge (and faces the viewer there), on the API's
-    background; the nose tip (a disc of radius `nose` × width) faces the viewer exactly. Normals, mask, nose."""
+    """A head on a neck in front of a torso that runs off the bottom edge (and faces the viewer there), on the
+    API's background; the nose tip (a disc of radius `nose` × width) faces the viewer exactly.
+    Normals, mask, nose tip."""
     normals = np.zeros((height, width, 3))
     normals[..., 2] = 1
     torso, torso_mask = _ellipsoid(
@@ -53,12 +57,23 @@ def _portrait(width: int = SIZE, height: int = SIZE, nose: float = 0.025) -> tup
     head, head_mask = _ellipsoid(
         (width, height), (width * 0.5, height * 0.38), (width * 0.19, height * 0.25, width * 0.2)
     )
-    normals[torso_mask] = torso[torso_mask]
-    normals[head_mask] = head[head_mask]
+    neck, neck_mask = _cylinder((width, height), width * 0.5, width * 0.08, (height * 0.5, height * 0.8))
+    for part, mask in ((torso, torso_mask), (neck, neck_mask), (head, head_mask)):  # back to front
+        normals[mask] = part[mask]
     rows, cols = np.mgrid[:height, :width]
     tip = (cols - width * 0.5) ** 2 + (rows - height * 0.45) ** 2 <= max(1.0, width * nose) ** 2
     normals[tip] = (0, 0, 1)
-    return normals.astype(np.float32), torso_mask | head_mask, tip
+    return normals.astype(np.float32), torso_mask | neck_mask | head_mask, tip
+
+
+def _cylinder(size: tuple[int, int], centre: float, radius: float, rows: tuple[float, float]) -> tuple:
+    """A vertical cylinder's front between two rows: normals (x, 0, sqrt(1 - x²)), and its silhouette."""
+    width, height = size
+    x = np.broadcast_to(((np.arange(width) - centre) / radius)[None, :], (height, width))
+    row = np.arange(height)[:, None]
+    inside = (np.abs(x) < 1) & (row >= rows[0]) & (row < rows[1])
+    normals = np.stack([x, np.zeros_like(x), np.sqrt(np.clip(1 - x**2, 0, None))], axis=-1)
+    return normals, inside
 
 
 def _rgb(normals: np.ndarray) -> np.ndarray:
@@ -96,6 +111,15 @@ def test_mask_and_normals_survive_jpeg(quality: int, record_property: Any) -> No
     assert mask[tip].all(), "the nose tip faces the viewer, but it is the person's"
     assert mask[-1, SIZE // 2], "the torso faces the viewer at the bottom edge, but it is the person's"
     assert error <= MAX_MEAN_ERROR_DEG[quality]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_mask_of_the_emulators_maps(seed: int) -> None:
+    """The emulator's torso faces the viewer exactly where it runs off the bottom and side edges (seeds 0 and 1
+    touch a side): only its silhouette divides it from the background, and the mask must follow that."""
+    portrait = _synthetic_portrait(random.Random(seed)).convert("RGB")
+    _, mask = decode(render_normal_map(portrait))
+    assert _iou(mask, _foreground_mask(portrait)) >= 0.98
 
 
 def test_a_facing_spot_of_any_size_inside_the_person_is_person() -> None:
