@@ -74,7 +74,6 @@ _COS_ANGLE = np.float32(np.cos(np.radians(BACKGROUND_ANGLE)))
 _COS_SEED = np.float32(np.cos(np.radians(SEED_ANGLE)))
 _HALF = np.float32(127.5)
 _BLOCK_PIXELS = 65_536  # pixels per block: their float work (3 × 4 bytes each, 768 KiB) stays in the CPU cache
-_FACING = np.array([0.0, 0.0, 1.0], dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -151,7 +150,6 @@ def resize(normals: np.ndarray, mask: np.ndarray, size: tuple[int, int]) -> tupl
     Pillow's filters share one pixel-centre grid, so the two stay aligned. A resampled vector can only come
     out near zero where neighbours point in opposite directions; it is then left unnormalised, not NaN.
     """
-    width, height = size
     channels = [
         np.asarray(Image.fromarray(np.ascontiguousarray(normals[..., i], dtype=np.float32), "F").resize(size))
         for i in range(3)
@@ -159,7 +157,7 @@ def resize(normals: np.ndarray, mask: np.ndarray, size: tuple[int, int]) -> tupl
     resized = np.stack(channels, axis=-1)
     resized /= np.maximum(np.linalg.norm(resized, axis=-1, keepdims=True), np.float32(1e-6))
     small = Image.fromarray(np.asarray(mask, dtype=np.uint8)).resize(size, Image.Resampling.NEAREST)
-    return resized, np.asarray(small).astype(bool).reshape(height, width)
+    return resized, np.asarray(small).astype(bool)
 
 
 def flip_horizontal(normals: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
