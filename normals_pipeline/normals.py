@@ -18,19 +18,19 @@ inside is exactly (128, 128, 255) where it runs off the bottom and side edges. S
 1. *candidates*: pixels within `BACKGROUND_ANGLE` (25°) of +Z. That takes back most of the JPEG ring, and
    stays well below the least tilted silhouette seen (~36°, where the emulator's torso meets a side edge).
 2. *reached*: the map in `CELL`×`CELL` (8 px) cells; the cells that are candidates throughout (so a 1 px line
-   of tilted normals separates), connected (4-neighbours) to a seed: a top-row cell whose centre is within
-   `SEED_ANGLE` (3°) of +Z, the API's flat background. Only the top edge: a portrait's torso runs off the
-   bottom and often the sides, where it may face the viewer; its silhouette, not the edge, divides it from
-   the background.
+   of tilted normals separates), connected (4-neighbours) to a seed: a cell on the top edge, or on the upper
+   half of a side edge, whose centre is within `SEED_ANGLE` (3°) of +Z, the API's flat background. Not the
+   bottom edge nor the lower sides: a portrait's torso runs off them and may face the viewer there; its
+   silhouette, not the edge, divides it from the background.
 3. *background*: the candidate pixels in a reached cell or next to one. A facing region enclosed by the
    person or by its silhouette and the image edge (nose tip, frontal face, torso) is never reached, so it
    stays person, whatever its size.
 
-Everything else is person. Limits, by construction: background not joined to the top edge through cells of
-candidates (a pocket between an arm and the body, a gap narrower than about two cells) counts as person; a
-person's region within 25° of facing the viewer that reaches the top edge with a centre within 3° counts as
-background. Cells, because connecting a few thousand of them takes a few numpy sweeps, where a per-pixel
-flood fill is a Python loop (Pillow's `ImageDraw.floodfill` is one).
+Everything else is person. Limits, by construction: background not joined to a seed through cells of
+candidates (a pocket between an arm and the body, a gap narrower than about two cells, background only on the
+lower sides) counts as person; a person's region within 25° of facing the viewer that reaches a seed edge with a
+centre within 3° counts as background. Cells, because connecting a few thousand of them takes a few numpy
+sweeps, where a per-pixel flood fill is a Python loop (Pillow's `ImageDraw.floodfill` is one).
 
 **Layout.** `decode` returns normals as an H×W×3 view of a channel-planar (3, H, W) float32 array: it is
 decoded a channel at a time, and ``normals.transpose(2, 0, 1)`` is then a contiguous C×H×W array (what torch
@@ -66,8 +66,8 @@ __all__ = [
 ]
 
 BACKGROUND_ANGLE = 25.0  # degrees from +Z: a background candidate (see the mask rule)
-SEED_ANGLE = 3.0  # degrees from +Z: a top-edge cell where the background may start
-CELL = 8  # px: the grid on which candidates are connected to the top edge
+SEED_ANGLE = 3.0  # degrees from +Z: an edge cell where the background may start
+CELL = 8  # px: the grid on which candidates are connected to the edges
 
 _JPEG_START, _JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
 _COS_ANGLE = np.float32(np.cos(np.radians(BACKGROUND_ANGLE)))
@@ -237,17 +237,25 @@ def _block_rows(width: int) -> int:
 def _keep_connected(candidate: np.ndarray, rgb: tuple[np.ndarray, ...]) -> None:
     """Steps 2 and 3 of the mask rule: clear the candidates that are not in or next to a reached cell."""
     cells = np.asarray(Image.fromarray(candidate.view(np.uint8) * np.uint8(255)).reduce(CELL)) == 255
-    far = ~_dilate(_reach(cells, cells[0] & _top_centres_facing(rgb)))
+    far = ~_dilate(_reach(cells, _seeds(cells, rgb)))
     if far.any():
         _clear(candidate, far)
 
 
-def _top_centres_facing(rgb: tuple[np.ndarray, ...]) -> np.ndarray:
-    """For the top row of cells: is the centre pixel within SEED_ANGLE of +Z?"""
-    row = min(CELL // 2, rgb[0].shape[0] - 1)
-    cols = np.minimum(np.arange(0, rgb[0].shape[1], CELL) + CELL // 2, rgb[0].shape[1] - 1)
-    vectors = np.stack([channel[row, cols] for channel in rgb], axis=-1).astype(np.float32) - _HALF
-    return vectors[:, 2] > _COS_SEED * np.linalg.norm(vectors, axis=-1)
+def _seeds(cells: np.ndarray, rgb: tuple[np.ndarray, ...]) -> np.ndarray:
+    """Candidate cells on the top edge and the upper half of the side edges whose centre pixel is within
+    SEED_ANGLE of +Z."""
+    edge = np.zeros_like(cells)
+    edge[0] = True
+    edge[: (cells.shape[0] + 1) // 2, [0, -1]] = True
+    rows, cols = np.nonzero(edge & cells)
+    height, width = rgb[0].shape
+    centres = (np.minimum(rows * CELL + CELL // 2, height - 1), np.minimum(cols * CELL + CELL // 2, width - 1))
+    vectors = np.stack([channel[centres] for channel in rgb], axis=-1).astype(np.float32) - _HALF
+    facing = vectors[:, 2] > _COS_SEED * np.linalg.norm(vectors, axis=-1)
+    seeds = np.zeros_like(cells)
+    seeds[rows[facing], cols[facing]] = True
+    return seeds
 
 
 def _clear(pixels: np.ndarray, cells: np.ndarray) -> None:
@@ -260,14 +268,13 @@ def _clear(pixels: np.ndarray, cells: np.ndarray) -> None:
 
 
 def _reach(candidate: np.ndarray, seed: np.ndarray) -> np.ndarray:
-    """Candidate cells connected (4-neighbours) to a seed cell of the top row.
+    """Candidate cells connected (4-neighbours) to a seed cell.
 
     Sweeps that spread along whole runs of candidate cells, along rows then columns, until nothing changes:
     a few sweeps over a few thousand cells, where a per-pixel flood fill would be a Python loop.
     """
     sweeps = [(runs, np.zeros(int(runs.max()) + 1, dtype=bool)) for runs in (_runs(candidate), _runs(candidate.T).T)]
-    reached = np.zeros_like(candidate)
-    reached[0] = seed
+    reached = seed
     count = -1
     while count != (count := int(np.count_nonzero(reached))):
         for runs, hit in sweeps:

@@ -122,6 +122,17 @@ def test_mask_of_the_emulators_maps(seed: int) -> None:
     assert _iou(mask, _foreground_mask(portrait)) >= 0.98
 
 
+def test_a_close_up_whose_head_covers_the_top_edge() -> None:
+    """No background on the top edge: it is reached from the upper half of the side edges."""
+    truth = np.zeros((SIZE, SIZE, 3))
+    truth[..., 2] = 1
+    head, mask = _ellipsoid((SIZE, SIZE), (SIZE * 0.5, SIZE * 0.1), (SIZE * 0.6, SIZE * 0.5, SIZE * 0.4))
+    truth[mask] = head[mask]
+    assert mask[0].all() and not mask[SIZE // 2, 0]
+    _, decoded = decode(_jpeg(truth.astype(np.float32), 75))
+    assert _iou(decoded, mask) >= 0.98
+
+
 def test_a_facing_spot_of_any_size_inside_the_person_is_person() -> None:
     truth, _, tip = _portrait(nose=0.004)  # a 2 px radius
     _, mask = decode(_jpeg(truth, 75))
