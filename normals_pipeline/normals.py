@@ -225,7 +225,8 @@ def _unit_planes(rgb: tuple[np.ndarray, ...]) -> tuple[np.ndarray, np.ndarray]:
         block -= _HALF
         np.einsum("kij,kij->ij", block, block, out=length)
         np.sqrt(length, out=length)
-        block /= length
+        np.reciprocal(length, out=length)  # one division per pixel, then multiplications: faster than three
+        block *= length
         np.greater(block[2], _COS_ANGLE, out=candidate[top : top + rows])
     return planes, candidate
 
