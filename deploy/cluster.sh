@@ -80,6 +80,9 @@ up() {
   fi
   # Create the instance's tables once, before several processes race to (dagster.yaml's storage).
   "$BIN/dagster" instance migrate >>"$RUN/logs/migrate.log" 2>&1
+  # The key's pool (`clipdrop` for CLIPDROP_API_KEY: factory.pool_for), one step per worker, set in the instance:
+  # on a fresh instance the run queue let a fourth run start while the pool existed only as dagster.yaml's default.
+  "$BIN/dagster" instance concurrency set clipdrop "$WORKERS" >>"$RUN/logs/migrate.log" 2>&1
 
   local index
   for index in $(seq 1 "$WORKERS"); do
