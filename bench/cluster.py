@@ -254,7 +254,9 @@ def main() -> None:
     parser.add_argument("--shards-per-run", type=int, default=None, help="default: deploy/cluster.sh's")
     args = parser.parse_args()
     result = run(args.images, args.rpm, args.kill_at, args.shards_per_run)
-    suffix = "-kill" if args.kill_at is not None else ""
+    suffix = ("-kill" if args.kill_at is not None else "") + (
+        f"-{args.shards_per_run}-per-run" if args.shards_per_run else ""
+    )
     out = ROOT / "bench" / "results" / f"{result['date'][:10]}-cluster{suffix}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
