@@ -265,6 +265,16 @@ def test_load_from_a_file_uri(tmp_path: Path) -> None:
         np.testing.assert_array_equal(got, want)
 
 
+def test_load_refuses_what_is_not_a_stored_map(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        load((tmp_path / "missing.jpg").as_uri())
+    with pytest.raises(ValueError, match="unsupported storage URI scheme"):
+        load("https://example.com/map.jpg")
+    (tmp_path / "error.jpg").write_bytes(b'{"error": "Invalid api key"}')
+    with pytest.raises(InvalidNormalMap):
+        load(str(tmp_path / "error.jpg"))
+
+
 def test_load_from_s3(s3_client: Any, s3_bucket: str) -> None:
     data = _jpeg(_portrait(128, 128)[0])
     s3_client.put_object(Bucket=s3_bucket, Key="normals/ab/abc.jpg", Body=data)
