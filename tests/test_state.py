@@ -10,7 +10,7 @@ from _service_fixtures import unique_key
 from hypothesis import given
 from hypothesis import strategies as st
 
-from normals_pipeline import guards
+from normals_pipeline import _state, guards
 from normals_pipeline._errors import CreditLimitReached
 from normals_pipeline._state import BALANCE_TTL_S, MemoryState, RedisState, SQLiteState, schedule_slot, takes_report
 from normals_pipeline.guards import (
@@ -33,6 +33,37 @@ def state(request, tmp_path):
     if request.param == "sqlite":
         return SQLiteState(tmp_path, key_fingerprint(unique_key()))
     return RedisState(request.getfixturevalue("redis_url"), key_fingerprint(unique_key()))
+
+
+class FakeClock:
+    """The memory and SQLite stores' clock in the schedule tests: it moves only when the test sleeps, so
+    what is asserted is the schedule's arithmetic, not how late a busy machine ran the test."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def time(self) -> float:
+        return self.now
+
+    monotonic = time
+
+    def sleep(self, seconds: float) -> None:
+        self.now += max(0.0, seconds)
+
+
+class RealClock:
+    """Redis keeps its schedule on the server's clock: its tests wait for real."""
+
+    time, monotonic, sleep = staticmethod(time.time), staticmethod(time.monotonic), staticmethod(time.sleep)
+
+
+@pytest.fixture
+def clock(state, monkeypatch):
+    if isinstance(state, RedisState):
+        return RealClock()
+    fake = FakeClock()
+    monkeypatch.setattr(_state, "time", fake)
+    return fake
 
 
 @given(
@@ -161,48 +192,48 @@ def test_however_callers_ask_the_sends_never_bunch(asks, interval, tolerance, sp
             assert (j - i) * spacing <= sends[j] - first + 1e-6  # made-up slots are spaced too
 
 
-def _slots(state, count: int, interval: float, tolerance: float, spacing: float) -> list[float]:
-    """Take `count` slots at once; when each may be sent, on this process's monotonic clock."""
+def _slots(state, clock, count: int, interval: float, tolerance: float, spacing: float) -> list[float]:
+    """Take `count` slots at once; when each may be sent, on the test's monotonic clock."""
     sends = []
     for _ in range(count):
-        asked = time.monotonic()
+        asked = clock.monotonic()
         wait = state.next_slot(interval, tolerance, spacing)
         assert wait >= 0 and state.cooldown_left() == 0  # as `RateGuard.acquire` asks, and reading changes nothing
         sends.append(asked + wait)
     return sends
 
 
-def test_a_late_slot_is_made_up_on_every_store(state):
+def test_a_late_slot_is_made_up_on_every_store(state, clock):
     interval, tolerance, spacing = 0.1, 0.5, 0.05
     # From idle: up to 0.5 s of slots saved up, sent 50 ms apart; the 12th is back on the schedule.
-    first = _slots(state, 12, interval, tolerance, spacing)
+    first = _slots(state, clock, 12, interval, tolerance, spacing)
     assert min(b - a for a, b in zip(first, first[1:])) >= spacing - 0.01
     # The caller for the next slot (due at first[-1] + 0.1) is 0.35 s late.
-    time.sleep(max(0.0, first[-1] + interval + 0.35 - time.monotonic()))
-    then = _slots(state, 20, interval, tolerance, spacing)
-    assert then[0] - time.monotonic() < 0.02  # late: goes at once
+    clock.sleep(max(0.0, first[-1] + interval + 0.35 - clock.monotonic()))
+    then = _slots(state, clock, 20, interval, tolerance, spacing)
+    assert then[0] - clock.monotonic() < 0.02  # late: goes at once
     assert min(b - a for a, b in zip(then, then[1:])) >= spacing - 0.01  # then catches up at twice the pace
     # ... until back on the schedule: the 20th slot is where it would be had nobody been late (the old
     # pacing would put it 0.35 s later).
     assert abs(then[-1] - (first[-1] + 20 * interval)) < 0.04, (first[-1], then)
 
 
-def test_catch_up_after_idle_is_bounded(state):
+def test_catch_up_after_idle_is_bounded(state, clock):
     interval, tolerance = 0.1, 0.3
     state.next_slot(interval, tolerance)
-    time.sleep(0.5)  # idle for longer than the tolerance
+    clock.sleep(0.5)  # idle for longer than the tolerance
     waits = [state.next_slot(interval, tolerance) for _ in range(8)]
     at_once = sum(wait < 0.01 for wait in waits)
     assert 1 <= at_once <= 1 + round(tolerance / interval), waits  # at most 0.3 s of slots saved up
     for k, wait in enumerate(waits):
         assert wait >= k * interval - tolerance - 0.02, waits
     # With the catch-up spacing, only one goes at once: the rest follow at half the interval.
-    time.sleep(0.5 + waits[-1])
+    clock.sleep(0.5 + waits[-1])
     spaced = [state.next_slot(interval, tolerance, interval / 2) for _ in range(4)]
     assert sum(wait < 0.01 for wait in spaced) == 1 and spaced[1] >= interval / 2 - 0.01, spaced
 
 
-def test_a_cooldown_moves_the_schedule(state):
+def test_a_cooldown_moves_the_schedule(state, clock):
     state.cool_down(0.3)
     waits = [state.next_slot(0.1, 1.0, 0.05) for _ in range(3)]
     # No slot in the pause, and the pause is not saved up as slots to make up after it.
