@@ -7,21 +7,6 @@ CLIPDROP_API_KEY, CLIPDROP_API_URL (default: the real API), CLIPDROP_RPM (defaul
 standard AWS variables (AWS_ENDPOINT_URL, ...).
 """
 
-import os
+from normals_pipeline.orchestration import normals_definitions_from_env
 
-from dagster import EnvVar
-
-from normals_pipeline.client import DEFAULT_API_URL
-from normals_pipeline.orchestration import normals_definitions
-from normals_pipeline.orchestration.partitions import shard_count_from_env, shards_per_run_from_env
-
-defs = normals_definitions(
-    dataset=EnvVar("NORMALS_DATASET"),
-    output=EnvVar("NORMALS_OUTPUT"),
-    shards=shard_count_from_env(),
-    shards_per_run=shards_per_run_from_env(),
-    api_key=EnvVar("CLIPDROP_API_KEY"),
-    api_url=os.environ.get("CLIPDROP_API_URL", DEFAULT_API_URL),
-    requests_per_minute=int(os.environ.get("CLIPDROP_RPM", "60")),
-    redis_url=os.environ.get("NORMALS_REDIS_URL"),
-)
+defs = normals_definitions_from_env()

@@ -256,9 +256,7 @@ class LayoutMismatch(ValueError):
     """The output's manifests were written with another shard count."""
 
 
-def check_layout(
-    output: Storage, shards: int, inventory_shards: Callable[[], int | None] = lambda: None
-) -> None:
+def check_layout(output: Storage, shards: int, inventory_shards: Callable[[], int | None] = lambda: None) -> None:
     """Refuse a shard count other than the one this output's manifests were written with (images would
     land in other partitions and be listed twice); record the count on first use. An output from before
     `layout.json` takes the count its inventory was taken with (`inventory_shards`, asked only then)."""

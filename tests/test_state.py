@@ -267,18 +267,25 @@ def _take_slots(kind: str, where: str, key: str, count: int, queue) -> None:
         queue.put(asked + state.next_slot(10.0, 0.0, 0.0))
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
-def test_processes_take_slots_from_one_schedule(kind, tmp_path, request):
+def _in_processes(target, kind: str, tmp_path, request, processes: int, each: int) -> list[float]:
+    """Run `target(kind, where, key, each, queue)` in `processes` fresh processes on one key; what they put,
+    sorted."""
     where = str(tmp_path) if kind == "sqlite" else request.getfixturevalue("redis_url")
-    key, processes, each = unique_key(), 3, 5
+    key = unique_key()
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    workers = [context.Process(target=_take_slots, args=(kind, where, key, each, queue)) for _ in range(processes)]
+    workers = [context.Process(target=target, args=(kind, where, key, each, queue)) for _ in range(processes)]
     for worker in workers:
         worker.start()
-    slots = sorted(queue.get(timeout=60) for _ in range(processes * each))
+    values = sorted(queue.get(timeout=60) for _ in range(processes * each))
     for worker in workers:
         worker.join(timeout=30)
+    return values
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_processes_take_slots_from_one_schedule(kind, tmp_path, request):
+    slots = _in_processes(_take_slots, kind, tmp_path, request, processes=3, each=5)
     # One schedule, one slot per 10 s for all fifteen requests (three schedules would hand out each slot
     # three times). Slots are 10 s apart so that a process's scheduling delay (ms) cannot blur them.
     gaps = [b - a for a, b in zip(slots, slots[1:])]
@@ -295,16 +302,7 @@ def _acquire_times(kind: str, where: str, key: str, count: int, queue) -> None:
 
 @pytest.mark.parametrize("kind", ["sqlite", "redis"])
 def test_processes_sharing_a_key_share_one_rate(kind, tmp_path, request):
-    where = str(tmp_path) if kind == "sqlite" else request.getfixturevalue("redis_url")
-    key, processes, each = unique_key(), 3, 10
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    workers = [context.Process(target=_acquire_times, args=(kind, where, key, each, queue)) for _ in range(processes)]
-    for worker in workers:
-        worker.start()
-    stamps = sorted(queue.get(timeout=60) for _ in range(processes * each))
-    for worker in workers:
-        worker.join(timeout=30)
+    stamps = _in_processes(_acquire_times, kind, tmp_path, request, processes=3, each=10)
     interval = slot_interval_s(RPM)
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     # Together the processes keep to one schedule (the test above shows the slots; the catch-up's spacing

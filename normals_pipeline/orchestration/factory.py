@@ -8,6 +8,7 @@ key's state, not in the definitions) and, by default, one Dagster pool per key.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -17,7 +18,7 @@ from ..client import DEFAULT_API_URL
 from ..guards import key_fingerprint
 from ..training import DEFAULT_SPLITS
 from .definitions import DEFAULT_POOL, build_definitions
-from .partitions import DEFAULT_SHARDS, DEFAULT_SHARDS_PER_RUN
+from .partitions import DEFAULT_SHARDS, DEFAULT_SHARDS_PER_RUN, shard_count_from_env, shards_per_run_from_env
 from .resources import ClipdropResource, DatasetResource
 
 DEFAULT_KEY_ENV = "CLIPDROP_API_KEY"
@@ -87,4 +88,19 @@ def normals_definitions(
         training_pairs=training_pairs,
         training_splits=training_splits,
         webdataset=webdataset,
+    )
+
+
+def normals_definitions_from_env() -> Definitions:
+    """The pipeline configured from the environment, as the repository's `definitions.py` and the cluster's
+    `deploy/definitions.py` load it (the variables are listed in `definitions.py`)."""
+    return normals_definitions(
+        dataset=EnvVar("NORMALS_DATASET"),
+        output=EnvVar("NORMALS_OUTPUT"),
+        shards=shard_count_from_env(),
+        shards_per_run=shards_per_run_from_env(),
+        api_key=DEFAULT_KEY,
+        api_url=os.environ.get("CLIPDROP_API_URL", DEFAULT_API_URL),
+        requests_per_minute=int(os.environ.get("CLIPDROP_RPM", "60")),
+        redis_url=os.environ.get("NORMALS_REDIS_URL"),
     )
