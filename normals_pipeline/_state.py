@@ -22,6 +22,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
+import stamina
 from pyrate_limiter import InMemoryBucket, Rate, RedisBucket, SQLiteBucket
 from pyrate_limiter.abstracts import AbstractBucket, RateItem
 
@@ -167,6 +168,31 @@ CREATE TABLE IF NOT EXISTS pace (id INTEGER PRIMARY KEY CHECK (id = 1), tat REAL
 """
 
 
+_CLAIMS_SCHEMA = """
+PRAGMA synchronous=NORMAL;
+CREATE TABLE IF NOT EXISTS claims (name TEXT PRIMARY KEY, owner TEXT, expires REAL);
+"""
+
+
+def _is_locked(error: Exception) -> bool:
+    return isinstance(error, sqlite3.OperationalError) and "locked" in str(error)
+
+
+def open_sqlite(path: Path, setup: str) -> sqlite3.Connection:
+    """A connection to a state file shared by processes, in WAL mode with `setup` (a script) run.
+
+    Switching a new file to WAL takes an exclusive lock that SQLite's busy timeout does not wait for, so
+    processes that start together on a fresh folder (a backfill's first runs) can meet "database is locked":
+    the set-up is retried for a while instead of failing the run.
+    """
+    db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+    for attempt in stamina.retry_context(on=_is_locked, attempts=None, timeout=30, wait_initial=0.01, wait_max=0.5):
+        with attempt:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(setup)
+    return db
+
+
 def default_state_dir() -> Path:
     """`NORMALS_STATE_DIR`, else the user's cache folder: the same for every process of the user."""
     if configured := os.environ.get("NORMALS_STATE_DIR"):
@@ -181,13 +207,8 @@ class SQLiteState:
     def __init__(self, folder: Path, fingerprint: str) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self._rate_path = str(folder / f"{fingerprint}.rate.sqlite")
-        self._db = sqlite3.connect(
-            folder / f"{fingerprint}.state.sqlite", timeout=30, isolation_level=None, check_same_thread=False
-        )
+        self._db = open_sqlite(folder / f"{fingerprint}.state.sqlite", _SQLITE_SCHEMA)
         self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(_SQLITE_SCHEMA)
 
     def bucket(self, rates: list[Rate]) -> AbstractBucket:
         return _SQLiteBucket.init_from_file(rates, db_path=self._rate_path, use_file_lock=True)
@@ -455,12 +476,9 @@ class SQLiteClaims:
 
     def __init__(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(folder / "claims.sqlite", timeout=30, isolation_level=None, check_same_thread=False)
+        # synchronous=NORMAL: a claim outlives a crashed process, not a power cut
+        self._db = open_sqlite(folder / "claims.sqlite", _CLAIMS_SCHEMA)
         self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")  # a claim outlives a crashed process, not a power cut
-            self._db.execute("CREATE TABLE IF NOT EXISTS claims (name TEXT PRIMARY KEY, owner TEXT, expires REAL)")
 
     def claim(self, name: str, owner: str, ttl_s: float) -> bool:
         now = time.time()

@@ -60,7 +60,7 @@ def test_each_run_keeps_to_its_own_budget(tmp_path, emulator_factory):
     results = start_runs(tmp_path, emulator.url, 2, "--budget", "3")
 
     assert [code for code, _, _ in results] == [1, 1]
-    assert all("run budget of 3" in err for _, _, err in results)
+    assert all("run budget of 3" in err for _, _, err in results), results
     assert Decimal(emulator.stats()["charged"]) == 6 == manifest_credits(tmp_path, 2)
 
 

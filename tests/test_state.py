@@ -12,7 +12,15 @@ from hypothesis import strategies as st
 
 from normals_pipeline import _state, guards
 from normals_pipeline._errors import CreditLimitReached
-from normals_pipeline._state import BALANCE_TTL_S, MemoryState, RedisState, SQLiteState, schedule_slot, takes_report
+from normals_pipeline._state import (
+    BALANCE_TTL_S,
+    MemoryState,
+    RedisState,
+    SQLiteClaims,
+    SQLiteState,
+    schedule_slot,
+    takes_report,
+)
 from normals_pipeline.guards import (
     CATCH_UP_S,
     CATCH_UP_SPACING,
@@ -324,3 +332,29 @@ def test_with_a_floor_and_no_known_balance_one_request_finds_it_out(state):
     assert state.reserve("no-floor", Decimal(0), Decimal(1), 10).decision == "grant"
     guard.settle(lease, Decimal(1), Decimal(5))
     assert state.reserve("other", Decimal(1), Decimal(1), 10).decision == "grant"
+
+
+def _open_fresh_folders(root: str, rounds: int, barrier, queue) -> None:
+    failures = []
+    for index in range(rounds):
+        barrier.wait(timeout=60)  # every process opens the same new folder at the same moment
+        try:
+            SQLiteState(Path(root) / str(index), "key")
+            SQLiteClaims(Path(root) / str(index))
+        except Exception as error:
+            failures.append(f"{type(error).__name__}: {error}")
+    queue.put(failures)
+
+
+def test_processes_starting_together_on_a_fresh_state_folder_all_open_it(tmp_path):
+    """A backfill's first runs start at once on a new machine: none may fail on "database is locked"
+    (turning a new file to WAL takes a lock SQLite's busy timeout does not wait for)."""
+    context = multiprocessing.get_context("spawn")
+    barrier, queue = context.Barrier(4), context.Queue()
+    workers = [context.Process(target=_open_fresh_folders, args=(str(tmp_path), 200, barrier, queue)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    failures = [failure for _ in workers for failure in queue.get(timeout=120)]
+    for worker in workers:
+        worker.join(timeout=30)
+    assert failures == []
