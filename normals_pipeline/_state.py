@@ -2,8 +2,8 @@
 
 Three interchangeable stores, each holding per key: the pacing schedule (the next slot's time, see
 `schedule_slot`), the rate bucket (pyrate-limiter), a cooldown after a 429, the last balance the API
-reported, and leases for requests in flight (a lease expires on its own, so a killed process cannot
-hold credits forever):
+reported, leases for requests in flight (a lease expires on its own, so a killed process cannot
+hold credits forever), and the key's turns: requests in flight and when the last minute's were answered:
 
 - `MemoryState`: one process (tests, scripts);
 - `SQLiteState`: every process on one host, with no configuration (a file per key, named by a hash);
@@ -40,6 +40,8 @@ class Reservation:
 
 class KeyState(Protocol):
     def bucket(self, rates: list[Rate]) -> AbstractBucket: ...
+    def take_turn(self, token: str, limit: int, window_s: float, ttl_s: float) -> float: ...
+    def end_turn(self, token: str, used: bool = True) -> None: ...
     def next_slot(self, interval_s: float, tolerance_s: float, spacing_s: float = 0.0) -> float: ...
     def cooldown_left(self) -> float: ...
     def cool_down(self, seconds: float) -> None: ...
@@ -65,6 +67,23 @@ def decide(
     if balance is None or age_s >= BALANCE_TTL_S:
         return "wait" if floor > 0 and in_flight > 0 else "grant"
     return "refuse" if balance - (in_flight + 1) * cost < floor else "grant"
+
+
+TURN_POLL_S = 0.05  # how often a caller looks again when every turn of the window is still in flight
+
+
+def turn_wait(in_flight: int, answered: list[float], now: float, limit: int, window_s: float) -> float:
+    """0 if a request may take a turn now, else how long to wait (s). `answered`: the answer times of the last
+    `window_s`, oldest first.
+
+    A request counts from its turn until `window_s` after its answer: the server counted it when it arrived,
+    somewhere in between, so however late it arrived (a busy host, a slow network) the server never sees more
+    than `limit` in any window. Counting from the turn alone cannot promise that."""
+    if in_flight + len(answered) < limit:
+        return 0.0
+    if len(answered) > in_flight + len(answered) - limit:  # an answer ageing out frees a turn
+        return max(answered[in_flight + len(answered) - limit] + window_s - now, 0.001)
+    return TURN_POLL_S
 
 
 def schedule_slot(
@@ -110,9 +129,28 @@ class MemoryState:
         self._last_send = 0.0
         self._balance: tuple[Decimal, float] | None = None
         self._leases: dict[str, float] = {}
+        self._turns: dict[str, float] = {}  # token -> when the turn lapses if never ended
+        self._answered: dict[str, float] = {}  # token -> when it was answered
 
     def bucket(self, rates: list[Rate]) -> AbstractBucket:
         return _InMemoryBucket(rates)
+
+    def take_turn(self, token: str, limit: int, window_s: float, ttl_s: float) -> float:
+        with self._lock:
+            now = time.time()
+            self._answered.update({t: lapse for t, lapse in self._turns.items() if lapse <= now})
+            self._turns = {t: lapse for t, lapse in self._turns.items() if lapse > now}
+            self._answered = {t: at for t, at in self._answered.items() if at > now - window_s}
+            wait = turn_wait(len(self._turns), sorted(self._answered.values()), now, limit, window_s)
+            if wait == 0:
+                self._turns[token] = now + ttl_s
+            return wait
+
+    def end_turn(self, token: str, used: bool = True) -> None:
+        with self._lock:
+            self._turns.pop(token, None)
+            if used:
+                self._answered[token] = time.time()
 
     def next_slot(self, interval_s: float, tolerance_s: float, spacing_s: float = 0.0) -> float:
         """Take the next slot on the schedule; returns how long to wait for it (seconds, >= 0)."""
@@ -165,6 +203,8 @@ CREATE TABLE IF NOT EXISTS cooldown (id INTEGER PRIMARY KEY CHECK (id = 1), unti
 CREATE TABLE IF NOT EXISTS balance (id INTEGER PRIMARY KEY CHECK (id = 1), value TEXT NOT NULL, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS leases (id TEXT PRIMARY KEY, expires REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS pace (id INTEGER PRIMARY KEY CHECK (id = 1), tat REAL NOT NULL, last REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS turns (id TEXT PRIMARY KEY, lapses REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS answered (id TEXT PRIMARY KEY, at REAL NOT NULL);
 """
 
 
@@ -212,6 +252,28 @@ class SQLiteState:
 
     def bucket(self, rates: list[Rate]) -> AbstractBucket:
         return _SQLiteBucket.init_from_file(rates, db_path=self._rate_path, use_file_lock=True)
+
+    def take_turn(self, token: str, limit: int, window_s: float, ttl_s: float) -> float:
+        def work(db: sqlite3.Connection, now: float) -> float:
+            db.execute("INSERT OR REPLACE INTO answered SELECT id, lapses FROM turns WHERE lapses <= ?", (now,))
+            db.execute("DELETE FROM turns WHERE lapses <= ?", (now,))
+            db.execute("DELETE FROM answered WHERE at <= ?", (now - window_s,))
+            in_flight = db.execute("SELECT count(*) FROM turns").fetchone()[0]
+            answered = [at for (at,) in db.execute("SELECT at FROM answered ORDER BY at")]
+            wait = turn_wait(in_flight, answered, now, limit, window_s)
+            if wait == 0:
+                db.execute("INSERT INTO turns VALUES (?, ?)", (token, now + ttl_s))
+            return wait
+
+        return self._transaction(work)
+
+    def end_turn(self, token: str, used: bool = True) -> None:
+        def work(db: sqlite3.Connection, now: float) -> None:
+            db.execute("DELETE FROM turns WHERE id = ?", (token,))
+            if used:
+                db.execute("INSERT OR REPLACE INTO answered VALUES (?, ?)", (token, now))
+
+        self._transaction(work)
 
     def next_slot(self, interval_s: float, tolerance_s: float, spacing_s: float = 0.0) -> float:
         """Take the next slot on the schedule; returns how long to wait for it (seconds, >= 0)."""
@@ -380,6 +442,42 @@ return send - now
 """
 
 
+# KEYS: turns, answered (sorted sets: lapse time, answer time; ms on the Redis server's clock).
+# ARGV: token, limit, window, ttl (ms), poll (ms). `turn_wait` on the server: returns 0 (taken) or ms to wait.
+_REDIS_TAKE_TURN = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local limit, window, ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local lapsed = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES')
+for i = 1, #lapsed, 2 do redis.call('ZADD', KEYS[2], lapsed[i + 1], lapsed[i]) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
+local in_flight, answered = redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2])
+if in_flight + answered < limit then
+  redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ttl + window)
+  return 0
+end
+local excess = in_flight + answered - limit
+if answered > excess then
+  local freeing = redis.call('ZRANGE', KEYS[2], excess, excess, 'WITHSCORES')
+  return math.max(tonumber(freeing[2]) + window - now, 1)
+end
+return tonumber(ARGV[5])
+"""
+
+# KEYS: turns, answered. ARGV: token, used (1/0), window (ms). A used turn is logged as answered now.
+_REDIS_END_TURN = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREM', KEYS[1], ARGV[1])
+if ARGV[2] == '1' then
+  redis.call('ZADD', KEYS[2], now, ARGV[1])
+  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[3]))
+end
+"""
+
+
 class RedisState:
     """State in Redis under `normals:<fingerprint>:*`, for processes on several hosts."""
 
@@ -388,14 +486,28 @@ class RedisState:
 
         self._redis: Any = redis.Redis.from_url(url)
         prefix = f"normals:{fingerprint}"
-        self._keys = {name: f"{prefix}:{name}" for name in ("rate", "pace", "cooldown", "leases", "balance")}
+        self._keys = {
+            name: f"{prefix}:{name}" for name in ("rate", "pace", "cooldown", "leases", "balance", "turns", "answered")
+        }
         self._reserve = self._redis.register_script(_REDIS_RESERVE)
         self._settle = self._redis.register_script(_REDIS_SETTLE)
         self._cooldown = self._redis.register_script(_REDIS_COOLDOWN)
         self._next_slot = self._redis.register_script(_REDIS_NEXT_SLOT)
+        self._take_turn = self._redis.register_script(_REDIS_TAKE_TURN)
+        self._end_turn = self._redis.register_script(_REDIS_END_TURN)
+        self._window_ms = 60_000  # the last take_turn's window: how long end_turn keeps an answer
 
     def bucket(self, rates: list[Rate]) -> AbstractBucket:
         return _RedisTimeBucket.init(rates, self._redis, self._keys["rate"])
+
+    def take_turn(self, token: str, limit: int, window_s: float, ttl_s: float) -> float:
+        self._window_ms = round(window_s * 1000)
+        args = [token, limit, self._window_ms, round(ttl_s * 1000), round(TURN_POLL_S * 1000)]
+        return int(self._take_turn(keys=[self._keys["turns"], self._keys["answered"]], args=args)) / 1000
+
+    def end_turn(self, token: str, used: bool = True) -> None:
+        args = [token, int(used), self._window_ms]
+        self._end_turn(keys=[self._keys["turns"], self._keys["answered"]], args=args)
 
     def next_slot(self, interval_s: float, tolerance_s: float, spacing_s: float = 0.0) -> float:
         """Take the next slot on the schedule (Redis server's clock); returns how long to wait for it (s)."""

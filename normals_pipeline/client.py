@@ -178,7 +178,13 @@ class ClipdropClient:
         return True
 
     def _send_once(self, path: str, image: bytes, filename: str, content_type: str) -> ApiResult:
-        self.rate_guard.acquire()
+        turn = self.rate_guard.acquire()
+        try:
+            return self._send_in_turn(path, image, filename, content_type)
+        finally:
+            self.rate_guard.finished(turn)
+
+    def _send_in_turn(self, path: str, image: bytes, filename: str, content_type: str) -> ApiResult:
         lease = self.credit_guard.reserve()  # after the wait for a slot, so a stop during the wait is seen
         consumed: Decimal | None = None
         remaining: Decimal | None = None

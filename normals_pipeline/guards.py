@@ -48,6 +48,9 @@ CATCH_UP_S = 1.0
 CATCH_UP_SPACING = 0.5
 PROBE_WAIT_S = 0.05
 LEASE_TTL_S = 300.0  # longer than any request with its retries' single attempt; a killed run's leases lapse
+# A turn nobody ended (its process was killed) counts as answered after this: longer than one attempt of a
+# request (10 s to connect, the 60 s read timeout); an answer that still comes later is logged when it does.
+TURN_TTL_S = 120.0
 CLAIM_TTL_S = 30.0  # renewed every third of it while held, so a killed holder's claims lapse within 30 s
 CLAIM_POLL_S = 0.2
 
@@ -74,8 +77,12 @@ class RateGuard:
 
     Each request takes the next slot of an absolute schedule kept in `state` (one per `slot_interval_s`,
     see `_state.schedule_slot`) and sleeps until it: a caller that wakes up late delays its own request
-    only, never the slots after it. Then pyrate-limiter's bucket, counting actual sends, enforces at most
-    `rpm` per minute (plus margin) whatever the lateness and catch-up were.
+    only, never the slots after it. Then two hard limits, whatever the lateness and catch-up were: a turn
+    counts from when it is taken until a minute after its answer (`_state.turn_wait`: the server counts a
+    request when it arrives, which a busy host can delay by more than a second), and pyrate-limiter's
+    bucket counts actual sends, at most `rpm` per minute (plus margin).
+
+    `acquire` returns the turn; the caller hands it back to `finished` once the answer (or the failure) is in.
     """
 
     def __init__(self, rpm: int, state: KeyState | None = None, name: str = "clipdrop") -> None:
@@ -87,18 +94,31 @@ class RateGuard:
         self.interval_s = slot_interval_s(rpm)
         self._limiter = Limiter(self.state.bucket(paced_rates(rpm)), buffer_ms=5)
 
-    def acquire(self) -> None:
-        """Block until a request may be sent: its slot on the key's schedule, then room in the window.
-        A cooldown moves the schedule past its end, so a slot is never inside a pause it knew of."""
+    def acquire(self) -> str:
+        """Block until a request may be sent: its slot on the key's schedule, then room in both windows;
+        returns the turn. A cooldown moves the schedule past its end, so a slot is never inside a pause it
+        knew of."""
         while True:
             wait = self.state.next_slot(self.interval_s, CATCH_UP_S, self.interval_s * CATCH_UP_SPACING)
             if wait > 0:
                 time.sleep(wait)
+            turn = self._take_turn()
             self._limiter.try_acquire(self.name)
             if self.state.cooldown_left() <= 0:
-                return
+                return turn
             # A 429 seen by anyone while we waited: this slot is void; after the pause, take a new one.
+            self.state.end_turn(turn, used=False)
             self._wait_out_cooldown()
+
+    def finished(self, turn: str) -> None:
+        """The request of `turn` was answered or failed: from now it counts one more minute."""
+        self.state.end_turn(turn)
+
+    def _take_turn(self) -> str:
+        turn = uuid.uuid4().hex
+        while (wait := self.state.take_turn(turn, self.rpm, MINUTE_MS / 1000, TURN_TTL_S)) > 0:
+            time.sleep(wait)
+        return turn
 
     def cooldown(self, seconds: float) -> None:
         """Hold every caller on the key for `seconds` (a 429 means the key is saturated for all)."""

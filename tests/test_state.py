@@ -14,12 +14,14 @@ from normals_pipeline import _state, guards
 from normals_pipeline._errors import CreditLimitReached
 from normals_pipeline._state import (
     BALANCE_TTL_S,
+    TURN_POLL_S,
     MemoryState,
     RedisState,
     SQLiteClaims,
     SQLiteState,
     schedule_slot,
     takes_report,
+    turn_wait,
 )
 from normals_pipeline.guards import (
     CATCH_UP_S,
@@ -249,6 +251,58 @@ def test_a_cooldown_moves_the_schedule(state, clock):
         assert 0.25 + k * 0.1 <= wait <= 0.3 + k * 0.1 + 0.01, waits
 
 
+@pytest.mark.parametrize(
+    ("in_flight", "answered", "expected"),
+    [
+        (0, [], 0.0),
+        (1, [5.0], 0.0),  # 2 of 3 used
+        (3, [], TURN_POLL_S),  # all in flight: no answer to age out, look again soon
+        (1, [2.0, 7.0], 2.0 + 60 - 10),  # the oldest answer frees the turn at 52
+        (0, [2.0, 7.0, 9.0, 9.5], 7.0 + 60 - 10),  # one over: the second oldest must age out too
+    ],
+)
+def test_a_turn_counts_until_a_minute_after_its_answer(in_flight, answered, expected):
+    assert turn_wait(in_flight, answered, now=10.0, limit=3, window_s=60) == pytest.approx(expected)
+
+
+def test_turns_in_flight_and_answered_fill_the_window(state, clock):
+    window = 10.0
+    assert state.take_turn("a", 2, window, ttl_s=300) == 0
+    assert state.take_turn("b", 2, window, ttl_s=300) == 0
+    assert state.take_turn("c", 2, window, ttl_s=300) == pytest.approx(TURN_POLL_S)  # both in flight
+    clock.sleep(1.0)
+    state.end_turn("a")  # answered 1 s later: it counts until 10 s after that
+    clock.sleep(1.0)
+    assert 8.5 <= state.take_turn("c", 2, window, ttl_s=300) <= 9.0 + 0.01
+    state.end_turn("b", used=False)  # a void turn (never sent) frees its place at once
+    assert state.take_turn("c", 2, window, ttl_s=300) == 0
+
+
+def test_a_turn_nobody_ends_lapses_into_an_answer(state, clock):
+    """A killed process never ends its turns: each counts as answered when it lapses, for one more window."""
+    assert state.take_turn("killed", 1, 2.0, ttl_s=1.0) == 0
+    clock.sleep(1.1)
+    assert 0.5 <= state.take_turn("next", 1, 2.0, ttl_s=1.0) <= 2.0
+    clock.sleep(2.0)
+    assert state.take_turn("next", 1, 2.0, ttl_s=1.0) == 0
+
+
+def test_a_late_answer_holds_the_turn_a_window_after_it(state, clock, monkeypatch):
+    """The server counts a request when it arrives: if that was late, only its answer bounds when. The
+    request a window of turns later waits for a minute after the late answer, not after the turn."""
+    monkeypatch.setattr(guards, "MINUTE_MS", 1000)
+    monkeypatch.setattr(guards, "time", clock)
+    guard = RateGuard(2, state)
+    guard.finished(guard.acquire())  # answered at once
+    late = guard.acquire()
+    clock.sleep(0.8)  # this one's answer comes 0.8 s after its turn
+    answered = clock.time()
+    guard.finished(late)
+    guard.finished(guard.acquire())  # a window after the first answer
+    guard.finished(guard.acquire())  # two turns after the late one: a window after its answer
+    assert clock.time() >= answered + 1.0 - 0.01
+
+
 def test_never_more_than_rpm_in_a_window_even_when_making_up(state, monkeypatch):
     # A minute of 0.5 s so the window's count shows in a test: 10 per 0.5 s, one slot per 80 ms, and a
     # second of lateness to make up (the schedule alone would allow ~20 in the first 0.75 s).
@@ -256,7 +310,7 @@ def test_never_more_than_rpm_in_a_window_even_when_making_up(state, monkeypatch)
     guard = RateGuard(10, state)
     stamps = []
     for _ in range(12):
-        guard.acquire()
+        guard.finished(guard.acquire())  # answered at once
         stamps.append(time.monotonic())
     for i, first in enumerate(stamps):
         assert sum(first <= stamp < first + 0.5 for stamp in stamps[i:]) <= 10, stamps
@@ -304,7 +358,7 @@ def _acquire_times(kind: str, where: str, key: str, count: int, queue) -> None:
     state = _shared_state(kind, where, key)
     guard = RateGuard(RPM, state)
     for _ in range(count):
-        guard.acquire()
+        guard.finished(guard.acquire())
         queue.put(time.time())
 
 
