@@ -72,17 +72,20 @@ def decide(
 TURN_POLL_S = 0.05  # how often a caller looks again when every turn of the window is still in flight
 
 
-def turn_wait(in_flight: int, answered: list[float], now: float, limit: int, window_s: float) -> float:
-    """0 if a request may take a turn now, else how long to wait (s). `answered`: the answer times of the last
-    `window_s`, oldest first.
+def turn_wait(
+    in_flight: int, answered: int, nth_answer: Callable[[int], float], now: float, limit: int, window_s: float
+) -> float:
+    """0 if a request may take a turn now, else how long to wait (s). `answered`: how many were answered in
+    the last `window_s`; `nth_answer(i)`: the time of the i-th oldest of them.
 
     A request counts from its turn until `window_s` after its answer: the server counted it when it arrived,
     somewhere in between, so however late it arrived (a busy host, a slow network) the server never sees more
     than `limit` in any window. Counting from the turn alone cannot promise that."""
-    if in_flight + len(answered) < limit:
+    excess = in_flight + answered - limit
+    if excess < 0:
         return 0.0
-    if len(answered) > in_flight + len(answered) - limit:  # an answer ageing out frees a turn
-        return max(answered[in_flight + len(answered) - limit] + window_s - now, 0.001)
+    if answered > excess:  # the answers up to this one must age out to free a turn
+        return max(nth_answer(excess) + window_s - now, 0.001)
     return TURN_POLL_S
 
 
@@ -141,7 +144,8 @@ class MemoryState:
             self._answered.update({t: lapse for t, lapse in self._turns.items() if lapse <= now})
             self._turns = {t: lapse for t, lapse in self._turns.items() if lapse > now}
             self._answered = {t: at for t, at in self._answered.items() if at > now - window_s}
-            wait = turn_wait(len(self._turns), sorted(self._answered.values()), now, limit, window_s)
+            oldest = sorted(self._answered.values()).__getitem__
+            wait = turn_wait(len(self._turns), len(self._answered), oldest, now, limit, window_s)
             if wait == 0:
                 self._turns[token] = now + ttl_s
             return wait
@@ -205,6 +209,7 @@ CREATE TABLE IF NOT EXISTS leases (id TEXT PRIMARY KEY, expires REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS pace (id INTEGER PRIMARY KEY CHECK (id = 1), tat REAL NOT NULL, last REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS turns (id TEXT PRIMARY KEY, lapses REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS answered (id TEXT PRIMARY KEY, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS answered_at ON answered (at);
 """
 
 
@@ -259,8 +264,12 @@ class SQLiteState:
             db.execute("DELETE FROM turns WHERE lapses <= ?", (now,))
             db.execute("DELETE FROM answered WHERE at <= ?", (now - window_s,))
             in_flight = db.execute("SELECT count(*) FROM turns").fetchone()[0]
-            answered = [at for (at,) in db.execute("SELECT at FROM answered ORDER BY at")]
-            wait = turn_wait(in_flight, answered, now, limit, window_s)
+            answered = db.execute("SELECT count(*) FROM answered").fetchone()[0]
+
+            def oldest(index: int) -> float:
+                return db.execute("SELECT at FROM answered ORDER BY at LIMIT 1 OFFSET ?", (index,)).fetchone()[0]
+
+            wait = turn_wait(in_flight, answered, oldest, now, limit, window_s)
             if wait == 0:
                 db.execute("INSERT INTO turns VALUES (?, ?)", (token, now + ttl_s))
             return wait

@@ -262,7 +262,8 @@ def test_a_cooldown_moves_the_schedule(state, clock):
     ],
 )
 def test_a_turn_counts_until_a_minute_after_its_answer(in_flight, answered, expected):
-    assert turn_wait(in_flight, answered, now=10.0, limit=3, window_s=60) == pytest.approx(expected)
+    wait = turn_wait(in_flight, len(answered), answered.__getitem__, now=10.0, limit=3, window_s=60)
+    assert wait == pytest.approx(expected)
 
 
 def test_turns_in_flight_and_answered_fill_the_window(state, clock):
