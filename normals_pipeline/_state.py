@@ -144,8 +144,8 @@ class MemoryState:
             self._answered.update({t: lapse for t, lapse in self._turns.items() if lapse <= now})
             self._turns = {t: lapse for t, lapse in self._turns.items() if lapse > now}
             self._answered = {t: at for t, at in self._answered.items() if at > now - window_s}
-            oldest = sorted(self._answered.values()).__getitem__
-            wait = turn_wait(len(self._turns), len(self._answered), oldest, now, limit, window_s)
+            answered = self._answered.values()
+            wait = turn_wait(len(self._turns), len(answered), lambda i: sorted(answered)[i], now, limit, window_s)
             if wait == 0:
                 self._turns[token] = now + ttl_s
             return wait
