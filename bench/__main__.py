@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from . import listing, normals_decode, resources, throughput
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from ._support import RESULTS
 
 
 @dataclasses.dataclass(frozen=True)

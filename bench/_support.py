@@ -29,6 +29,7 @@ API_PATH = "/portrait-surface-normals/v1"
 CLI = [sys.executable, "-m", "normals_pipeline.cli"]
 CHILD = [sys.executable, str(Path(__file__).with_name("_child.py"))]  # reports a child's own peak RSS and CPU
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
 # The bench sets these itself or wants the CLI's defaults: a user's NORMALS_SHARDS or NORMALS_REDIS_URL in the
 # environment would change the run shape or the rate guard being measured.
 _RUN_ENV_PREFIXES = ("NORMALS_", "CLIPDROP_")
@@ -56,6 +57,14 @@ def fresh_key(figure: str) -> str:
 
 
 # -- images ---------------------------------------------------------------------------------------
+
+
+def write_result(result: dict[str, Any], name: str) -> Path:
+    """Print `result` and write it to bench/results/<its date>-<name>.json; returns the path."""
+    out = RESULTS / f"{result['date'][:10]}-{name}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return out
 
 
 def make_small_jpegs(folder: Path, count: int, seed: int, size: tuple[int, int] = (256, 320)) -> list[Path]:

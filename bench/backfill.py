@@ -37,10 +37,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from ._support import EmulatorProcess, client_env
+from ._support import ROOT, EmulatorProcess, client_env, write_result
 from .throughput import rate_figure
 
-ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 KEY = "bench-backfill-key"
 LAUNCH = """
@@ -249,9 +248,7 @@ def main() -> None:
     args = parser.parse_args()
     result = run(args.images, args.rpm, args.latency, args.shards, args.duplicates, args.latency_jitter)
     suffix = "-duplicates" if args.duplicates else ""
-    out = ROOT / "bench" / "results" / f"{result['date'][:10]}-backfill{suffix}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    out = write_result(result, f"backfill{suffix}")
     verdict = "pass" if result["passed"] else "FAIL"
     print(
         f"{result['shards']} shards in {result['dagster_runs']} Dagster runs: {result['rate_over_limit']} of the limit "

@@ -17,7 +17,6 @@ requests in flight at that moment. Results: bench/results/<date>-cluster[-kill].
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -34,8 +33,8 @@ from dagster import DagsterInstance
 from dagster._core.storage.dagster_run import RunsFilter
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from ._support import EmulatorProcess, client_env, fresh_key
-from .backfill import BIN, LAUNCH, ROOT, STATUS, free_port, graphql, http_json, manifest_totals, runs_of, wait_for
+from ._support import ROOT, EmulatorProcess, client_env, fresh_key, write_result
+from .backfill import BIN, LAUNCH, STATUS, free_port, graphql, http_json, manifest_totals, runs_of, wait_for
 from .throughput import rate_figure
 
 CLUSTER = ROOT / "deploy" / "cluster.sh"
@@ -257,9 +256,7 @@ def main() -> None:
     suffix = ("-kill" if args.kill_at is not None else "") + (
         f"-{args.shards_per_run}-per-run" if args.shards_per_run else ""
     )
-    out = ROOT / "bench" / "results" / f"{result['date'][:10]}-cluster{suffix}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    out = write_result(result, f"cluster{suffix}")
     print(f"{'pass' if result['passed'] else 'FAIL'}; written to {out}")
 
 

@@ -11,16 +11,13 @@ the manifest should hold one row per image and add up to what the emulator charg
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow.dataset as ds
 
-from ._support import CliRun, EmulatorProcess, fresh_key, make_small_jpegs
-
-ROOT = Path(__file__).resolve().parents[1]
+from ._support import CliRun, EmulatorProcess, fresh_key, make_small_jpegs, write_result
 
 
 def measure(images: int, rpm: int, latency: float) -> dict:
@@ -65,9 +62,7 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.3)
     args = parser.parse_args()
     result = measure(args.images, args.rpm, args.latency)
-    out = ROOT / "bench" / "results" / f"{result['date'][:10]}-shared-output.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    out = write_result(result, "shared-output")
     print(f"written to {out}")
 
 
