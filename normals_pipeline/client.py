@@ -39,6 +39,10 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 DEFAULT_COOLDOWN_S = 5.0
 INITIAL_LATENCY_S = 2.0  # a guess until answers tell: errs towards more in flight, which the rate bounds anyway
 LATENCY_WEIGHT = 0.2  # weight of each new answer in the moving average
+# Before the API has answered once, a refused or failing connection is most likely a wrong URL or no network:
+# retried about once a second for this long, then the run says so (after an answer, the retry policy's backoff).
+FIRST_CONTACT_GIVE_UP_S = 3.0
+FIRST_CONTACT_WAIT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,11 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None  # an HTTP date: rare enough to fall back to backoff
 
 
+def _cause(error: Exception) -> str:
+    """E.g. `ConnectError: [Errno 111] Connection refused`: the caller says where it could not connect."""
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
 def raise_for_status(response: httpx.Response) -> None:
     """Map every documented status to its typed error; 200 returns."""
     status = response.status_code
@@ -132,6 +141,9 @@ class ClipdropClient:
         self.retries_by_code: dict[str, int] = {}
         self.latency_s = INITIAL_LATENCY_S  # moving average of the time from sending to the answer's end
         self._count_lock = threading.Lock()
+        self._answered = threading.Event()  # the API has answered at least once (any status)
+        self._unreachable_since: float | None = None
+        self._given_up: ApiUnreachable | None = None  # set once the API was given up as never reached
         self._http = httpx.Client(
             base_url=self.base_url,
             headers={"x-api-key": api_key},
@@ -175,14 +187,35 @@ class ClipdropClient:
             pause = error.retry_after if error.retry_after is not None else DEFAULT_COOLDOWN_S
             self.rate_guard.cooldown(pause)
             return pause
+        if isinstance(error, ApiUnreachable) and not self._answered.is_set():
+            return self._first_contact_wait(error)
         return True
 
+    def _first_contact_wait(self, error: ApiUnreachable) -> bool | float:
+        """Retry an API never reached for `FIRST_CONTACT_GIVE_UP_S` in all (every worker's tries together),
+        so a wrong URL is said in seconds, not after the whole backoff; then every worker gives up at once."""
+        with self._count_lock:
+            now = time.monotonic()
+            if self._unreachable_since is None:
+                self._unreachable_since = now
+            if now - self._unreachable_since < FIRST_CONTACT_GIVE_UP_S:
+                return FIRST_CONTACT_WAIT_S
+            self._given_up = error
+            return False
+
     def _send_once(self, path: str, image: bytes, filename: str, content_type: str) -> ApiResult:
+        self._raise_if_given_up()
         turn = self.rate_guard.acquire()
         try:
+            self._raise_if_given_up()  # decided while this worker waited for its turn
             return self._send_in_turn(path, image, filename, content_type)
         finally:
             self.rate_guard.finished(turn)
+
+    def _raise_if_given_up(self) -> None:
+        """Another worker found the API unreachable: nothing is sent to learn it again."""
+        if self._given_up is not None and not self._answered.is_set():
+            raise self._given_up
 
     def _send_in_turn(self, path: str, image: bytes, filename: str, content_type: str) -> ApiResult:
         lease = self.credit_guard.reserve()  # after the wait for a slot, so a stop during the wait is seen
@@ -191,6 +224,7 @@ class ClipdropClient:
         started = time.monotonic()
         try:
             with self._http.stream("POST", path, files={"image_file": (filename, image, content_type)}) as response:
+                self._answered.set()
                 remaining = parse_credits(response.headers.get("x-remaining-credits"))
                 if response.status_code != 200:
                     response.read()
@@ -211,11 +245,11 @@ class ClipdropClient:
                 f"sent, then the connection broke before an answer ({type(error).__name__}); it may have been charged"
             ) from None
         except httpx.ConnectTimeout as error:
-            raise ApiUnreachable(f"cannot connect to {self.base_url} ({type(error).__name__})") from None
+            raise ApiUnreachable(_cause(error)) from None
         except httpx.TimeoutException as error:  # write or pool timeout: the request never got out whole
             raise ApiTimeout(f"could not send the image in time ({type(error).__name__})") from None
         except httpx.TransportError as error:  # connect or write error: nothing the server could answer
-            raise ApiUnreachable(f"cannot reach {self.base_url} ({type(error).__name__})") from None
+            raise ApiUnreachable(_cause(error)) from None
         finally:
             self.credit_guard.settle(lease, consumed, remaining)
 

@@ -65,9 +65,12 @@ def test_refused_key_exits_1_without_printing_it(dataset, tmp_path, emulator, mo
 
 
 def test_unreachable_api_exits_1(dataset, tmp_path, monkeypatch, capsys):
+    """With the default attempts: an API never reached is given up after a few seconds of tries, said once."""
     monkeypatch.setenv("CLIPDROP_API_KEY", "test-key")
-    assert run(dataset, tmp_path / "out", "http://127.0.0.1:9", "--max-attempts", "2") == 1
-    assert "cannot reach the Clipdrop API at http://127.0.0.1:9" in capsys.readouterr().err
+    assert run(dataset, tmp_path / "out", "http://127.0.0.1:9") == 1
+    err = capsys.readouterr().err
+    assert "cannot reach the Clipdrop API at http://127.0.0.1:9 (ConnectError: " in err
+    assert err.count("cannot reach") == 1
 
 
 def assert_one_line(out: str, err: str, *expected: str) -> str:

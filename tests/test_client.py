@@ -148,3 +148,25 @@ def test_unreachable_api_is_retried_then_raised():
     with make_client("http://127.0.0.1:9") as client, pytest.raises(ApiUnreachable) as raised:
         client.surface_normals(jpeg(), "image.jpg", "image/jpeg")
     assert raised.value.error_code == "connection_error"
+
+
+def test_an_api_never_reached_is_given_up_within_seconds_whatever_the_attempts(monkeypatch):
+    """A wrong URL is a configuration error: said after a few seconds of tries, not after the whole backoff."""
+    monkeypatch.setattr("normals_pipeline.client.FIRST_CONTACT_GIVE_UP_S", 0.3)
+    monkeypatch.setattr("normals_pipeline.client.FIRST_CONTACT_WAIT_S", 0.05)
+    patient = RetryPolicy(attempts=1000, timeout_s=600, wait_initial_s=30, wait_max_s=30, wait_jitter_s=0.0)
+    with make_client("http://127.0.0.1:9", retry=patient) as client, pytest.raises(ApiUnreachable) as raised:
+        client.surface_normals(jpeg(), "image.jpg", "image/jpeg")
+    assert 1 <= client.retries_by_code["connection_error"] <= 10
+    assert raised.value.message.startswith("ConnectError") and "127.0.0.1" not in raised.value.message
+
+
+def test_after_an_answer_a_lost_connection_gets_the_whole_retry_policy(emulator_factory):
+    """Once the API has answered, a refused connection is a network hiccup: every attempt of the policy is used."""
+    emulator = emulator_factory()
+    with make_client(emulator.url) as client:
+        client.surface_normals(jpeg(), "image.jpg", "image/jpeg")
+        emulator.stop()
+        with pytest.raises(ApiUnreachable):
+            client.surface_normals(jpeg(), "image.jpg", "image/jpeg")
+    assert client.retries_by_code["connection_error"] == FAST_RETRY.attempts  # each attempt's failure is counted
