@@ -1,7 +1,8 @@
 """The manifest: one row per image, a pandera schema that defines it, and Parquet I/O in hive layout.
 
 `<output>/manifest/partition=<key>/manifest.parquet` holds one shard, so
-`pyarrow.dataset.dataset("<output>/manifest", partitioning="hive")` reads a whole run.
+`pyarrow.dataset.dataset("<output>/manifest", partitioning=PARTITIONING)` reads a whole run, with the hive
+column `partition` as the string the Dagster UI shows (`"01"`; plain `partitioning="hive"` infers int32).
 
 While a shard runs, each finished row is also written at once to its own small file in
 `<output>/journal/partition=<key>/` (or, when the output refuses the write, in a spool folder on this
@@ -25,6 +26,7 @@ from datetime import UTC, datetime
 import pandas as pd
 import pandera.pandas as pandera
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from ._state import default_state_dir
@@ -35,6 +37,8 @@ MANIFEST_FILE = "manifest.parquet"
 JOURNAL_DIR = "journal"
 QUARANTINE_DIR = "quarantine"
 LAYOUT_PATH = "layout.json"
+# The hive key is the shard's partition key, a string ("01"): readers infer digits as int32 unless told.
+PARTITIONING = pads.partitioning(pa.schema([("partition", pa.string())]), flavor="hive")
 
 ARROW_SCHEMA = pa.schema(
     [

@@ -100,3 +100,25 @@ def test_another_shard_count_on_an_enriched_output_is_refused_then_resharded(enr
 @pytest.mark.parametrize("path", ["a\\\\b.jpg", "back\\slash/x.png", "ü ñ/space name.webp", "dir/.x/y.jpg"])
 def test_the_schema_accepts_every_path_the_inventory_accepts(path):
     manifest.validate(manifest.to_frame([_row(Item(path, 3, "v"), "0" * 64, uri="file:///m.jpg")]))
+
+
+def test_the_documented_reads_give_the_partition_as_the_key_the_ui_shows(enriched):
+    """`partition` is the shard's key as a string ('01'), so filtering by the UI's key works in every reader."""
+    import duckdb
+    import polars as pl
+
+    _, output = enriched
+    keys = set(manifest.manifest_keys(LocalStorage(output)))
+    key = min(keys)
+    table = ds.dataset(str(output / "manifest"), partitioning=manifest.PARTITIONING).to_table()
+    assert set(table["partition"].to_pylist()) == keys
+    assert ds.dataset(str(output / "manifest"), partitioning=manifest.PARTITIONING).to_table(
+        filter=ds.field("partition") == key
+    ).num_rows
+    files = f"{output}/manifest/*/*.parquet"
+    found = duckdb.sql(
+        f"SELECT DISTINCT partition FROM read_parquet('{files}', hive_partitioning=true, hive_types={{'partition': VARCHAR}})"
+    ).fetchall()
+    assert {row[0] for row in found} == keys
+    frame = pl.scan_parquet(files, hive_partitioning=True, hive_schema={"partition": pl.String})
+    assert frame.filter(pl.col("partition") == key).collect().height
