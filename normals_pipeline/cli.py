@@ -168,11 +168,24 @@ def build_parser() -> argparse.ArgumentParser:
     emulator_cli.add_arguments(commands.add_parser("emulator", help="serve the Clipdrop API emulator on loopback"))
     _add_run_arguments(commands.add_parser("run", help="enrich a dataset through the Dagster definitions"))
     demo = commands.add_parser("demo", help="synthetic portraits + emulator + a full run + a contact sheet")
-    demo.add_argument("--workdir", type=Path, default=Path("demo-output"), help="where to put everything")
-    demo.add_argument("--images", type=int, default=12, help="how many synthetic portraits")
+    demo.add_argument(
+        "--workdir", type=Path, default=Path("demo-output"), help="where to put everything (default: demo-output)"
+    )
+    demo.add_argument("--images", type=_count(), default=12, help="how many synthetic portraits (default: 12)")
+    demo.add_argument(
+        "--fresh",
+        action="store_true",
+        help="delete an earlier demo in --workdir and start over (default: keep it; its images charge nothing again)",
+    )
     portraits = commands.add_parser("portraits", help="write synthetic portraits to try the pipeline on")
-    portraits.add_argument("folder", type=Path)
-    portraits.add_argument("--count", type=int, default=12)
+    portraits.add_argument("folder", type=Path, help="where to write them (created if missing)")
+    portraits.add_argument("--count", type=_count(), default=12, help="how many portraits (default: 12)")
+    portraits.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="the same seed writes the same bytes; another seed, other portraits (default: 0)",
+    )
     reshard = commands.add_parser("reshard", help="move an output's manifests to another shard count (no run going)")
     reshard.add_argument("--output", required=True, help="folder or s3://bucket/prefix enriched before")
     reshard.add_argument("--shards", type=_count(MAX_SHARDS), required=True, help="the new number of partitions")
@@ -374,11 +387,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "portraits":
         from .synthetic import make_portraits
 
-        print(f"{len(make_portraits(args.folder, args.count))} portraits in {args.folder.resolve()}")
+        made = make_portraits(args.folder, args.count, seed=args.seed)
+        print(f"{len(made)} portraits (seed {args.seed}) in {args.folder.resolve()}")
         return 0
     from .demo import run_demo
 
-    return run_demo(args.workdir, args.images)
+    return run_demo(args.workdir, args.images, fresh=args.fresh)
 
 
 if __name__ == "__main__":

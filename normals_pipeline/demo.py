@@ -2,7 +2,8 @@
 
 Synthetic portraits in a local folder, the emulator on a free loopback port, two runs through the
 Dagster definitions (the second charges nothing), a contact sheet to look at, and the training pairs with
-the two lines that load them.
+the two lines that load them. An earlier demo's folder is kept and enriched again (which charges nothing new);
+`--fresh` starts over, and only ever deletes a folder that holds a demo and nothing else.
 """
 
 from __future__ import annotations
@@ -18,11 +19,18 @@ from PIL import Image
 
 from .emulator import Emulator, EmulatorConfig
 from .enrich import normal_map_path
+from .manifest import PARTITIONING
 from .synthetic import contact_sheet, make_portraits
 from .training import PARQUET_DIR
 
 DEMO_KEY = "demo-key"
 DEMO_SHARDS = 4
+DATASET, OUTPUT = "portraits", "enriched"
+NOT_A_PHOTO = "not-really-a-photo.jpg"  # a file the local checks refuse: a row with an error code, no request
+
+
+class NotADemoFolder(ValueError):
+    """`--fresh` would delete a folder that holds more than an earlier demo."""
 
 
 def _run_once(dataset: Path, output: Path, api_url: str) -> int:
@@ -33,19 +41,46 @@ def _run_once(dataset: Path, output: Path, api_url: str) -> int:
     )
 
 
-def _sheet(dataset: Path, output: Path) -> Path:
-    """Input | normal map for every enriched image, from the manifest the run wrote."""
+def _manifest_rows(output: Path) -> list[dict]:
     import pyarrow.dataset as ds
 
-    table = ds.dataset(output / "manifest", partitioning="hive").to_table(
-        columns=["path", "content_hash", "error_code"]
+    table = ds.dataset(output / "manifest", partitioning=PARTITIONING).to_table(
+        columns=["path", "content_hash", "error_code", "error_message"]
     )
-    pairs = []
-    for row in sorted(table.to_pylist(), key=lambda r: r["path"]):
-        if row["error_code"] is None:
-            normal_map = Image.open(output / normal_map_path(row["content_hash"]))
-            pairs.append((Image.open(dataset / row["path"]), normal_map, row["path"]))
+    return sorted(table.to_pylist(), key=lambda row: row["path"])
+
+
+def _sheet(dataset: Path, output: Path, rows: list[dict]) -> Path:
+    """Input | normal map for every enriched image, from the manifest the run wrote."""
+    pairs = [
+        (Image.open(dataset / row["path"]), Image.open(output / normal_map_path(row["content_hash"])), row["path"])
+        for row in rows
+        if row["error_code"] is None
+    ]
     return contact_sheet(pairs, output / "contact_sheet.png")
+
+
+def _prepare_workdir(workdir: Path, fresh: bool, images: int) -> Path:
+    """The demo's dataset: an earlier demo's is kept (so this run charges nothing new) unless `fresh`."""
+    dataset = workdir / DATASET
+    if fresh and workdir.exists():
+        extra = sorted(entry.name for entry in workdir.iterdir() if entry.name not in (DATASET, OUTPUT))
+        if extra:
+            raise NotADemoFolder(
+                f"--fresh would delete {workdir}, which holds more than a demo ({', '.join(extra[:3])}): "
+                "choose another --workdir"
+            )
+        print(f"deleting the earlier demo in {workdir} (--fresh)")
+        shutil.rmtree(workdir)
+    elif dataset.is_dir():
+        print(
+            f"keeping the earlier demo in {workdir}: its images are enriched already, so nothing new is charged "
+            "(`normals-pipeline demo --fresh` starts over)"
+        )
+        return dataset
+    make_portraits(dataset, images)
+    (dataset / NOT_A_PHOTO).write_bytes(b"this file is text, not a JPEG")
+    return dataset
 
 
 @contextmanager
@@ -62,12 +97,15 @@ def _api_key(key: str) -> Iterator[None]:
             os.environ["CLIPDROP_API_KEY"] = previous
 
 
-def run_demo(workdir: Path, images: int) -> int:
+def run_demo(workdir: Path, images: int, fresh: bool = False) -> int:
+    from .cli import CannotStart
+
     workdir = workdir.resolve()
-    dataset, output = workdir / "portraits", workdir / "enriched"
-    shutil.rmtree(workdir, ignore_errors=True)
-    make_portraits(dataset, images)
-    (dataset / "not-really-a-photo.jpg").write_bytes(b"this file is text, not a JPEG")
+    output = workdir / OUTPUT
+    try:
+        dataset = _prepare_workdir(workdir, fresh, images)
+    except NotADemoFolder as error:
+        raise CannotStart(str(error)) from None
     config = EmulatorConfig(keys={DEMO_KEY: Decimal(100)}, rpm=60, latency=0.3)
     with Emulator(config) as emulator, _api_key(DEMO_KEY):
         print(f"emulator: {emulator.url} (key {DEMO_KEY}, 100 credits, 60 requests/min)\n\nfirst run:")
@@ -77,12 +115,16 @@ def run_demo(workdir: Path, images: int) -> int:
         if code := _run_once(dataset, output, emulator.url):
             return code
         charged = emulator.stats()["charged"]
-    sheet = _sheet(dataset, output)
+    rows = _manifest_rows(output)
+    sheet = _sheet(dataset, output, rows)
+    refused = [f"    {row['path']}: {row['error_code']} ({row['error_message']})" for row in rows if row["error_code"]]
+    print(f"\nthe emulator charged {charged} credits in all.")
+    if refused:
+        print("refused by the local checks, never sent (a row with an error code each):\n" + "\n".join(refused))
     print(
-        f"\nthe emulator charged {charged} credits in all.\n"
         f"dataset:       {dataset}\nnormal maps:   {output / 'normals'}\n"
-        f"manifest:      {output / 'manifest'}  (pyarrow.dataset.dataset(..., partitioning='hive'))\n"
-        f"contact sheet: {sheet}\n"
+        f'manifest:      {output / "manifest"}  (see the README\'s "The manifest" for the reads)\n'
+        f"contact sheet: {sheet}  (input image | normal map)\n"
         f"training pairs: {output / PARQUET_DIR}\n\n"
         "load them with Hugging Face datasets (images decoded as PIL, splits by file name):\n"
         "    import datasets\n"

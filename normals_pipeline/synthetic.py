@@ -100,20 +100,27 @@ def _save(image: Image.Image, path: Path) -> None:
         image.save(path, "PNG")
 
 
-def contact_sheet(pairs: list[tuple[Image.Image, Image.Image, str]], out: Path) -> Path:
-    """Write a PNG with one labelled row ``input | normal map`` per pair."""
+def contact_sheet(
+    pairs: list[tuple[Image.Image, Image.Image, str]],
+    out: Path,
+    columns: tuple[str, str] = ("input image", "normal map"),
+) -> Path:
+    """Write a PNG with the two column headings, then one labelled row ``input | normal map`` per pair."""
     if not pairs:
         raise ValueError("contact_sheet needs at least one (input, normal map, label) pair")
     rows = [(_thumbnail(source), _thumbnail(normals), label) for source, normals, label in pairs]
     left = max(row[0].width for row in rows)
     right = max(row[1].width for row in rows)
     row_height = _LABEL_HEIGHT + _THUMB_HEIGHT + _MARGIN
-    sheet = Image.new("RGB", (left + right + 3 * _MARGIN, len(rows) * row_height + _MARGIN), "white")
+    top = _MARGIN + _LABEL_HEIGHT  # the headings
+    sheet = Image.new("RGB", (left + right + 3 * _MARGIN, top + len(rows) * row_height + _MARGIN), "white")
     draw = ImageDraw.Draw(sheet)
     font = _font()
+    draw.text((_MARGIN, _MARGIN), columns[0], fill="black", font=_font(bold=True))
+    draw.text((2 * _MARGIN + left, _MARGIN), columns[1], fill="black", font=_font(bold=True))
     for index, (source, normals, label) in enumerate(rows):
-        y = _MARGIN + index * row_height
-        draw.text((_MARGIN, y), label, fill="black", font=font)
+        y = top + _MARGIN + index * row_height
+        draw.text((_MARGIN, y), label, fill="dimgray", font=font)
         sheet.paste(source, (_MARGIN, y + _LABEL_HEIGHT))
         sheet.paste(normals, (2 * _MARGIN + left, y + _LABEL_HEIGHT))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -121,12 +128,12 @@ def contact_sheet(pairs: list[tuple[Image.Image, Image.Image, str]], out: Path) 
     return out
 
 
-def _font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+def _font(bold: bool = False) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     """DejaVu when installed: Pillow's built-in font has no glyphs for labels like "café"."""
     try:
-        return ImageFont.truetype("DejaVuSans.ttf", 14)
+        return ImageFont.truetype("DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf", 15 if bold else 14)
     except OSError:
-        return ImageFont.load_default(14)
+        return ImageFont.load_default(15 if bold else 14)
 
 
 def _thumbnail(image: Image.Image) -> Image.Image:

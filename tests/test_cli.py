@@ -300,3 +300,32 @@ def test_bad_split_fractions_are_one_line_exit_2(dataset, tmp_path, monkeypatch,
     monkeypatch.setenv("CLIPDROP_API_KEY", "test-key")
     assert run(dataset, tmp_path / "out", "http://127.0.0.1:9", "--splits", "0.5,0.6,0") == 2
     assert "split fractions must sum to 1" in capsys.readouterr().err
+
+
+def test_demo_keeps_an_earlier_demo_and_fresh_deletes_only_a_demo(tmp_path, capsys):
+    workdir = tmp_path / "demo"
+    assert main(["demo", "--workdir", str(workdir), "--images", "3"]) == 0
+    first = capsys.readouterr().out
+    assert "not-really-a-photo.jpg: unreadable_image" in first  # refused files are listed
+    assert main(["demo", "--workdir", str(workdir), "--images", "3"]) == 0
+    again = capsys.readouterr().out
+    assert "keeping the earlier demo" in again and "the emulator charged 0 credits in all" in again
+    (workdir / "notes.txt").write_text("mine")
+    assert main(["demo", "--workdir", str(workdir), "--fresh"]) == 2
+    assert "holds more than a demo (notes.txt)" in capsys.readouterr().err
+    assert (workdir / "notes.txt").exists() and (workdir / "portraits").is_dir()
+
+
+@pytest.mark.parametrize("count", ["-3", "0", "many"])
+def test_portraits_refuses_a_count_below_one(tmp_path, capsys, count):
+    assert main(["portraits", str(tmp_path / "p"), "--count", count]) == 2
+    captured = capsys.readouterr()
+    assert_one_line(captured.out, captured.err, "--count")
+    assert not (tmp_path / "p").exists()
+
+
+def test_portraits_seed_makes_other_bytes_and_the_same_seed_the_same(tmp_path, capsys):
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        assert main(["portraits", str(tmp_path / name), "--count", "2", "--seed", seed]) == 0
+    content = {name: sorted(p.read_bytes() for p in (tmp_path / name).rglob("*.*")) for name in "abc"}
+    assert content["a"] == content["b"] != content["c"]

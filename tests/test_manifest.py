@@ -110,11 +110,9 @@ def test_the_documented_reads_give_the_partition_as_the_key_the_ui_shows(enriche
     _, output = enriched
     keys = set(manifest.manifest_keys(LocalStorage(output)))
     key = min(keys)
-    table = ds.dataset(str(output / "manifest"), partitioning=manifest.PARTITIONING).to_table()
-    assert set(table["partition"].to_pylist()) == keys
-    assert ds.dataset(str(output / "manifest"), partitioning=manifest.PARTITIONING).to_table(
-        filter=ds.field("partition") == key
-    ).num_rows
+    dataset = ds.dataset(str(output / "manifest"), partitioning=manifest.PARTITIONING)
+    assert set(dataset.to_table()["partition"].to_pylist()) == keys
+    assert dataset.to_table(filter=ds.field("partition") == key).num_rows
     files = f"{output}/manifest/*/*.parquet"
     found = duckdb.sql(
         f"SELECT DISTINCT partition FROM read_parquet('{files}', hive_partitioning=true, hive_types={{'partition': VARCHAR}})"
