@@ -41,7 +41,7 @@ INITIAL_LATENCY_S = 2.0  # a guess until answers tell: errs towards more in flig
 LATENCY_WEIGHT = 0.2  # weight of each new answer in the moving average
 # Before the API has answered once, a refused or failing connection is most likely a wrong URL or no network:
 # retried about once a second for this long, then the run says so (after an answer, the retry policy's backoff).
-FIRST_CONTACT_GIVE_UP_S = 3.0
+FIRST_CONTACT_GIVE_UP_S = 2.0
 FIRST_CONTACT_WAIT_S = 1.0
 
 
@@ -144,6 +144,7 @@ class ClipdropClient:
         self._answered = threading.Event()  # the API has answered at least once (any status)
         self._unreachable_since: float | None = None
         self._given_up: ApiUnreachable | None = None  # set once the API was given up as never reached
+        self._giving_up = threading.Event()  # wakes the workers waiting for a turn when it is
         self._http = httpx.Client(
             base_url=self.base_url,
             headers={"x-api-key": api_key},
@@ -201,11 +202,12 @@ class ClipdropClient:
             if now - self._unreachable_since < FIRST_CONTACT_GIVE_UP_S:
                 return FIRST_CONTACT_WAIT_S
             self._given_up = error
+            self._giving_up.set()
             return False
 
     def _send_once(self, path: str, image: bytes, filename: str, content_type: str) -> ApiResult:
         self._raise_if_given_up()
-        turn = self.rate_guard.acquire()
+        turn = self.rate_guard.acquire(self._giving_up)
         try:
             self._raise_if_given_up()  # decided while this worker waited for its turn
             return self._send_in_turn(path, image, filename, content_type)

@@ -94,14 +94,14 @@ class RateGuard:
         self.interval_s = slot_interval_s(rpm)
         self._limiter = Limiter(self.state.bucket(paced_rates(rpm)), buffer_ms=5)
 
-    def acquire(self) -> str:
+    def acquire(self, stop: threading.Event | None = None) -> str:
         """Block until a request may be sent: its slot on the key's schedule, then room in both windows;
         returns the turn. A cooldown moves the schedule past its end, so a slot is never inside a pause it
-        knew of."""
+        knew of. `stop` set during the wait for the slot ends the wait early (the caller gives up the turn)."""
         while True:
             wait = self.state.next_slot(self.interval_s, CATCH_UP_S, self.interval_s * CATCH_UP_SPACING)
             if wait > 0:
-                time.sleep(wait)
+                _sleep(wait, stop)
             turn = self._take_turn()
             self._limiter.try_acquire(self.name)
             if self.state.cooldown_left() <= 0:
@@ -127,6 +127,14 @@ class RateGuard:
     def _wait_out_cooldown(self) -> None:
         while (left := self.state.cooldown_left()) > 0:
             time.sleep(left)
+
+
+def _sleep(seconds: float, stop: threading.Event | None) -> None:
+    """Sleep for `seconds`, or until `stop` is set."""
+    if stop is None:
+        time.sleep(seconds)
+    else:
+        stop.wait(seconds)
 
 
 _states: dict[tuple[str, str | None, Path | None], KeyState] = {}
