@@ -114,9 +114,8 @@ def test_the_documented_reads_give_the_partition_as_the_key_the_ui_shows(enriche
     assert set(dataset.to_table()["partition"].to_pylist()) == keys
     assert dataset.to_table(filter=ds.field("partition") == key).num_rows
     files = f"{output}/manifest/*/*.parquet"
-    found = duckdb.sql(
-        f"SELECT DISTINCT partition FROM read_parquet('{files}', hive_partitioning=true, hive_types={{'partition': VARCHAR}})"
-    ).fetchall()
+    read = f"read_parquet('{files}', hive_partitioning=true, hive_types={{'partition': VARCHAR}})"
+    found = duckdb.sql(f"SELECT DISTINCT partition FROM {read}").fetchall()
     assert {row[0] for row in found} == keys
     frame = pl.scan_parquet(files, hive_partitioning=True, hive_schema={"partition": pl.String})
     assert frame.filter(pl.col("partition") == key).collect().height
