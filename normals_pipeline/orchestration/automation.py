@@ -8,7 +8,6 @@ changed inventory requests every shard once (shards whose images are all done ch
 dataset's own, running by default, has the daemon evaluate the conditions.
 """
 
-
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
