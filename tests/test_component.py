@@ -309,3 +309,16 @@ def test_registered_with_its_docs_and_the_core_still_imports_without_dagster() -
 
     code = "import sys, normals_pipeline; assert 'dagster' not in sys.modules, 'the core imported dagster'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_the_env_variables_an_attribute_reads_are_found_as_dg_finds_them() -> None:
+    from normals_pipeline.components.surface_normals.component import referenced_env_vars
+
+    attributes = {
+        "dataset": "{{ env.DATA_ROOT }}/portraits",
+        "output": "/data/enriched",
+        "api_key": "{{ env('TEAM_KEY') }}",
+        "owners": ["team:{{ env.TEAM }}"],
+        "training_splits": {"train": 1.0},
+    }
+    assert referenced_env_vars(attributes) == {"DATA_ROOT", "TEAM_KEY", "TEAM"}
