@@ -90,7 +90,7 @@ def test_owners_and_code_references_on_every_asset():
     for automation in ("none", "eager"):
         defs = normals_definitions(dataset="/d", output="/o", key_prefix="p", owners=owners, automation=automation)
         specs = list(defs.resolve_all_asset_specs())
-        assert len(specs) == (3 if automation == "none" else 4)  # + the observed dataset
+        assert len(specs) == (3 if automation == "none" else 5)  # + the observed dataset and its shards
         for spec in specs:
             assert spec.owners == owners
             [reference] = spec.metadata["dagster/code_references"].code_references

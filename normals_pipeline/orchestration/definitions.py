@@ -23,7 +23,7 @@ from .automation import (
     Automation,
     automated,
     build_automation_sensor,
-    build_dataset_observation,
+    build_observations,
     check_automation,
     observation_cron,
 )
@@ -76,7 +76,7 @@ def build_definitions(
             assets.append(build_training_asset(names, partitions, shards_per_run, group, training_splits, webdataset))
         if automation != "none":
             cron = observation_cron(automation, schedule_cron)
-            assets = [build_dataset_observation(names, shards, group, cron), *automated(assets, names)]
+            assets = [*build_observations(names, shards, partitions, group, cron), *automated(assets, names)]
             sensors.append(build_automation_sensor(names, [key for asset in assets for key in asset.keys]))
         assets = _described(assets, owners)
     return Definitions(

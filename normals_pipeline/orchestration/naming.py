@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from dagster import AssetKey
 
 DATASET = "dataset"
+DATASET_SHARDS = "dataset_shards"
 INVENTORY = "image_inventory"
 SURFACE_NORMALS = "surface_normals"
 TRAINING_PAIRS = "training_pairs"
