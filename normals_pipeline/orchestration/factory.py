@@ -67,8 +67,9 @@ def normals_definitions(
     dataset. Pass the key as `EnvVar(...)`: a plain string would be shown in the UI's resource configuration.
     `training_splits`: fractions of `train`, `validation`, `test` (each >= 0, summing to 1); `webdataset`: also
     write the pairs as WebDataset tars. `automation`: `"eager"` (the dataset listed every minute) or `"on_cron"`
-    (on `schedule_cron`) enriches new images with no sensor; `"none"` requests nothing. `owners`: emails or
-    `team:name`, on every asset. Merge several with `merge_normals_definitions`, which refuses a shared output."""
+    (on `schedule_cron`) enriches new images with no sensor, running only their shards; `"none"` requests nothing.
+    `owners`: emails or `team:name`, on every asset. Merge several with `merge_normals_definitions`, which refuses a
+    shared output."""
     clipdrop = ClipdropResource(
         api_key=api_key,
         api_url=api_url,

@@ -144,7 +144,7 @@ class SurfaceNormalsComponent(dg.Component, dg.Model, dg.Resolvable):
     training), the asset check `manifest_schema`, the jobs `refresh_inventory` and `enrich_shard`, the sensor
     `new_images_sensor` and the schedule `daily_inventory_schedule` (both off unless enabled here), and their
     resources. With `automation` (eager or on_cron) new images are enriched by Dagster's declarative automation
-    instead: the dataset becomes an observed asset, `dataset`, and a sensor of its own evaluates the conditions.
+    instead: the dataset is observed (`dataset`, `dataset_shards`) and a sensor of its own evaluates the conditions.
     Job, sensor, schedule and resource names start with `<key_prefix joined by _>__`, so several instances (one
     per dataset) load into one code location; they must not share an `output` (refused when they load).
 
@@ -248,9 +248,9 @@ class SurfaceNormalsComponent(dg.Component, dg.Model, dg.Resolvable):
         Automation,
         _doc(
             "Enrich new images with no sensor (Dagster's declarative automation): eager lists the dataset every "
-            "minute, on_cron on schedule_cron; when the listing changed the inventory is taken again and its shards "
-            "run. none: nothing is requested, so nothing spends credits unasked. Not with sensor_enabled or "
-            "schedule_enabled.",
+            "minute, on_cron on schedule_cron; when the listing changed the inventory is taken again and the shards "
+            "with new or changed images run. none: nothing is requested, so nothing spends credits unasked. Not "
+            "with sensor_enabled or schedule_enabled.",
             "eager",
         ),
     ] = "none"
