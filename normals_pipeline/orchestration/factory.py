@@ -127,7 +127,7 @@ def refuse_shared_outputs(outputs: Iterable[tuple[str, str | EnvVar]]) -> None:
 def merge_normals_definitions(*defs: Definitions) -> Definitions:
     """`Definitions.merge`, refusing two datasets that write one output (named by their key prefixes)."""
     refuse_shared_outputs(
-        (key.removesuffix(f"__{STORAGE}") if key != STORAGE else "(no prefix)", resource.output_uri)
+        (key.removesuffix(f"__{STORAGE}") if key != STORAGE else "(no key_prefix)", resource.output_uri)
         for each in defs
         for key, resource in (each.resources or {}).items()
         if isinstance(resource, DatasetResource)
