@@ -52,6 +52,8 @@ DEFAULTS = {
     "training_pairs": True,
     "training_splits": {"train": 0.9, "validation": 0.05, "test": 0.05},
     "webdataset": False,
+    "automation": "none",
+    "owners": [],
 }
 
 
@@ -96,8 +98,12 @@ def _project(root: Path) -> Path:
     return root
 
 
+def _dg_run(project: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / "dg"), *args], cwd=project, env=env, capture_output=True, text=True, timeout=120)
+
+
 def _dg(project: Path, env: dict[str, str], *args: str) -> str:
-    done = subprocess.run([str(BIN / "dg"), *args], cwd=project, env=env, capture_output=True, text=True, timeout=120)
+    done = _dg_run(project, env, *args)
     assert done.returncode == 0, f"dg {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout
 
@@ -174,6 +180,35 @@ def test_two_instances_scaffolded_checked_and_run_on_one_key(tmp_path: Path, emu
         path.write_text(yaml.safe_dump(document, sort_keys=False))
 
     _dg(project, env, "check", "yaml")
+    # the paths are written in: the scaffolded requirements.env still names their variables, and is told so
+    stale = _dg_run(project, env, "check", "defs")
+    assert stale.returncode == 0, stale.stdout + stale.stderr
+    for name in ("portraits_a", "portraits_b"):
+        assert (
+            f"defs/{name}: requirements.env lists NORMALS_DATASET, NORMALS_OUTPUT, which no attribute reads: "
+            "remove them"
+        ) in stale.stdout, stale.stdout
+    for name in ("portraits_a", "portraits_b"):
+        path = project / "portraits_app" / "defs" / name / "defs.yaml"
+        document = yaml.safe_load(path.read_text())
+        document["requirements"]["env"] = ["CLIPDROP_API_KEY"]
+        path.write_text(yaml.safe_dump(document, sort_keys=False))
+    assert "requirements.env lists" not in _dg(project, env, "check", "defs")
+    listed = _dg(project, env, "list", "env")
+    assert "CLIPDROP_API_KEY" in listed and "NORMALS_DATASET" not in listed and "NORMALS_OUTPUT" not in listed
+
+    # two instances on one output are refused in one line naming both
+    path_b = project / "portraits_app" / "defs" / "portraits_b" / "defs.yaml"
+    text_b = path_b.read_text()
+    path_b.write_text(text_b.replace("enriched/portraits_b", "enriched/portraits_a/"))
+    shared = _dg_run(project, env, "check", "defs")
+    assert shared.returncode != 0
+    assert (
+        f"the instances portraits_a and portraits_b share the output {project / 'enriched' / 'portraits_a'}: "
+        "give each its own output"
+    ) in shared.stdout + shared.stderr
+    path_b.write_text(text_b)
+
     _dg(project, env, "check", "defs")
     defs = json.loads(_dg(project, env, "list", "defs", "--json"))
     assets = {asset["asset_key"] for asset in defs["assets"]}
@@ -274,3 +309,16 @@ def test_registered_with_its_docs_and_the_core_still_imports_without_dagster() -
 
     code = "import sys, normals_pipeline; assert 'dagster' not in sys.modules, 'the core imported dagster'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_the_env_variables_an_attribute_reads_are_found_as_dg_finds_them() -> None:
+    from normals_pipeline.components.surface_normals.component import referenced_env_vars
+
+    attributes = {
+        "dataset": "{{ env.DATA_ROOT }}/portraits",
+        "output": "/data/enriched",
+        "api_key": "{{ env('TEAM_KEY') }}",
+        "owners": ["team:{{ env.TEAM }}"],
+        "training_splits": {"train": 1.0},
+    }
+    assert referenced_env_vars(attributes) == {"DATA_ROOT", "TEAM_KEY", "TEAM"}

@@ -1,12 +1,13 @@
 """The factory: several datasets in one code location, and an asset of the user's downstream of one."""
 
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from dagster import AssetKey, DagsterInstance, Definitions, EnvVar, asset, materialize
 
 from normals_pipeline import open_storage, read_manifests
-from normals_pipeline.orchestration import normals_definitions
+from normals_pipeline.orchestration import merge_normals_definitions, normals_definitions
 from normals_pipeline.synthetic import make_portraits
 
 
@@ -82,3 +83,28 @@ def test_a_downstream_asset_reads_the_manifest_through_the_public_api(tmp_path, 
     assert result.output_for_node("enriched_count") == 5
     assert Decimal(emulator.stats()["charged"]) == 5
     assert read_manifests(open_storage(str(tmp_path / "nothing"))).empty
+
+
+def test_owners_and_code_references_on_every_asset():
+    owners = ["team:vision", "ml-ops@example.com"]
+    for automation in ("none", "eager"):
+        defs = normals_definitions(dataset="/d", output="/o", key_prefix="p", owners=owners, automation=automation)
+        specs = list(defs.resolve_all_asset_specs())
+        assert len(specs) == (3 if automation == "none" else 5)  # + the observed dataset and its shards
+        for spec in specs:
+            assert spec.owners == owners
+            [reference] = spec.metadata["dagster/code_references"].code_references
+            assert Path(reference.file_path).is_file() and reference.line_number > 0
+            assert "normals_pipeline/orchestration/" in reference.file_path
+    unowned = normals_definitions(dataset="/d", output="/o")
+    assert all(spec.owners == [] for spec in unowned.resolve_all_asset_specs())
+
+
+def test_merging_two_datasets_on_one_output_is_refused_naming_both(tmp_path):
+    one = normals_definitions(dataset="/d1", output=str(tmp_path / "out"), key_prefix=["photos", "a"])
+    other = normals_definitions(dataset="/d2", output=f"file://{tmp_path}/x/../out/", key_prefix="b")
+    with pytest.raises(ValueError, match=r"^the instances photos_a and b share the output .*/out: give each its own"):
+        merge_normals_definitions(one, other)
+    third = normals_definitions(dataset="/d3", output=str(tmp_path / "out3"), key_prefix="c")
+    merged = merge_normals_definitions(one, third)
+    assert {"photos_a__storage", "c__storage"} <= set(merged.resources)

@@ -1,13 +1,14 @@
 """The thin Dagster layer: resources, partitions, assets, checks, sensors and schedules over the core."""
 
 from .definitions import build_definitions
-from .factory import normals_definitions, normals_definitions_from_env
+from .factory import merge_normals_definitions, normals_definitions, normals_definitions_from_env
 from .resources import ClipdropResource, DatasetResource
 
 __all__ = [
     "ClipdropResource",
     "DatasetResource",
     "build_definitions",
+    "merge_normals_definitions",
     "normals_definitions",
     "normals_definitions_from_env",
 ]

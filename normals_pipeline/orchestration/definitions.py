@@ -4,11 +4,29 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import cast
 
-from dagster import AssetSelection, BetaWarning, Definitions, EnvVar, PreviewWarning, define_asset_job
+from dagster import (
+    AssetsDefinition,
+    AssetSelection,
+    BetaWarning,
+    Definitions,
+    EnvVar,
+    PreviewWarning,
+    define_asset_job,
+    with_source_code_references,
+)
 
 from ..training import DEFAULT_SPLITS
 from .assets import build_assets
+from .automation import (
+    Automation,
+    automated,
+    build_automation_sensor,
+    build_observations,
+    check_automation,
+    observation_cron,
+)
 from .naming import CLIPDROP, INVENTORY, INVENTORY_JOB, SHARD_JOB, STORAGE, SURFACE_NORMALS, TRAINING_PAIRS, Names
 from .partitions import DEFAULT_SHARDS, DEFAULT_SHARDS_PER_RUN, shard_partitions
 from .resources import ClipdropResource, DatasetResource
@@ -35,29 +53,46 @@ def build_definitions(
     training_pairs: bool = True,
     training_splits: Mapping[str, float] = DEFAULT_SPLITS,
     webdataset: bool = False,
+    automation: Automation = "none",
+    owners: Sequence[str] = (),
 ) -> Definitions:
     """Everything Dagster needs for one dataset; `normals_definitions` (the factory), `definitions.py`, the
     Component and the CLI all go through here. `shards_per_run`: how many shards a backfill puts in one run.
     `training_pairs`: the `training_pairs` asset, in the shard job with `surface_normals` (so the sensor,
-    the schedule's follow-ups and `normals-pipeline run` build them too)."""
+    the schedule's follow-ups and `normals-pipeline run` build them too). `automation`: see `automation.py`;
+    `owners`: emails or `team:name`, on every asset."""
+    check_automation(automation, sensor_enabled, schedule_enabled)
     names = Names.of(key_prefix)
     partitions = shard_partitions(shards)
     inventory_job = define_asset_job(names.name(INVENTORY_JOB), selection=AssetSelection.assets(names.asset(INVENTORY)))
     shard_assets = [names.asset(SURFACE_NORMALS)] + ([names.asset(TRAINING_PAIRS)] if training_pairs else [])
     shard_job = define_asset_job(names.name(SHARD_JOB), selection=AssetSelection.assets(*shard_assets))
-    with warnings.catch_warnings():  # backfill policies and partitioned checks are "beta"/"preview" in 1.13:
-        warnings.simplefilter("ignore", BetaWarning)  # they are what make a backfill a handful of runs and tie
-        warnings.simplefilter("ignore", PreviewWarning)  # each check result to its partition
+    sensors = [build_new_images_sensor(names, shards, inventory_job, shard_job, sensor_enabled)]
+    with warnings.catch_warnings():  # backfill policies, partitioned checks, observable assets and code references
+        warnings.simplefilter("ignore", BetaWarning)  # are "beta"/"preview" in 1.13: they make a backfill a handful
+        warnings.simplefilter("ignore", PreviewWarning)  # of runs, tie each check result to its partition, and so on
         assets = build_assets(names, shards, partitions, shards_per_run, group, pool)
         if training_pairs:
             assets.append(build_training_asset(names, partitions, shards_per_run, group, training_splits, webdataset))
+        if automation != "none":
+            cron = observation_cron(automation, schedule_cron)
+            assets = [*build_observations(names, shards, partitions, group, cron), *automated(assets, names)]
+            sensors.append(build_automation_sensor(names, [key for asset in assets for key in asset.keys]))
+        assets = _described(assets, owners)
     return Definitions(
         assets=assets,
         jobs=[inventory_job, shard_job],
-        sensors=[build_new_images_sensor(names, shards, inventory_job, shard_job, sensor_enabled)],
+        sensors=sensors,
         schedules=[build_daily_schedule(names, inventory_job, schedule_cron, schedule_enabled)],
         resources={
             names.name(STORAGE): storage or DatasetResource(dataset_uri=dataset_uri, output_uri=output_uri),
             names.name(CLIPDROP): clipdrop or ClipdropResource(api_key=EnvVar("CLIPDROP_API_KEY")),
         },
     )
+
+
+def _described(assets: list[AssetsDefinition], owners: Sequence[str]) -> list[AssetsDefinition]:
+    """Owners on every asset, and code references: the UI links each asset to the function that makes it."""
+    if owners:
+        assets = [asset.map_asset_specs(lambda spec: spec.replace_attributes(owners=list(owners))) for asset in assets]
+    return cast("list[AssetsDefinition]", list(with_source_code_references(assets)))

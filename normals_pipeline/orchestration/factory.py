@@ -9,7 +9,8 @@ key's state, not in the definitions) and, by default, one Dagster pool per key.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Literal
 
 from dagster import Definitions, EnvVar
@@ -17,7 +18,9 @@ from dagster import Definitions, EnvVar
 from ..client import DEFAULT_API_URL
 from ..guards import key_fingerprint
 from ..training import DEFAULT_SPLITS
+from .automation import Automation
 from .definitions import DEFAULT_POOL, build_definitions
+from .naming import STORAGE
 from .partitions import DEFAULT_SHARDS, DEFAULT_SHARDS_PER_RUN, shard_count_from_env, shards_per_run_from_env
 from .resources import ClipdropResource, DatasetResource
 
@@ -57,11 +60,16 @@ def normals_definitions(
     training_pairs: bool = True,
     training_splits: Mapping[str, float] = DEFAULT_SPLITS,
     webdataset: bool = False,
+    automation: Automation = "none",
+    owners: Sequence[str] = (),
 ) -> Definitions:
     """The inventory, surface-normals and training-pairs assets, their check, jobs, sensor and schedule for one
     dataset. Pass the key as `EnvVar(...)`: a plain string would be shown in the UI's resource configuration.
     `training_splits`: fractions of `train`, `validation`, `test` (each >= 0, summing to 1); `webdataset`: also
-    write the pairs as WebDataset tars."""
+    write the pairs as WebDataset tars. `automation`: `"eager"` (the dataset listed every minute) or `"on_cron"`
+    (on `schedule_cron`) enriches new images with no sensor, running only their shards; `"none"` requests nothing.
+    `owners`: emails or `team:name`, on every asset. Merge several with `merge_normals_definitions`, which refuses a
+    shared output."""
     clipdrop = ClipdropResource(
         api_key=api_key,
         api_url=api_url,
@@ -88,7 +96,43 @@ def normals_definitions(
         training_pairs=training_pairs,
         training_splits=training_splits,
         webdataset=webdataset,
+        automation=automation,
+        owners=owners,
     )
+
+
+def normalised_output(uri: str) -> str:
+    """One spelling per place: an absolute resolved folder, or a URI without a trailing slash."""
+    if "://" in uri and not uri.startswith("file://"):
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme.lower()}://{rest.rstrip('/')}"
+    return str(Path(uri.removeprefix("file://")).expanduser().resolve())
+
+
+def refuse_shared_outputs(outputs: Iterable[tuple[str, str | EnvVar]]) -> None:
+    """Two instances on one output would write each other's inventory and manifests under two partition sets:
+    refused in one line naming both (`outputs`: (instance, output) pairs; an `EnvVar` is not known yet)."""
+    seen: dict[str, str] = {}
+    for instance, output in outputs:
+        if isinstance(output, EnvVar):
+            continue
+        place = normalised_output(output)
+        if place in seen:
+            raise ValueError(
+                f"the instances {seen[place]} and {instance} share the output {place}: give each its own output"
+            )
+        seen[place] = instance
+
+
+def merge_normals_definitions(*defs: Definitions) -> Definitions:
+    """`Definitions.merge`, refusing two datasets that write one output (named by their key prefixes)."""
+    refuse_shared_outputs(
+        (key.removesuffix(f"__{STORAGE}") if key != STORAGE else "(no key_prefix)", resource.output_uri)
+        for each in defs
+        for key, resource in (each.resources or {}).items()
+        if isinstance(resource, DatasetResource)
+    )
+    return Definitions.merge(*defs)
 
 
 def normals_definitions_from_env() -> Definitions:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from dagster import AssetKey
 
+DATASET = "dataset"
+DATASET_SHARDS = "dataset_shards"
 INVENTORY = "image_inventory"
 SURFACE_NORMALS = "surface_normals"
 TRAINING_PAIRS = "training_pairs"
@@ -19,6 +21,7 @@ INVENTORY_JOB = "refresh_inventory"
 SHARD_JOB = "enrich_shard"
 SENSOR = "new_images_sensor"
 SCHEDULE = "daily_inventory_schedule"
+AUTOMATION_SENSOR = "automation_sensor"
 STORAGE = "storage"
 CLIPDROP = "clipdrop"
 

@@ -41,6 +41,11 @@ def shard_digests(table: pa.Table, shards: int) -> dict[str, str]:
     }
 
 
+def listing_digest(digests: dict[str, str]) -> str:
+    """One digest of a listing's shard digests: equal listings, equal digests."""
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def build_new_images_sensor(
     names: Names,
     shards: int,
@@ -66,8 +71,7 @@ def build_new_images_sensor(
         except InventoryMissing:
             stored = None
         if stored != listing:
-            digest = hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()[:16]
-            return RunRequest(job_name=inventory_job.name, run_key=f"inventory-{digest}")
+            return RunRequest(job_name=inventory_job.name, run_key=f"inventory-{listing_digest(listing)}")
         seen = json.loads(context.cursor) if context.cursor else {}
         changed = sorted(key for key, digest in listing.items() if seen.get(key) != digest)
         if not changed:

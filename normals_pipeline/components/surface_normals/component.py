@@ -9,16 +9,19 @@ in the UI's resource configuration. A key written into the YAML is refused.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import dagster as dg
+from dagster.components.core.decl import YamlBackedComponentDecl
 from dagster.components.resolved.errors import ResolutionException
 from pydantic import ConfigDict, Field, field_validator
 
 from ...client import DEFAULT_API_URL
-from ...orchestration.factory import DEFAULT_KEY_ENV, normals_definitions
+from ...orchestration.automation import Automation
+from ...orchestration.factory import DEFAULT_KEY_ENV, normals_definitions, refuse_shared_outputs
 from ...orchestration.partitions import DEFAULT_SHARDS, DEFAULT_SHARDS_PER_RUN
 from ...training import DEFAULT_SPLITS, check_splits
 from .scaffolder import SurfaceNormalsScaffolder
@@ -35,6 +38,21 @@ def env_reference(value: object) -> str | None:
         return None
     match = _ENV_REFERENCE.match(value.strip())
     return (match["attr"] or match["call"]) if match else None
+
+
+# the same references anywhere in a value, as `dg list env` and `dg check yaml --validate-requirements` find them
+_ENV_ANYWHERE = re.compile(r"""\{\{\s*env\s*(?:\.\s*(\w+)|\(\s*['"](\w+)['"]\s*\))""")
+
+
+def referenced_env_vars(value: object) -> set[str]:
+    """The environment variables a YAML value (a string, or lists and mappings of them) references."""
+    if isinstance(value, str):
+        return {attr or call for attr, call in _ENV_ANYWHERE.findall(value)}
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return set().union(*(referenced_env_vars(item) for item in value))
+    return set()
 
 
 def _where(context: dg.ResolutionContext) -> str:
@@ -125,8 +143,10 @@ class SurfaceNormalsComponent(dg.Component, dg.Model, dg.Resolvable):
     image sent once), `training_pairs` partitioned alike (each image as sent next to its normal map, for
     training), the asset check `manifest_schema`, the jobs `refresh_inventory` and `enrich_shard`, the sensor
     `new_images_sensor` and the schedule `daily_inventory_schedule` (both off unless enabled here), and their
-    resources. Job, sensor, schedule and resource names start with `<key_prefix joined by _>__`, so
-    several instances (one per dataset) load into one code location.
+    resources. With `automation` (eager or on_cron) new images are enriched by Dagster's declarative automation
+    instead: the dataset is observed (`dataset`, `dataset_shards`) and a sensor of its own evaluates the conditions.
+    Job, sensor, schedule and resource names start with `<key_prefix joined by _>__`, so several instances (one
+    per dataset) load into one code location; they must not share an `output` (refused when they load).
 
     Every instance on one key shares that key's rate limit and credit balance (the guards keep their state
     per key, on this host or in `redis_url`) and, unless `pool` is set, one Dagster concurrency pool per key.
@@ -201,7 +221,10 @@ class SurfaceNormalsComponent(dg.Component, dg.Model, dg.Resolvable):
     ] = None
     sensor_enabled: Annotated[bool, _doc("Start new_images_sensor on (it enriches new images).", True)] = False
     schedule_enabled: Annotated[bool, _doc("Start daily_inventory_schedule on.", True)] = False
-    schedule_cron: Annotated[str, _doc("Cron of daily_inventory_schedule.", "0 2 * * *")] = "0 2 * * *"
+    schedule_cron: Annotated[
+        str,
+        _doc("Cron of daily_inventory_schedule, and of the dataset's listing with automation: on_cron.", "0 2 * * *"),
+    ] = "0 2 * * *"
     training_pairs: Annotated[
         bool,
         _doc(
@@ -221,6 +244,19 @@ class SurfaceNormalsComponent(dg.Component, dg.Model, dg.Resolvable):
     webdataset: Annotated[
         bool, _doc("Also write the training pairs as WebDataset tars (img2dataset's layout).", True)
     ] = False
+    automation: Annotated[
+        Automation,
+        _doc(
+            "Enrich new images with no sensor (Dagster's declarative automation): eager lists the dataset every "
+            "minute, on_cron on schedule_cron; when the listing changed the inventory is taken again and the shards "
+            "with new or changed images run. none: nothing is requested, so nothing spends credits unasked. Not "
+            "with sensor_enabled or schedule_enabled.",
+            "eager",
+        ),
+    ] = "none"
+    owners: Annotated[
+        list[str], _doc("Owners of every asset: emails or team:name.", ["team:vision", "ml-ops@example.com"])
+    ] = []
 
     @field_validator("api_key", mode="before")
     @classmethod
@@ -243,6 +279,12 @@ class SurfaceNormalsComponent(dg.Component, dg.Model, dg.Resolvable):
         return dg.ComponentTypeSpec(tags=["clipdrop", "enrichment", "images"])
 
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
+        if isinstance(context.component_decl, YamlBackedComponentDecl):  # in a defs folder, beside its siblings
+            refuse_shared_outputs(
+                (other.instance_name, _under(context.project_root, other.output))
+                for other in context.component_tree.get_all_components(of_type=SurfaceNormalsComponent)
+            )
+            self._warn_unread_requirements(context.component_decl, context.path.relative_to(context.project_root))
         return normals_definitions(
             dataset=_under(context.project_root, self.dataset),
             output=_under(context.project_root, self.output),
@@ -265,7 +307,29 @@ class SurfaceNormalsComponent(dg.Component, dg.Model, dg.Resolvable):
             training_pairs=self.training_pairs,
             training_splits=self.training_splits,
             webdataset=self.webdataset,
+            automation=self.automation,
+            owners=self.owners,
         )
+
+    @property
+    def instance_name(self) -> str:
+        """How a refusal names this instance: its key prefix."""
+        prefix = [self.key_prefix] if isinstance(self.key_prefix, str) else self.key_prefix or []
+        return "/".join(prefix) or "(no key_prefix)"
+
+    def _warn_unread_requirements(self, decl: YamlBackedComponentDecl, where: Path) -> None:
+        """`dg list env` reads `requirements.env` as written, so variables left there after a path was written in
+        (the scaffolded NORMALS_DATASET, NORMALS_OUTPUT) would be asked for: name them."""
+        model = decl.component_file_model
+        if model is None or model.requirements is None:
+            return
+        read = referenced_env_vars(model.model_dump(exclude={"requirements"})) | {self.api_key.env_var_name}
+        unread = sorted(set(model.requirements.env or ()) - read)
+        if unread:
+            logging.getLogger("dagster").warning(
+                f"{where}: requirements.env lists {', '.join(unread)}, which no attribute reads: remove "
+                f"{'it' if len(unread) == 1 else 'them'} (`dg list env` shows that list as what the project needs)",
+            )
 
 
 def _under(project_root: Path, location: str) -> str:

@@ -26,8 +26,8 @@ def _yaml_scalar(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
-    if isinstance(value, dict):
-        return json.dumps(value)  # a JSON object is a YAML flow mapping
+    if isinstance(value, dict | list):
+        return json.dumps(value)  # a JSON object or array is a YAML flow mapping or sequence
     return json.dumps(str(value))  # a JSON string is a YAML double-quoted scalar
 
 
@@ -63,7 +63,8 @@ def defs_yaml(type_name: str, instance_name: str) -> str:
     used = sorted(set(re.findall(r"\{\{\s*env\.(\w+)\s*\}\}", values)))
     lines += [
         "",
-        "# The environment variables this file reads (`dg list env`, `dg check yaml --validate-requirements`).",
+        "# The environment variables this file reads (`dg list env`, `dg check yaml --validate-requirements`):",
+        "# once dataset and output are written in, remove NORMALS_DATASET and NORMALS_OUTPUT.",
         "requirements:",
         "  env:",
         *(f"    - {name}" for name in used),
