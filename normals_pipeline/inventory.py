@@ -138,6 +138,14 @@ def shards_taken_with(table: pa.Table) -> int:
     return int((table.schema.metadata or {}).get(SHARDS_KEY.encode(), b"0"))
 
 
+def inventory_shards(output: Storage) -> int | None:
+    """The count the output's current inventory was taken with, if it has one."""
+    try:
+        return shards_taken_with(read_inventory(output)) or None
+    except InventoryMissing:
+        return None
+
+
 def read_inventory(output: Storage, shard: int | None = None, shards: int | None = None) -> pa.Table:
     """The whole inventory, or only the rows of one shard of `shards` (which must be the count the
     inventory was taken with: a different count puts images in other shards)."""
