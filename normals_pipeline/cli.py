@@ -1,9 +1,10 @@
-"""`normals-pipeline`: emulator, run, demo.
+"""`normals-pipeline`: emulator, run, plan, demo.
 
 Exit codes: 0 the run completed (per-image errors included), 1 the run stopped (key refused, credits
 gone, API unreachable, a manifest failed its check), 2 it could not start (bad option, key or dataset
-missing, output inside the dataset or not writable). Every error is one `normals-pipeline: ` line on
-stderr; `--verbose` adds Dagster's log with its stack traces.
+missing, output inside the dataset or not writable). `plan`: 0 the run would fit, 1 it would not (budget,
+balance less the floor), 2 it cannot start. Every error is one `normals-pipeline: ` line on stderr;
+`--verbose` adds Dagster's log with its stack traces.
 """
 
 from __future__ import annotations
