@@ -28,7 +28,7 @@ from .emulator import _cli as emulator_cli
 
 if TYPE_CHECKING:
     from .orchestration.runner import TrainingSummary
-    from .plan import Plan
+    from .plan import Figures, Plan
     from .storage import Storage
 
 MAX_SHARDS = 10_000
@@ -335,25 +335,23 @@ def _known_balance(api_key: str | None, redis_url: str | None) -> tuple[Decimal,
         raise CannotStart(f"cannot read the key's stored balance: {type(error).__name__}: {error}") from None
 
 
-PLAN_COLUMNS = ("images", "done", "to_send", "duplicates", "refused", "credits_needed", "eta_seconds")
-
-
 def _print_plan(plan: Plan, args: argparse.Namespace, shards: int) -> None:
     """A table of the shards with images and their total (plain numbers), its warnings, the balance and the
     time; the paths quoted so they paste into a shell."""
+    from .plan import TABLE_COLUMNS
+
+    def cells(figures: Figures) -> list[str]:
+        return [str(plan.figures(figures)[column]) for column in TABLE_COLUMNS]
+
     print(f"plan for {shlex.quote(args.dataset)} -> {shlex.quote(args.output)} ({shards} shards); nothing sent")
-    rows = [[f"shard {key}", *_cells(plan.figures(figures))] for key, figures in plan.shards.items()]
-    for line in _table([["", *PLAN_COLUMNS], *rows, ["total", *_cells(plan.figures(plan.total))]]):
+    rows = [[f"shard {key}", *cells(figures)] for key, figures in plan.shards.items()]
+    for line in _table([["", *TABLE_COLUMNS], *rows, ["total", *cells(plan.total)]]):
         print(f"  {line}")
     for warning in plan.warnings:
         print(f"  warning: {warning}")
     print(f"balance: {_balance_text(plan.balance)}")
     pace = f"{plan.images_per_second * 60:.0f} images/min ({args.rpm} requests/min)"
     print(f"time: {_duration(plan.eta_seconds(plan.total))} at {pace}")
-
-
-def _cells(figures: dict) -> list[str]:
-    return [str(figures[column]) for column in PLAN_COLUMNS]
 
 
 def _table(rows: list[list[str]]) -> list[str]:

@@ -36,6 +36,8 @@ from .inventory import partition_key, take_inventory
 from .prepare import Oversize
 from .storage import Storage
 
+# A shard's figures as a table shows them (the CLI's, the inventory's `plan_by_shard`): counts, then the time.
+TABLE_COLUMNS = ("images", "done", "to_send", "duplicates", "refused", "credits_needed", "eta_seconds")
 READERS = 8  # files read and hashed at once: S3 reads are mostly waiting, hashing releases the GIL
 CHUNK = 1024  # files handed to the readers at a time, so memory stays flat on a large shard
 
@@ -96,15 +98,16 @@ class Plan:
         needed = self.total.credits_needed
         if budget is not None and needed > budget:
             return (
-                f"the plan needs {plain_number(needed)} credits, more than the budget of {plain_number(budget)}: "
-                "raise --budget"
+                f"the plan needs {plain_number(needed)} credits, more than the run budget of {plain_number(budget)}: "
+                "raise the budget, or enrich part of the dataset"
             )
         if self.balance is not None and needed > self.balance[0] - credit_floor:
             balance, age = self.balance
             floor = f" less the credit floor of {plain_number(credit_floor)}" if credit_floor else ""
             return (
                 f"the plan needs {plain_number(needed)} credits, more than the key's balance of "
-                f"{plain_number(balance)} (reported {age:.0f} s ago){floor}: buy credits, or enrich part of the dataset"
+                f"{plain_number(balance)} (reported {age:.0f} s ago){floor}: buy credits"
+                + (", or lower the floor" if credit_floor else "")
             )
         return None
 

@@ -5,6 +5,7 @@ loopback)."""
 import hashlib
 import json
 import shutil
+import uuid
 from decimal import Decimal
 from pathlib import Path
 
@@ -273,3 +274,17 @@ def inventory_metadata(defs, instance) -> dict:
     result = defs.resolve_job_def("refresh_inventory").execute_in_process(instance=instance)
     [materialization] = result.asset_materializations_for_node("image_inventory")
     return {name: getattr(value, "value", value) for name, value in materialization.metadata.items()}
+
+
+def test_the_key_is_in_no_line_or_file_of_the_plan(tmp_path, monkeypatch, capsys):
+    canary = f"sk-canary-{uuid.uuid4().hex}"
+    monkeypatch.setenv("CLIPDROP_API_KEY", canary)
+    make_portraits(tmp_path / "in", 3)
+
+    assert plan(tmp_path / "in", tmp_path / "out") == 0
+    assert plan(tmp_path / "in", tmp_path / "out", "--json") == 0
+
+    out, err = capsys.readouterr()
+    assert canary not in out + err
+    state = default_state_dir()
+    assert not [path for path in state.rglob("*") if path.is_file() and canary.encode() in path.read_bytes()]

@@ -17,7 +17,7 @@ from PIL import Image, ImageOps
 
 from ..enrich import ShardResult
 from ..manifest import MANIFEST_SCHEMA
-from ..plan import Plan
+from ..plan import TABLE_COLUMNS, Plan
 from ..storage import Storage
 
 # Set by an in-process caller (the CLI) to hear of each shard as it finishes, with its plain metadata.
@@ -67,7 +67,6 @@ def shard_metadata(result: ShardResult, images: int, retries: dict[str, int]) ->
 
 PLAN_TOTALS = ("to_send", "credits_needed", "eta_seconds", "duplicates", "refused", "done")
 PLAN_BY_SHARD = "plan_by_shard"
-_PLAN_COLUMNS = ("images", "done", "to_send", "duplicates", "refused", "credits_needed", "eta_seconds")
 
 
 def plan_metadata(plan: Plan, shortfall: str | None) -> dict[str, Any]:
@@ -79,14 +78,13 @@ def plan_metadata(plan: Plan, shortfall: str | None) -> dict[str, Any]:
     metadata: dict[str, Any] = {name: total[name] for name in PLAN_TOTALS}
     if total["balance"] is not None:
         metadata.update(balance=total["balance"], balance_age_seconds=total["balance_age_seconds"])
-    columns = [TableColumn("shard", "string")] + [
-        TableColumn(name, "float" if name == "eta_seconds" else "int") for name in _PLAN_COLUMNS
-    ]
+    columns = {name: "float" if name == "eta_seconds" else "int" for name in TABLE_COLUMNS}
     records = [
-        TableRecord({"shard": key, **{name: plan.figures(figures)[name] for name in _PLAN_COLUMNS}})
+        TableRecord({"shard": key, **{name: value for name, value in plan.figures(figures).items() if name in columns}})
         for key, figures in plan.shards.items()
     ]
-    metadata[PLAN_BY_SHARD] = MetadataValue.table(records, schema=TableSchema(columns=columns))
+    schema = TableSchema(columns=[TableColumn("shard", "string")] + [TableColumn(n, t) for n, t in columns.items()])
+    metadata[PLAN_BY_SHARD] = MetadataValue.table(records, schema=schema)
     if shortfall is not None:
         metadata["plan_shortfall"] = shortfall
     if plan.warnings:
