@@ -288,3 +288,27 @@ def test_the_key_is_in_no_line_or_file_of_the_plan(tmp_path, monkeypatch, capsys
     assert canary not in out + err
     state = default_state_dir()
     assert not [path for path in state.rglob("*") if path.is_file() and canary.encode() in path.read_bytes()]
+
+
+def test_on_s3_the_plan_writes_no_object_and_matches_the_run(tmp_path, s3_client, s3_bucket, emulator, key, capsys):
+    make_portraits(tmp_path / "in", 5)
+    shutil.copy(tmp_path / "in" / "portrait_000.jpg", tmp_path / "in" / "twin.jpg")
+    (tmp_path / "in" / "empty.png").write_bytes(b"")
+    for path in (tmp_path / "in").rglob("*"):
+        if path.is_file():
+            s3_client.put_object(
+                Bucket=s3_bucket, Key=f"in/{path.relative_to(tmp_path / 'in').as_posix()}", Body=path.read_bytes()
+            )
+    dataset, output = f"s3://{s3_bucket}/in", f"s3://{s3_bucket}/out"
+
+    def objects() -> dict[str, tuple[str, object]]:
+        listed = s3_client.list_objects_v2(Bucket=s3_bucket).get("Contents", [])
+        return {entry["Key"]: (entry["ETag"], entry["LastModified"]) for entry in listed}
+
+    before = objects()
+    code, figures, _ = planned(capsys, dataset, output)
+
+    assert code == 0 and objects() == before and emulator.stats()["requests"] == 0
+    assert (figures["to_send"], figures["duplicates"], figures["refused"]) == (5, 1, 1)
+    assert run(dataset, output, emulator.url) == 0
+    assert Decimal(emulator.stats()["charged"]) == figures["to_send"]
