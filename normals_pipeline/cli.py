@@ -282,7 +282,7 @@ def plan_command(args: argparse.Namespace) -> int:
     """What the next `run` with these options would send and charge, from the output's own record, with no
     request and nothing written: exit 0 when it fits, 1 when its credits are over `--budget` or the key's last
     known balance less `--credit-floor`, 2 when it cannot start. A missing key only leaves the balance unknown."""
-    from .orchestration.partitions import shard_count_from_env
+    from .inventory import shard_count_from_env
 
     try:
         shards = args.shards if args.shards is not None else shard_count_from_env()

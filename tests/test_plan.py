@@ -5,6 +5,8 @@ loopback)."""
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 import uuid
 from decimal import Decimal
 from pathlib import Path
@@ -312,3 +314,14 @@ def test_on_s3_the_plan_writes_no_object_and_matches_the_run(tmp_path, s3_client
     assert (figures["to_send"], figures["duplicates"], figures["refused"]) == (5, 1, 1)
     assert run(dataset, output, emulator.url) == 0
     assert Decimal(emulator.stats()["charged"]) == figures["to_send"]
+
+
+def test_the_plan_command_runs_on_the_core_alone(tmp_path):
+    """Orchestrator-free: planning loads no Dagster, so it starts quickly."""
+    make_portraits(tmp_path / "in", 2)
+    code = (
+        "import sys; from normals_pipeline.cli import main; "
+        f"code = main(['plan', '--dataset', {str(tmp_path / 'in')!r}, '--output', {str(tmp_path / 'out')!r}]); "
+        "assert code == 0 and not [m for m in sys.modules if m.startswith('dagster')], 'the plan loaded dagster'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True)
