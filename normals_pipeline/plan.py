@@ -135,11 +135,11 @@ def make_plan(
     initial latency guess, which errs long."""
     table = inventory if inventory is not None else take_inventory(dataset, shards)
     planner = _Planner(dataset, output, oversize, claims)
+    planned = {}
     with ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="plan") as pool:
-        planned = {
-            partition_key(shard, shards): planner.shard(pool, partition_key(shard, shards), rows)
-            for shard, rows in _by_shard(table)
-        }
+        for shard, rows in _by_shard(table):
+            key = partition_key(shard, shards)
+            planned[key] = planner.shard(pool, key, rows)
     return Plan(planned, balance, images_per_second(rpm, INITIAL_LATENCY_S, concurrency), tuple(planner.warnings))
 
 
