@@ -48,6 +48,7 @@ class KeyState(Protocol):
     def reserve(self, lease: str, floor: Decimal, cost: Decimal, ttl_s: float) -> Reservation: ...
     def settle(self, lease: str, remaining: Decimal | None) -> None: ...
     def balance(self) -> Decimal | None: ...
+    def known_balance(self) -> tuple[Decimal, float] | None: ...
     def forget_balance(self) -> None: ...
 
 
@@ -196,6 +197,12 @@ class MemoryState:
 
     def balance(self) -> Decimal | None:
         return self._balance[0] if self._balance else None
+
+    def known_balance(self) -> tuple[Decimal, float] | None:
+        """The last reported balance and its age in seconds, without a reservation (the plan reads it)."""
+        with self._lock:
+            known = self._balance
+        return (known[0], time.time() - known[1]) if known else None
 
     def forget_balance(self) -> None:
         with self._lock:
@@ -359,9 +366,14 @@ class SQLiteState:
         self._transaction(work)
 
     def balance(self) -> Decimal | None:
+        known = self.known_balance()
+        return known[0] if known else None
+
+    def known_balance(self) -> tuple[Decimal, float] | None:
+        """The last reported balance and its age in seconds: a read, no transaction."""
         with self._lock:
-            row = self._db.execute("SELECT value FROM balance").fetchone()
-        return Decimal(row[0]) if row else None
+            row = self._db.execute("SELECT value, at FROM balance").fetchone()
+        return (Decimal(row[0]), time.time() - row[1]) if row else None
 
     def forget_balance(self) -> None:
         self._transaction(lambda db, now: db.execute("DELETE FROM balance"))
@@ -551,6 +563,17 @@ class RedisState:
         value = self._redis.hget(self._keys["balance"], "value")
         return Decimal(value.decode()) if value else None
 
+    def known_balance(self) -> tuple[Decimal, float] | None:
+        """The last reported balance and its age in seconds, aged on the Redis server's clock (which stamped
+        it), in one round trip."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hmget(self._keys["balance"], "value", "at")
+        pipe.time()
+        (value, at), (seconds, micros) = pipe.execute()
+        if not value:
+            return None
+        return Decimal(value.decode()), (int(seconds) * 1000 + int(micros) // 1000 - float(at)) / 1000
+
     def forget_balance(self) -> None:
         self._redis.delete(self._keys["balance"])
 
@@ -562,6 +585,7 @@ class ClaimStore(Protocol):
     def claim(self, name: str, owner: str, ttl_s: float) -> bool: ...
     def renew(self, names: list[str], owner: str, ttl_s: float) -> None: ...
     def release(self, name: str, owner: str) -> None: ...
+    def held(self, name: str) -> bool: ...  # a live claim by anyone: a read, for the plan
 
 
 class MemoryClaims:
@@ -590,6 +614,10 @@ class MemoryClaims:
         with self._lock:
             if self._claims.get(name, ("", 0.0))[0] == owner:
                 del self._claims[name]
+
+    def held(self, name: str) -> bool:
+        with self._lock:
+            return self._claims.get(name, ("", 0.0))[1] > time.time()
 
 
 class SQLiteClaims:
@@ -621,6 +649,11 @@ class SQLiteClaims:
     def release(self, name: str, owner: str) -> None:
         with self._lock:
             self._db.execute("DELETE FROM claims WHERE name = ? AND owner = ?", (name, owner))
+
+    def held(self, name: str) -> bool:
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM claims WHERE name = ? AND expires > ?", (name, time.time()))
+            return row.fetchone() is not None
 
 
 # KEYS: the claim. ARGV: owner, ttl_ms. Take it if free or ours (SET NX would refuse our own renewal).
@@ -660,3 +693,6 @@ class RedisClaims:
 
     def release(self, name: str, owner: str) -> None:
         self._renew(keys=[f"normals:claim:{name}"], args=[owner, 0])
+
+    def held(self, name: str) -> bool:
+        return bool(self._redis.exists(f"normals:claim:{name}"))

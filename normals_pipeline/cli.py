@@ -1,22 +1,26 @@
-"""`normals-pipeline`: emulator, run, demo.
+"""`normals-pipeline`: emulator, run, plan, demo.
 
 Exit codes: 0 the run completed (per-image errors included), 1 the run stopped (key refused, credits
 gone, API unreachable, a manifest failed its check), 2 it could not start (bad option, key or dataset
-missing, output inside the dataset or not writable). Every error is one `normals-pipeline: ` line on
-stderr; `--verbose` adds Dagster's log with its stack traces.
+missing, output inside the dataset or not writable). `plan`: 0 the run would fit, 1 it would not (budget,
+balance less the floor), 2 it cannot start. Every error is one `normals-pipeline: ` line on stderr;
+`--verbose` adds Dagster's log with its stack traces.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import shlex
 import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -24,6 +28,7 @@ from .emulator import _cli as emulator_cli
 
 if TYPE_CHECKING:
     from .orchestration.runner import TrainingSummary
+    from .plan import Figures, Plan
     from .storage import Storage
 
 MAX_SHARDS = 10_000
@@ -94,26 +99,15 @@ def _splits(text: str) -> dict[str, float]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    """What `run` and `plan` share, with the same meaning and parsers."""
     parser.add_argument("--dataset", required=True, help="folder or s3://bucket/prefix of images")
     parser.add_argument("--output", required=True, help="folder or s3://bucket/prefix for maps and manifest")
-    parser.add_argument(
-        "--api-url",
-        type=_api_url,
-        default=os.environ.get("CLIPDROP_API_URL"),
-        help="API base URL, http:// or https:// (default: CLIPDROP_API_URL or the real API)",
-    )
     parser.add_argument(  # a string default goes through `type` too, so a bad CLIPDROP_RPM is refused alike
         "--rpm", type=_count(), default=os.environ.get("CLIPDROP_RPM", "60"), help="the key's requests per minute"
     )
     parser.add_argument(
         "--shards", type=_count(MAX_SHARDS), default=None, help="number of partitions (default: NORMALS_SHARDS or 16)"
-    )
-    parser.add_argument(
-        "--shards-per-run",
-        type=_count(MAX_SHARDS),
-        default=None,
-        help="shards one Dagster run covers, as one stream of work (default: all of them in one run)",
     )
     parser.add_argument(
         "--concurrency",
@@ -124,9 +118,6 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--credit-floor", type=_credits, default=0.0, help="stop before the balance drops below this")
     parser.add_argument("--budget", type=_credits, default=None, help="most credits one Dagster run may spend")
     parser.add_argument(
-        "--max-attempts", type=_count(), default=6, help="tries per image for 429, 5xx and network errors"
-    )
-    parser.add_argument(
         "--oversize",
         choices=["downscale", "refuse"],
         default="downscale",
@@ -136,6 +127,25 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--redis-url",
         default=os.environ.get("NORMALS_REDIS_URL"),
         help="share the key's rate and credits across hosts (default: across this host's processes, via SQLite)",
+    )
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_plan_arguments(parser)
+    parser.add_argument(
+        "--api-url",
+        type=_api_url,
+        default=os.environ.get("CLIPDROP_API_URL"),
+        help="API base URL, http:// or https:// (default: CLIPDROP_API_URL or the real API)",
+    )
+    parser.add_argument(
+        "--shards-per-run",
+        type=_count(MAX_SHARDS),
+        default=None,
+        help="shards one Dagster run covers, as one stream of work (default: all of them in one run)",
+    )
+    parser.add_argument(
+        "--max-attempts", type=_count(), default=6, help="tries per image for 429, 5xx and network errors"
     )
     parser.add_argument(
         "--no-training-pairs",
@@ -167,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     emulator_cli.add_arguments(commands.add_parser("emulator", help="serve the Clipdrop API emulator on loopback"))
     _add_run_arguments(commands.add_parser("run", help="enrich a dataset through the Dagster definitions"))
+    plan = commands.add_parser("plan", help="what the next run would send and charge: no request, nothing written")
+    _add_plan_arguments(plan)
+    plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     demo = commands.add_parser("demo", help="synthetic portraits + emulator + a full run + a contact sheet")
     demo.add_argument(
         "--workdir", type=Path, default=Path("demo-output"), help="where to put everything (default: demo-output)"
@@ -240,10 +253,11 @@ def _check_writable(folder: Path, uri: str) -> None:
         raise CannotStart(f"the output {uri} is not a writable folder ({error.strerror or error})") from None
 
 
-def check_locations(dataset_uri: str, output_uri: str) -> None:
+def check_locations(dataset_uri: str, output_uri: str, writable: bool = True) -> None:
     """Refuse, with one line, what would make the inventory step fail: a missing local dataset, an output
-    inside the dataset (the asset's own rule, on resolved paths) and an output that cannot be written.
-    S3 locations are left to the run: checking them needs credentials and a round trip."""
+    inside the dataset (the asset's own rule, on resolved paths) and, if `writable`, an output that cannot be
+    written (the probe writes: the plan skips it). S3 locations are left to the run: checking them needs
+    credentials and a round trip."""
     from .storage import LocalStorage, open_storage
 
     unused_s3_client = object()  # only the URI of an S3 location is read here
@@ -256,7 +270,7 @@ def check_locations(dataset_uri: str, output_uri: str) -> None:
         raise CannotStart(f"dataset not found: {dataset_uri} is not a folder")
     if (_comparable(output) + "/").startswith(_comparable(dataset).rstrip("/") + "/"):
         raise CannotStart(f"the output {output_uri} lies inside the dataset {dataset_uri}: choose an output outside it")
-    if isinstance(output, LocalStorage):
+    if writable and isinstance(output, LocalStorage):
         _check_writable(output.root, output_uri)
 
 
@@ -275,6 +289,108 @@ def run_command(args: argparse.Namespace) -> int:
         _refresh_balance(os.environ["CLIPDROP_API_KEY"], args.redis_url)
     with _console(args.verbose):
         return _run(args, shards)
+
+
+def plan_command(args: argparse.Namespace) -> int:
+    """What the next `run` with these options would send and charge, from the output's own record, with no
+    request and nothing written: exit 0 when it fits, 1 when its credits are over `--budget` or the key's last
+    known balance less `--credit-floor`, 2 when it cannot start. A missing key only leaves the balance unknown."""
+    from .inventory import shard_count_from_env
+
+    try:
+        shards = args.shards if args.shards is not None else shard_count_from_env()
+    except ValueError as error:
+        return _fail(str(error), 2)
+    check_locations(args.dataset, args.output, writable=False)
+    plan = _plan(args, shards)
+    if args.json:
+        print(json.dumps(plan.as_dict()))
+    else:
+        _print_plan(plan, args, shards)
+    budget = Decimal(str(args.budget)) if args.budget is not None else None
+    reason = plan.shortfall(Decimal(str(args.credit_floor)), budget)
+    return _fail(reason, 1) if reason else 0
+
+
+def _plan(args: argparse.Namespace, shards: int) -> Plan:
+    from .guards import claim_store
+    from .inventory import inventory_shards
+    from .manifest import LayoutMismatch, check_layout
+    from .plan import make_plan
+    from .storage import DatasetNotFound, open_storage
+
+    dataset, output = open_storage(args.dataset), open_storage(args.output)
+    try:
+        check_layout(output, shards, lambda: inventory_shards(output), record=False)
+        return make_plan(
+            dataset,
+            output,
+            shards,
+            rpm=args.rpm,
+            concurrency=args.concurrency,
+            oversize=args.oversize,
+            claims=claim_store(args.redis_url),
+            balance=_known_balance(os.environ.get("CLIPDROP_API_KEY"), args.redis_url),
+        )
+    except (DatasetNotFound, LayoutMismatch) as error:
+        raise CannotStart(str(error)) from None
+
+
+def _known_balance(api_key: str | None, redis_url: str | None) -> tuple[Decimal, float] | None:
+    """The key's last known balance and its age, from its shared state (no request); None without a key."""
+    from .guards import key_state
+
+    if not api_key:
+        return None
+    try:
+        return key_state(api_key, redis_url).known_balance()
+    except Exception as error:  # Redis or the state file unusable: the run could not share the key's state either
+        raise CannotStart(f"cannot read the key's stored balance: {type(error).__name__}: {error}") from None
+
+
+def _print_plan(plan: Plan, args: argparse.Namespace, shards: int) -> None:
+    """A table of the shards with images and their total (plain numbers), its warnings, the balance and the
+    time; the paths quoted so they paste into a shell."""
+    from .plan import TABLE_COLUMNS
+
+    def cells(figures: Figures) -> list[str]:
+        return [str(plan.figures(figures)[column]) for column in TABLE_COLUMNS]
+
+    print(f"plan for {shlex.quote(args.dataset)} -> {shlex.quote(args.output)} ({shards} shards); nothing sent")
+    rows = [[f"shard {key}", *cells(figures)] for key, figures in plan.shards.items()]
+    for line in _table([["", *TABLE_COLUMNS], *rows, ["total", *cells(plan.total)]]):
+        print(f"  {line}")
+    for warning in plan.warnings:
+        print(f"  warning: {warning}")
+    print(f"balance: {_balance_text(plan.balance)}")
+    pace = f"{plan.images_per_second * 60:.0f} images/min ({args.rpm} requests/min)"
+    print(f"time: {_duration(plan.eta_seconds(plan.total))} at {pace}")
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    """Rows as aligned lines: the first column to the left, numbers to the right."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join([row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:])]) for row in rows
+    ]
+
+
+def _balance_text(balance: tuple[Decimal, float] | None) -> str:
+    from .plan import plain_number
+
+    if balance is not None:
+        return f"{plain_number(balance[0])} credits, reported {balance[1]:.0f} s ago"
+    return (
+        "unknown (none reported yet)" if os.environ.get("CLIPDROP_API_KEY") else "unknown (CLIPDROP_API_KEY is not set)"
+    )
+
+
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"about {hours} h {minutes} min"
+    return f"about {minutes} min {rest} s" if minutes else f"about {rest} s"
 
 
 def _refresh_balance(api_key: str, redis_url: str | None) -> None:
@@ -382,6 +498,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return emulator_cli.run(args)
     if args.command == "run":
         return run_command(args)
+    if args.command == "plan":
+        return plan_command(args)
     if args.command == "reshard":
         return reshard_command(args.output, args.shards)
     if args.command == "portraits":

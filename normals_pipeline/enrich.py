@@ -31,7 +31,7 @@ from . import manifest
 from ._errors import ApiUnreachable, ClipdropError, ImageRejected, ManifestNotWritten, MapNotStored, RunStopped
 from ._state import ClaimStore
 from .client import ApiResult, ClipdropClient
-from .guards import ClaimGuard
+from .guards import ClaimGuard, slot_interval_s
 from .prepare import Oversize, PreparedImage, prepare
 from .storage import NotARegularFile, Storage
 
@@ -115,6 +115,31 @@ def current_items(dataset: Storage, inventory: pa.Table) -> list[Item]:
     return items
 
 
+@dataclass(frozen=True)
+class Checked:
+    """A file read, hashed and checked locally: the image to send (`prepared`), or the `refusal` that
+    becomes its error row with no request. `digest` is None when the file could not be read."""
+
+    digest: str | None
+    prepared: PreparedImage | None = None
+    refusal: ImageRejected | None = None
+
+
+def read_and_check(dataset: Storage, item: Item, oversize: Oversize) -> Checked:
+    """The loop's first half, before any claim or request: shared with the plan, so what the plan counts
+    as refused or to send is what the run then does."""
+    try:
+        data = dataset.read_bytes(item.path)
+    except (OSError, ValueError) as error:
+        refusal = ImageRejected(f"cannot read the file ({_cause(error)})", error_code="unreadable_file")
+        return Checked(None, refusal=refusal)
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        return Checked(digest, prepare(data, oversize=oversize))
+    except ImageRejected as error:
+        return Checked(digest, refusal=error)
+
+
 def normal_map_path(content_hash: str) -> str:
     return f"{NORMALS_DIR}/{content_hash[:2]}/{content_hash}.jpg"
 
@@ -131,11 +156,26 @@ def pending_items(items: Iterable[Item], previous: pd.DataFrame) -> list[Item]:
     return [item for item in items if done.get(item.path) != item.version]
 
 
+def window_size(rpm: int, latency_s: float, concurrency: int | None) -> int:
+    """`InFlightWindow`'s rule: `2 × concurrency` when fixed (a few queued behind the workers); otherwise by
+    Little's law rate × latency, with headroom, plus two waiting at the rate guard, between 2 and
+    `MAX_IN_FLIGHT`."""
+    if concurrency:
+        return 2 * concurrency
+    return max(2, min(MAX_IN_FLIGHT, math.ceil(rpm / 60 * latency_s * HEADROOM) + 2))
+
+
+def images_per_second(rpm: int, latency_s: float, concurrency: int | None) -> float:
+    """What a run keeps up at that latency: the key's schedule, or less when the images being sent (the
+    window, at most one per worker) cannot keep up with it (Little's law again: in flight / latency)."""
+    sending = min(window_size(rpm, latency_s, concurrency), concurrency or MAX_IN_FLIGHT)
+    return min(1 / slot_interval_s(rpm), sending / latency_s)
+
+
 class InFlightWindow:
-    """How many images may be in flight. Fixed when `concurrency` is given; otherwise it follows the key:
-    by Little's law the rate needs rate × latency requests in flight, so the window is that (latency as
-    the client observes it, so it adapts) with headroom, plus two waiting at the rate guard, between 2
-    and `MAX_IN_FLIGHT`, and never more image bytes than `max_bytes`."""
+    """How many images may be in flight (`window_size`): fixed when `concurrency` is given, otherwise
+    following the key's rate and the latency the client observes (so it adapts), and never more image
+    bytes than `max_bytes`."""
 
     def __init__(self, client: ClipdropClient, concurrency: int | None, max_bytes: int = MAX_BYTES_IN_FLIGHT):
         self.client = client
@@ -144,11 +184,7 @@ class InFlightWindow:
         self.threads = concurrency or MAX_IN_FLIGHT
 
     def size(self) -> int:
-        if self.fixed:
-            return 2 * self.fixed  # a few queued behind the workers, as the pool keeps `fixed` busy
-        per_second = self.client.rate_guard.rpm / 60
-        needed = math.ceil(per_second * self.client.latency_s * HEADROOM) + 2
-        return max(2, min(MAX_IN_FLIGHT, needed))
+        return window_size(self.client.rate_guard.rpm, self.client.latency_s, self.fixed)
 
     def has_room(self, in_flight: int, bytes_in_flight: int, size: int) -> bool:
         if in_flight >= self.size():
@@ -279,18 +315,10 @@ class Enricher:
         """One image to one row; None when the run stopped before it was sent."""
         if self._stop.is_set():
             return None
-        try:
-            data = self.dataset.read_bytes(item.path)
-        except (OSError, ValueError) as error:
-            return _row(
-                item,
-                error=ImageRejected(f"cannot read the file ({_cause(error)})", error_code="unreadable_file"),
-            )
-        digest = hashlib.sha256(data).hexdigest()
-        try:
-            prepared = prepare(data, oversize=self.oversize)
-        except ImageRejected as error:
-            return _row(item, digest, error=error)
+        checked = read_and_check(self.dataset, item, self.oversize)
+        digest, prepared = checked.digest, checked.prepared
+        if prepared is None:
+            return _row(item, digest, error=checked.refusal)
         try:
             uri, result = self._normal_map(digest, prepared.data, prepared.content_type)
         except _Halted:  # the run stopped before this image was sent: no row, the next run sends it

@@ -7,6 +7,7 @@ ones and a partition's work stays the same across re-inventories.
 from __future__ import annotations
 
 import json
+import os
 import zlib
 
 import pyarrow as pa
@@ -15,6 +16,7 @@ import pyarrow.parquet as pq
 
 from normals_pipeline.storage import Storage
 
+DEFAULT_SHARDS = 16
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".webp")  # matched case-insensitively
 INVENTORY_PATH = "inventory/inventory.parquet"
 SKIPPED_NAMES_KEY = "normals_pipeline.skipped_non_utf8_names"  # kept for `skipped_names` and older readers
@@ -37,6 +39,23 @@ class InventoryMissing(FileNotFoundError):
 
 class InventoryMismatch(ValueError):
     """The inventory was taken with another shard count than the pipeline's."""
+
+
+def count_from_env(name: str, default: int, most: int = 10_000) -> int:
+    """A whole number from 1 to `most` in the environment variable `name`, read when the definitions load."""
+    raw = os.environ.get(name, str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number, got {raw!r}") from None
+    if not 1 <= value <= most:
+        raise ValueError(f"{name} must be between 1 and {most}, got {value}")
+    return value
+
+
+def shard_count_from_env() -> int:
+    """`NORMALS_SHARDS`: the partition set is part of the code location."""
+    return count_from_env("NORMALS_SHARDS", DEFAULT_SHARDS)
 
 
 def _check_shards(shards: int) -> None:
@@ -136,6 +155,14 @@ def write_inventory(output: Storage, table: pa.Table) -> str:
 def shards_taken_with(table: pa.Table) -> int:
     """The shard count an inventory was taken with (0 if it does not say)."""
     return int((table.schema.metadata or {}).get(SHARDS_KEY.encode(), b"0"))
+
+
+def inventory_shards(output: Storage) -> int | None:
+    """The count the output's current inventory was taken with, if it has one."""
+    try:
+        return shards_taken_with(read_inventory(output)) or None
+    except InventoryMissing:
+        return None
 
 
 def read_inventory(output: Storage, shard: int | None = None, shards: int | None = None) -> pa.Table:

@@ -148,6 +148,15 @@ def read_manifests(output: Storage) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else empty_manifest().assign(partition=pd.Series(dtype=str))
 
 
+def left_in_place(output: Storage, path: str, error: Exception) -> str:
+    """The read-only reader's line for an unreadable file (the plan's): it is not moved, and what it held counts
+    as not done."""
+    return (
+        f"{output.uri_for(path)} could not be read ({type(error).__name__}: {str(error)[:120]}); "
+        "left in place (the next run moves it to quarantine): its images count as not done"
+    )
+
+
 def quarantine(output: Storage, path: str, error: Exception) -> str:
     """Move an unreadable file to `<output>/quarantine/<path>.<time>` and say so in one line."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
@@ -160,16 +169,19 @@ def quarantine(output: Storage, path: str, error: Exception) -> str:
     )
 
 
-def read_manifest(output: Storage, partition_key: str, warnings: list[str] | None = None) -> pd.DataFrame:
+def read_manifest(
+    output: Storage, partition_key: str, warnings: list[str] | None = None, *, set_aside: bool = True
+) -> pd.DataFrame:
     """One shard's manifest, or an empty one if the shard was never materialized. An unreadable file is
-    quarantined (its warning appended to `warnings`) and read as empty, so it never blocks a shard."""
+    quarantined (its warning appended to `warnings`) and read as empty, so it never blocks a shard;
+    `set_aside=False` (a reader that writes nothing) leaves it in place and only warns."""
     path = partition_path(partition_key)
     if not output.exists(path):
         return empty_manifest()
     try:
         table = pq.read_table(io.BytesIO(output.read_bytes(path)), schema=ARROW_SCHEMA)
     except (pa.ArrowException, ValueError) as error:
-        _warn(warnings, quarantine(output, path, error))
+        _warn(warnings, (quarantine if set_aside else left_in_place)(output, path, error))
         return empty_manifest()
     return table.to_pandas(types_mapper=_PANDAS_TYPES.get)
 
@@ -207,9 +219,9 @@ class Journal:
         except Exception:  # noqa: BLE001 - any refusal of the output: the receipt must land somewhere
             self.spool.write_bytes(name, payload, "application/json")
 
-    def read(self, warnings: list[str]) -> pd.DataFrame:
+    def read(self, warnings: list[str], *, set_aside: bool = True) -> pd.DataFrame:
         """Rows a previous run finished but did not get to write into the manifest; unreadable files are
-        quarantined with a warning."""
+        quarantined with a warning (`set_aside=False`: left in place, with a warning)."""
         rows = []
         for store in (self.output, self.spool):
             for path in store.list_prefix(self.folder):
@@ -217,7 +229,7 @@ class Journal:
                     row = json.loads(store.read_bytes(path))
                     rows.append({**row, "processed_at": datetime.fromisoformat(row["processed_at"])})
                 except (ValueError, KeyError, TypeError) as error:
-                    warnings.append(quarantine(store, path, error))
+                    warnings.append((quarantine if set_aside else left_in_place)(store, path, error))
         return _latest(to_frame(rows))
 
     def clear(self) -> None:
@@ -250,20 +262,24 @@ class ShardState:
     warnings: list[str] = field(default_factory=list)
 
 
-def load_shard(output: Storage, journal: Journal, partition_key: str) -> ShardState:
+def load_shard(output: Storage, journal: Journal, partition_key: str, *, set_aside: bool = True) -> ShardState:
+    """`set_aside=False`: read only (the plan), unreadable files are left where they are."""
     warnings: list[str] = []
-    previous = read_manifest(output, partition_key, warnings)
-    return ShardState(with_journal(previous, journal.read(warnings)), warnings)
+    previous = read_manifest(output, partition_key, warnings, set_aside=set_aside)
+    return ShardState(with_journal(previous, journal.read(warnings, set_aside=set_aside)), warnings)
 
 
 class LayoutMismatch(ValueError):
     """The output's manifests were written with another shard count."""
 
 
-def check_layout(output: Storage, shards: int, inventory_shards: Callable[[], int | None] = lambda: None) -> None:
+def check_layout(
+    output: Storage, shards: int, inventory_shards: Callable[[], int | None] = lambda: None, *, record: bool = True
+) -> None:
     """Refuse a shard count other than the one this output's manifests were written with (images would
-    land in other partitions and be listed twice); record the count on first use. An output from before
-    `layout.json` takes the count its inventory was taken with (`inventory_shards`, asked only then)."""
+    land in other partitions and be listed twice); record the count on first use (unless `record` is
+    False: the plan writes nothing). An output from before `layout.json` takes the count its inventory was
+    taken with (`inventory_shards`, asked only then)."""
     if output.exists(LAYOUT_PATH):
         recorded = int(json.loads(output.read_bytes(LAYOUT_PATH))["shards"])
     else:
@@ -274,7 +290,7 @@ def check_layout(output: Storage, shards: int, inventory_shards: Callable[[], in
             f"(NORMALS_SHARDS={recorded}), or re-shard it first with "
             f"`normals-pipeline reshard --output {output.uri} --shards {shards}`"
         )
-    if not output.exists(LAYOUT_PATH):
+    if record and not output.exists(LAYOUT_PATH):
         _record_layout(output, shards)
 
 

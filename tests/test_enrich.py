@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from normals_pipeline.client import INITIAL_LATENCY_S, ClipdropClient
-from normals_pipeline.enrich import MAX_BYTES_IN_FLIGHT, MAX_IN_FLIGHT, InFlightWindow
+from normals_pipeline.enrich import MAX_BYTES_IN_FLIGHT, MAX_IN_FLIGHT, InFlightWindow, images_per_second
 from normals_pipeline.guards import RateGuard
 
 
@@ -53,3 +53,15 @@ def test_the_client_observes_latency(emulator_factory):
         for _ in range(12):
             api.surface_normals(buffer.getvalue(), "a.png", "image/png")
         assert 0.3 <= api.latency_s < 0.8  # moved from the initial guess towards what it saw
+
+
+@pytest.mark.parametrize(
+    ("rpm", "latency", "concurrency", "expected"),
+    [
+        (60, INITIAL_LATENCY_S, None, 60 / 60.3),  # the key's schedule: one slot per 60.3/N s
+        (6000, 2.0, 3, 1.5),  # three workers, 2 s each: the window cannot keep up with the key
+        (3000, 2.0, None, MAX_IN_FLIGHT / 2.0),  # the window's cap, not the key, sets the pace
+    ],
+)
+def test_the_pace_a_run_keeps_is_the_schedule_or_what_the_window_lets_through(rpm, latency, concurrency, expected):
+    assert images_per_second(rpm, latency, concurrency) == pytest.approx(expected)

@@ -95,6 +95,15 @@ def test_a_late_higher_answer_does_not_raise_the_shared_balance(state):
     assert state.balance() == 8 == guard.remaining
 
 
+def test_the_known_balance_is_read_with_its_age_and_without_a_reservation(state):
+    assert state.known_balance() is None
+    guard = CreditGuard(state=state)
+    guard.settle(guard.reserve(), Decimal(1), Decimal("7.5"))
+    balance, age = state.known_balance()
+    assert balance == Decimal("7.5") and 0 <= age < 5
+    assert state.reserve("probe", Decimal(0), Decimal(1), 60).in_flight == 0  # reading it held no lease
+
+
 def test_a_stale_balance_gives_way():
     assert takes_report(Decimal(5), BALANCE_TTL_S, Decimal(6))
 

@@ -12,11 +12,12 @@ from contextvars import ContextVar
 from typing import Any
 
 import pandas as pd
-from dagster import BetaWarning, MetadataValue, TableColumn, TableColumnConstraints, TableSchema
+from dagster import BetaWarning, MetadataValue, TableColumn, TableColumnConstraints, TableRecord, TableSchema
 from PIL import Image, ImageOps
 
 from ..enrich import ShardResult
 from ..manifest import MANIFEST_SCHEMA
+from ..plan import TABLE_COLUMNS, Plan
 from ..storage import Storage
 
 # Set by an in-process caller (the CLI) to hear of each shard as it finishes, with its plain metadata.
@@ -61,6 +62,33 @@ def shard_metadata(result: ShardResult, images: int, retries: dict[str, int]) ->
         metadata["remaining_credits"] = float(result.remaining_credits)
     if result.warnings:
         metadata["warnings"] = MetadataValue.json(result.warnings)
+    return metadata
+
+
+PLAN_TOTALS = ("to_send", "credits_needed", "eta_seconds", "duplicates", "refused", "done")
+PLAN_BY_SHARD = "plan_by_shard"
+
+
+def plan_metadata(plan: Plan, shortfall: str | None) -> dict[str, Any]:
+    """The next run's plan, on the inventory's materialization so it is there before "Materialize all": the
+    totals as numbers under the same names every time (the asset page plots each), the key's balance when
+    known, and one table row per shard (a table stays one readable entry at 100 shards, where per-shard keys
+    would be hundreds)."""
+    total = plan.figures(plan.total)
+    metadata: dict[str, Any] = {name: total[name] for name in PLAN_TOTALS}
+    if total["balance"] is not None:
+        metadata.update(balance=total["balance"], balance_age_seconds=total["balance_age_seconds"])
+    columns = {name: "float" if name == "eta_seconds" else "int" for name in TABLE_COLUMNS}
+    records = [
+        TableRecord({"shard": key, **{name: value for name, value in plan.figures(figures).items() if name in columns}})
+        for key, figures in plan.shards.items()
+    ]
+    schema = TableSchema(columns=[TableColumn("shard", "string")] + [TableColumn(n, t) for n, t in columns.items()])
+    metadata[PLAN_BY_SHARD] = MetadataValue.table(records, schema=schema)
+    if shortfall is not None:
+        metadata["plan_shortfall"] = shortfall
+    if plan.warnings:
+        metadata["plan_warnings"] = MetadataValue.json(list(plan.warnings))
     return metadata
 
 

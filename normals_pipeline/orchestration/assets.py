@@ -21,9 +21,8 @@ from .._errors import ApiUnreachable, ClipdropError
 from ..client import ClipdropClient
 from ..enrich import Item, ShardResult, current_items, enrich_shards
 from ..inventory import (
-    InventoryMissing,
+    inventory_shards,
     read_inventory,
-    shards_taken_with,
     skipped_entries,
     skipped_names,
     take_inventory,
@@ -35,6 +34,7 @@ from ._metadata import (
     STOPPED_SHARDS,
     column_schema_metadata,
     plain,
+    plan_metadata,
     preview_metadata,
     shard_metadata,
 )
@@ -58,18 +58,10 @@ def stop_message(error: Exception, api_url: str) -> str:
     return error.message if isinstance(error, ClipdropError) else f"{type(error).__name__}: {error}"
 
 
-def _inventory_shards(output: Storage) -> int | None:
-    """The count the output's current inventory was taken with, if it has one."""
-    try:
-        return shards_taken_with(read_inventory(output)) or None
-    except InventoryMissing:
-        return None
-
-
 def _check_layout(output: Storage, shards: int) -> None:
     """A shard count other than the output's would list images in two partitions: refuse it."""
     try:
-        manifest.check_layout(output, shards, lambda: _inventory_shards(output))
+        manifest.check_layout(output, shards, lambda: inventory_shards(output))
     except manifest.LayoutMismatch as error:
         raise Failure(description=str(error), allow_retries=False) from None
 
@@ -79,10 +71,17 @@ def build_assets(
 ) -> list:
     storage_key, clipdrop_key = names.name(STORAGE), names.name(CLIPDROP)
 
-    @asset(key=names.asset(INVENTORY), group_name=group, kinds={"parquet"}, required_resource_keys={storage_key})
+    @asset(
+        key=names.asset(INVENTORY),
+        group_name=group,
+        kinds={"parquet"},
+        required_resource_keys={storage_key, clipdrop_key},
+    )
     def image_inventory(context: AssetExecutionContext) -> MaterializeResult:
-        """Every candidate image of the dataset, listed once per refresh, with its shard."""
+        """Every candidate image of the dataset, listed once per refresh, with its shard; and the plan of the
+        next run (what it would send and charge, per shard), found without a request."""
         storage: DatasetResource = getattr(context.resources, storage_key)
+        clipdrop: ClipdropResource = getattr(context.resources, clipdrop_key)
         dataset, output = storage.dataset(), storage.output()
         _refuse_nested(dataset, output)
         _check_layout(output, shards)
@@ -94,6 +93,10 @@ def build_assets(
         if skipped:
             reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(skipped.items()))
             context.log.warning(f"entries skipped ({reasons}): only regular files with UTF-8 names are read")
+        plan = clipdrop.plan(dataset, output, table, shards)
+        shortfall = clipdrop.shortfall(plan)
+        for warning in [*plan.warnings, *([shortfall] if shortfall else [])]:
+            context.log.warning(warning)
         return MaterializeResult(
             metadata={
                 "images": table.num_rows,
@@ -103,6 +106,7 @@ def build_assets(
                 "skipped_non_utf8_names": skipped_names(table),
                 "skipped_by_reason": MetadataValue.json(skipped),
                 "dagster/row_count": table.num_rows,
+                **plan_metadata(plan, shortfall),
             }
         )
 

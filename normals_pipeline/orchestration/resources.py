@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from decimal import Decimal
 from typing import Any, Literal
 
+import pyarrow as pa
 from dagster import ConfigurableResource, EnvVar
 from dagster_aws.s3 import S3Resource
 from pydantic import Field, field_validator
@@ -15,7 +16,8 @@ from pydantic import Field, field_validator
 from .._state import ClaimStore
 from ..client import DEFAULT_API_URL, ClipdropClient, RetryPolicy
 from ..enrich import MAX_IN_FLIGHT
-from ..guards import CreditGuard, claim_store, rate_guard_for
+from ..guards import CreditGuard, claim_store, key_state, rate_guard_for
+from ..plan import Plan, make_plan
 from ..storage import Storage, open_storage
 
 
@@ -84,6 +86,25 @@ class ClipdropResource(ConfigurableResource):
             yield client
         finally:
             client.close()
+
+    def plan(self, dataset: Storage, output: Storage, inventory: pa.Table, shards: int) -> Plan:
+        """What the next run with these settings would send and charge, from `inventory`: no request, no write."""
+        return make_plan(
+            dataset,
+            output,
+            shards,
+            inventory=inventory,
+            rpm=self.requests_per_minute,
+            concurrency=self.concurrency,
+            oversize=self.oversize,
+            claims=self.claim_store(),
+            balance=key_state(self.api_key, self.redis_url).known_balance(),
+        )
+
+    def shortfall(self, plan: Plan) -> str | None:
+        """Why a run would not fit the key's balance less `credit_floor`, or `run_budget`; None if it would."""
+        budget = Decimal(str(self.run_budget)) if self.run_budget is not None else None
+        return plan.shortfall(Decimal(str(self.credit_floor)), budget)
 
     def claim_store(self) -> ClaimStore:
         """Claims (one sender per content, one writer per shard) where every run can see them: the
