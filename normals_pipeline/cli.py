@@ -1,7 +1,7 @@
 """`normals-pipeline`: emulator, run, demo.
 
 Exit codes: 0 the run completed (per-image errors included), 1 the run stopped (key refused, credits
-gone, API unreachable, a manifest failed its check), 2 it could not start (bad option, key or dataset
+gone, API unreachable, a manifest failed its check, SIGTERM or Ctrl-C), 2 it could not start (bad option, key or dataset
 missing, output inside the dataset or not writable). Every error is one `normals-pipeline: ` line on
 stderr; `--verbose` adds Dagster's log with its stack traces.
 """

@@ -265,7 +265,7 @@ class Enricher:
         """Several shards as one stream of work: one pool, so no shard boundary drains the pipeline.
         Each shard's result goes to `on_done` as soon as its last image is finished (or, once the run has
         stopped, as soon as its in-flight images are), in whatever order shards finish; `progress` hears
-        where the run stands after every batch of finished images."""
+        where the run stands at the start and after every batch of finished images."""
         started = time.monotonic()
         todo = [(index, item) for index, work in enumerate(works) for item in pending_items(work.items, work.previous)]
         # A redone row keeps what its earlier attempts cost, so the manifest adds up to the bill.
@@ -285,9 +285,15 @@ class Enricher:
             if on_done is not None:
                 on_done(work, result)
 
+        def report() -> None:
+            if progress:
+                guard = self.client.credit_guard
+                progress(replace(status, remaining=guard.remaining, elapsed_s=time.monotonic() - started))
+
         for index in range(len(works)):
             if not left[index]:
                 finish(index)
+        report()
         queue = deque(todo)
         waiting: dict[Future[tuple[dict | None, Tally]], tuple[int, int]] = {}
         held = 0  # bytes of the images in flight
@@ -310,9 +316,7 @@ class Enricher:
                         left[index] -= 1
                         if not left[index]:
                             finish(index)
-                    if progress:
-                        guard = self.client.credit_guard
-                        progress(replace(status, remaining=guard.remaining, elapsed_s=time.monotonic() - started))
+                    report()
             except BaseException:  # an interrupt (SIGTERM, Ctrl-C): send nothing more, journal what is in flight
                 self._stop.set()
                 raise

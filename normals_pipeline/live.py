@@ -9,10 +9,11 @@ import sys
 import time
 import urllib.parse
 from collections import deque
+from dataclasses import replace
 from decimal import Decimal
 from typing import TextIO
 
-from rich.console import Console, Group
+from rich.console import Console
 from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
@@ -99,7 +100,7 @@ class LiveView(PlainView):
 
     def __init__(self, limit: int, console: Console) -> None:
         super().__init__(limit, console.file)
-        self.console, self.rpm = console, 0
+        self.console, self.rpm, self.updated_at = console, 0, time.monotonic()
         self.live = Live(get_renderable=self._render, console=console, refresh_per_second=4, transient=False)
 
     def __enter__(self) -> LiveView:
@@ -110,26 +111,27 @@ class LiveView(PlainView):
         self.live.stop()
 
     def update(self, progress: Progress) -> None:
-        self.last, self.rpm = progress, self.meter.add(progress.requests)
+        self.last, self.rpm, self.updated_at = progress, self.meter.add(progress.requests), time.monotonic()
 
     def print(self, text: str) -> None:
         self.console.print(Text(text))
 
-    def _render(self) -> Group | Text:
+    def _render(self) -> Table | Text:
         if self.last is None:
-            return Text("taking the inventory…")
-        images, rate, credits, times = figures(self.last, self.rpm, self.limit)
+            return Text("starting…")
+        now = replace(self.last, elapsed_s=self.last.elapsed_s + time.monotonic() - self.updated_at)  # no freeze
+        images, rate, credits, times = figures(now, self.rpm, self.limit)
         table = Table.grid(padding=(0, 2))
-        table.add_row(ProgressBar(total=max(1, self.last.total), completed=self.last.done, width=30), images)
+        bar = ProgressBar(total=self.last.total or 1, completed=self.last.done if self.last.total else 1, width=30)
+        table.add_row(bar, images)
         table.add_row("", rate)
         table.add_row("", credits)
         table.add_row("", times)
-        return Group(table)
+        return table
 
 
-def open_view(limit: int, *, verbose: bool, stream: TextIO | None = None) -> PlainView:
-    """The live display when the output is a terminal (and Dagster's log is not on it), plain lines otherwise."""
-    stream = stream or sys.stdout
-    if verbose or not stream.isatty():
-        return PlainView(limit, stream)
-    return LiveView(limit, Console(file=stream))
+def open_view(limit: int, *, verbose: bool) -> PlainView:
+    """The live display when stdout is a terminal (and Dagster's log is not on it), plain lines otherwise."""
+    if verbose or not sys.stdout.isatty():
+        return PlainView(limit, sys.stdout)
+    return LiveView(limit, Console(file=sys.stdout))

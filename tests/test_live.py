@@ -130,7 +130,8 @@ def test_sigterm_stops_the_run_keeping_finished_images_and_a_rerun_finishes(
         [CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, start_new_session=True
     )
     assert process.stdout.readline().startswith("enriching ")
-    assert process.stdout.readline().startswith("progress: ")  # images are being sent
+    while not re.match(r"progress: [1-9]\d*/100 images", process.stdout.readline()):  # until images are finished
+        assert process.poll() is None
     os.kill(process.pid, signal.SIGTERM)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 1, err
