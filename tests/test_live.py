@@ -119,8 +119,9 @@ def test_a_stopped_run_prints_its_summary_and_one_reason_and_no_shard_lines(
     assert "done in" not in captured.out
 
 
-def test_sigterm_stops_the_run_keeping_finished_images_and_a_rerun_finishes(
-    portraits, tmp_path, emulator_factory, monkeypatch, capsys
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_signal_stops_the_run_keeping_finished_images_and_a_rerun_finishes(
+    portraits, tmp_path, emulator_factory, monkeypatch, capsys, stop
 ):
     emulator = emulator_factory(latency=0.2)
     output = tmp_path / "out"
@@ -132,11 +133,11 @@ def test_sigterm_stops_the_run_keeping_finished_images_and_a_rerun_finishes(
     assert process.stdout.readline().startswith("enriching ")
     while not re.match(r"progress: [1-9]\d*/100 images", process.stdout.readline()):  # until images are finished
         assert process.poll() is None
-    os.kill(process.pid, signal.SIGTERM)
+    os.kill(process.pid, stop)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 1, err
     [reason] = err.strip().splitlines()
-    assert reason == "normals-pipeline: stopped by SIGTERM; finished images kept (re-run to continue)"
+    assert reason == f"normals-pipeline: stopped by {stop.name}; finished images kept (re-run to continue)"
     assert re.search(r"^stopped after [\d.]+ s: \d+ of 100 images processed", out, re.MULTILINE), out
     kept = list((output / "journal").rglob("*.json"))
     assert 0 < len(kept) < 100 and Decimal(emulator.stats()["charged"]) >= len(kept)

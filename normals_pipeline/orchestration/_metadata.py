@@ -73,7 +73,7 @@ def progress_line(progress: Progress) -> str:
     left = f", about {progress.left_s:.0f} s left" if progress.left_s is not None else ""
     return (
         f"{progress.done}/{progress.total} images processed, {progress.enriched} enriched, "
-        f"{progress.error_count} errors; {progress.requests} requests, {progress.credits} credits spent, "
+        f"{progress.error_count} errors; {progress.requests} requests, {progress.credits.normalize():f} credits spent, "
         f"{progress.elapsed_s:.0f} s elapsed{left}"
     )
 
