@@ -1,9 +1,9 @@
 """`normals-pipeline`: emulator, run, demo.
 
 Exit codes: 0 the run completed (per-image errors included), 1 the run stopped (key refused, credits
-gone, API unreachable, a manifest failed its check, SIGTERM or Ctrl-C), 2 it could not start (bad option, key or dataset
-missing, output inside the dataset or not writable). Every error is one `normals-pipeline: ` line on
-stderr; `--verbose` adds Dagster's log with its stack traces.
+gone, API unreachable, a manifest failed its check, SIGTERM or Ctrl-C), 2 it could not start (bad option,
+key or dataset missing, output inside the dataset or not writable). Every error is one `normals-pipeline: `
+line on stderr; `--verbose` adds Dagster's log with its stack traces.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -343,7 +344,7 @@ def _run(args: argparse.Namespace, shards: int) -> int:
         _print_done(summary, elapsed, args.output)
         return 0
     if isinstance(failure, RunFailed) and not failure.started and by is None:
-        return _fail(f"cannot start: {failure}", 2)
+        return _fail(f"cannot start: {shell_paths(str(failure))}", 2)
     _print_stopped(view.last, elapsed)
     return _fail(shell_paths(_stop_reason(failure, by)), 1)
 
@@ -361,36 +362,34 @@ def _stop_reason(error: BaseException, signal_name: str | None) -> str:
 
 def _print_stopped(progress: Progress | None, elapsed: float) -> None:
     """What the stopped run did, from its last progress: no shard looks finished that is not."""
-    from .live import plain_number
-
     if progress is None:
         print(f"stopped after {elapsed:.1f} s, before any image was processed", flush=True)
         return
-    errors = ", ".join(f"{code}: {n}" for code, n in sorted(progress.errors.items())) or "none"
-    remaining = f", {plain_number(progress.remaining)} remaining" if progress.remaining is not None else ""
+    figures = _figures(progress.errors, progress.requests, progress.credits, progress.remaining)
     print(
         f"stopped after {elapsed:.1f} s: {progress.done} of {progress.total} images processed, "
-        f"{progress.enriched} enriched, errors: {errors}; {progress.requests} requests, "
-        f"{plain_number(progress.credits)} credits consumed{remaining}",
+        f"{progress.enriched} enriched, {figures}",
         flush=True,
     )
 
 
 def _print_done(summary: RunSummary, elapsed: float, output: str) -> None:
-    from .live import plain_number
-
-    errors = ", ".join(f"{code}: {n}" for code, n in sorted(summary.errors.items())) or "none"
-    remaining = (
-        f", {plain_number(summary.remaining_credits)} remaining" if summary.remaining_credits is not None else ""
-    )
-    print(
-        f"done in {elapsed:.1f} s: {summary.images} images, {summary.enriched} enriched, "
-        f"errors: {errors}; {summary.requests} requests, {plain_number(summary.credits_consumed)} credits consumed"
-        f"{remaining}"
-    )
+    figures = _figures(summary.errors, summary.requests, summary.credits_consumed, summary.remaining_credits)
+    print(f"done in {elapsed:.1f} s: {summary.images} images, {summary.enriched} enriched, {figures}")
     print(f"manifest: {_location(output, 'manifest/')} (hive-partitioned Parquet)")
     if summary.training is not None:
         _print_training(summary.training, output)
+
+
+def _figures(
+    errors: Mapping[str, int], requests: int, credits: float | Decimal, remaining: float | Decimal | None
+) -> str:
+    """The end of both summaries: errors by code, requests, credits as plain numbers."""
+    from .live import plain_number
+
+    by_code = ", ".join(f"{code}: {n}" for code, n in sorted(errors.items())) or "none"
+    left = f", {plain_number(remaining)} remaining" if remaining is not None else ""
+    return f"errors: {by_code}; {requests} requests, {plain_number(credits)} credits consumed{left}"
 
 
 def _location(output: str, below: str) -> str:

@@ -132,9 +132,7 @@ def _failed_check(result: ExecuteInProcessResult, keys: list[str]) -> str | None
     own = [evaluation for evaluation in failed if evaluation.partition] or failed
     failing = ", ".join(evaluation.partition for evaluation in own if evaluation.partition) or ", ".join(keys)
     detail = _first_failure(own) or own[0].description or "no details"
-    return (
-        f"the manifest of shard {failing} failed the {own[0].check_name} check ({detail}); see the Dagster event log"
-    )
+    return f"the manifest of shard {failing} failed the {own[0].check_name} check ({detail}); see the Dagster event log"
 
 
 def _materializations(result: ExecuteInProcessResult, asset: str = SURFACE_NORMALS) -> dict[str, dict]:
