@@ -1,10 +1,10 @@
 """`normals-pipeline`: emulator, run, plan, demo.
 
 Exit codes: 0 the run completed (per-image errors included), 1 the run stopped (key refused, credits
-gone, API unreachable, a manifest failed its check), 2 it could not start (bad option, key or dataset
-missing, output inside the dataset or not writable). `plan`: 0 the run would fit, 1 it would not (budget,
-balance less the floor), 2 it cannot start. Every error is one `normals-pipeline: ` line on stderr;
-`--verbose` adds Dagster's log with its stack traces.
+gone, API unreachable, a manifest failed its check, SIGTERM or Ctrl-C), 2 it could not start (bad option,
+key or dataset missing, output inside the dataset or not writable). `plan`: 0 the run would fit, 1 it would
+not (budget, balance less the floor), 2 it cannot start. Every error is one `normals-pipeline: ` line on
+stderr; `--verbose` adds Dagster's log with its stack traces.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import json
 import math
 import os
 import shlex
+import signal
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
@@ -27,11 +28,14 @@ from typing import TYPE_CHECKING, NoReturn
 from .emulator import _cli as emulator_cli
 
 if TYPE_CHECKING:
-    from .orchestration.runner import TrainingSummary
+    from .enrich import Progress
+    from .live import PlainView
+    from .orchestration.runner import RunSummary, TrainingSummary
     from .plan import Figures, Plan
     from .storage import Storage
 
 MAX_SHARDS = 10_000
+_STOPS = {signal.SIGTERM, signal.SIGINT}  # the signals that stop a run, keeping what is finished
 
 
 class CannotStart(Exception):
@@ -221,19 +225,14 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def _print_shard(key: str, metadata: dict) -> None:
-    """A line per shard with images, then its warnings (e.g. a quarantined manifest): the quiet console
-    shows no Dagster log, so metadata is how a shard's warnings reach the user."""
-    if metadata.get("images"):
-        errors = metadata.get("errors_by_code") or {}
-        print(
-            f"  shard {key}: {metadata.get('images', 0)} images, {metadata.get('enriched', 0)} enriched, "
-            f"{sum(errors.values())} errors, {metadata.get('credits_consumed', 0):g} credits",
-        )
+def _print_shard(view: PlainView, metadata: dict) -> None:
+    """A shard's warnings (e.g. a quarantined manifest), one a line: the quiet console shows no Dagster log,
+    so metadata is how they reach the user. Its figures go into the live view and the summary instead."""
+    from .live import shell_paths
+
     found = metadata.get("warnings") or []
     for warning in [found] if isinstance(found, str) else found:
-        print(f"  warning: {warning}")
-    sys.stdout.flush()
+        view.print(f"  warning: {shell_paths(warning)}")
 
 
 def _comparable(storage: Storage) -> str:
@@ -425,8 +424,9 @@ def _run(args: argparse.Namespace, shards: int) -> int:
     from dagster import EnvVar
 
     from .client import DEFAULT_API_URL
+    from .live import open_view, shell_paths
     from .orchestration import ClipdropResource, build_definitions
-    from .orchestration.runner import CheckFailed, RunFailed, default_instance, run_pipeline
+    from .orchestration.runner import RunFailed, default_instance, run_pipeline
 
     clipdrop = ClipdropResource(
         api_key=EnvVar("CLIPDROP_API_KEY"),
@@ -449,32 +449,108 @@ def _run(args: argparse.Namespace, shards: int) -> int:
         webdataset=args.webdataset,
     )
     print(f"enriching {args.dataset} -> {args.output} ({shards} shards, {args.rpm} requests/min)", flush=True)
+    view = open_view(args.rpm, verbose=args.verbose)
     started = time.monotonic()
-    try:
-        summary = run_pipeline(
-            defs,
-            shards,
-            default_instance(),
-            progress=_print_shard,
-            verbose=args.verbose,
-            shards_per_run=args.shards_per_run,
-        )
-    except CheckFailed as error:
-        return _fail(str(error), 1)
-    except RunFailed as error:
-        if not error.started:
-            return _fail(f"cannot start: {error}", 2)
-        return _fail(f"run stopped: {error} (finished images are kept; re-run to continue)", 1)
-    errors = ", ".join(f"{code}: {n}" for code, n in sorted(summary.errors.items())) or "none"
-    remaining = f", {summary.remaining_credits:g} remaining" if summary.remaining_credits is not None else ""
+    with _stop_signals() as stopped_by, view:
+        try:
+            summary = run_pipeline(
+                defs,
+                shards,
+                default_instance(),
+                progress=lambda key, metadata: _print_shard(view, metadata),
+                on_progress=view.update,
+                verbose=args.verbose,
+                shards_per_run=args.shards_per_run,
+            )
+        except (RunFailed, KeyboardInterrupt) as error:
+            failure, by = error, stopped_by() or ("SIGINT" if isinstance(error, KeyboardInterrupt) else None)
+        else:
+            failure, by = None, None
+    elapsed = time.monotonic() - started
+    if failure is None:
+        _print_done(summary, elapsed, args.output)
+        return 0
+    if isinstance(failure, RunFailed) and not failure.started and by is None:
+        return _fail(f"cannot start: {shell_paths(str(failure))}", 2)
+    _print_stopped(view.last, elapsed)
+    return _fail(shell_paths(_stop_reason(failure, by)), 1)
+
+
+def _stop_reason(error: BaseException, signal_name: str | None) -> str:
+    """The one-line reason a started run stopped."""
+    from .orchestration.runner import CheckFailed
+
+    if signal_name is not None:
+        return f"stopped by {signal_name}; finished images kept (re-run to continue)"
+    if isinstance(error, CheckFailed):
+        return str(error)
+    return f"run stopped: {error} (finished images are kept; re-run to continue)"
+
+
+def _print_stopped(progress: Progress | None, elapsed: float) -> None:
+    """What the stopped run did, from its last progress: no shard looks finished that is not."""
+    if progress is None:
+        print(f"stopped after {elapsed:.1f} s, before any image was processed", flush=True)
+        return
+    figures = _figures(progress.errors, progress.requests, progress.credits, progress.remaining)
     print(
-        f"done in {time.monotonic() - started:.1f} s: {summary.images} images, {summary.enriched} enriched, "
-        f"errors: {errors}; {summary.requests} requests, {summary.credits_consumed:g} credits consumed{remaining}"
+        f"stopped after {elapsed:.1f} s: {progress.done} of {progress.total} images processed, "
+        f"{progress.enriched} enriched, {figures}",
+        flush=True,
     )
-    print(f"manifest: {args.output.rstrip('/')}/manifest/ (hive-partitioned Parquet)")
+
+
+def _print_done(summary: RunSummary, elapsed: float, output: str) -> None:
+    figures = _figures(summary.errors, summary.requests, summary.credits_consumed, summary.remaining_credits)
+    print(f"done in {elapsed:.1f} s: {summary.images} images, {summary.enriched} enriched, {figures}")
+    print(f"manifest: {_location(output, 'manifest/')} (hive-partitioned Parquet)")
     if summary.training is not None:
-        _print_training(summary.training, args.output)
-    return 0
+        _print_training(summary.training, output)
+
+
+def _figures(
+    errors: Mapping[str, int], requests: int, credits: float | Decimal, remaining: float | Decimal | None
+) -> str:
+    """The end of both summaries: errors by code, requests, credits as plain numbers."""
+    from .live import plain_number
+
+    by_code = ", ".join(f"{code}: {n}" for code, n in sorted(errors.items())) or "none"
+    left = f", {plain_number(remaining)} remaining" if remaining is not None else ""
+    return f"errors: {by_code}; {requests} requests, {plain_number(credits)} credits consumed{left}"
+
+
+def _location(output: str, below: str) -> str:
+    """`below` under the output as the user can paste it: an S3 URI, or a shell-quoted local path."""
+    joined = f"{output.rstrip('/')}/{below}"
+    return joined if "://" in output else shlex.quote(joined)
+
+
+@contextmanager
+def _stop_signals() -> Iterator[Callable[[], str | None]]:
+    """Which signal stopped the run, if one did. Dagster turns SIGTERM and SIGINT alike into an interrupted
+    step, so the signal is read from the wakeup fd, where Python writes the number of every signal it
+    handles; outside Dagster's steps SIGTERM stops the run as Ctrl-C does (KeyboardInterrupt)."""
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    os.set_blocking(write, False)
+    previous_fd = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    previous_term = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    seen: list[str] = []
+
+    def stopped_by() -> str | None:
+        try:
+            seen.extend(signal.Signals(number).name for number in os.read(read, 256) if number in _STOPS)
+        except BlockingIOError:  # nothing received
+            pass
+        return seen[0] if seen else None
+
+    try:
+        yield stopped_by
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.set_wakeup_fd(previous_fd)
+        os.close(read)
+        os.close(write)
 
 
 def _print_training(training: TrainingSummary, output: str) -> None:
@@ -482,7 +558,7 @@ def _print_training(training: TrainingSummary, output: str) -> None:
 
     splits = ", ".join(f"{split} {training.splits[split]}" for split in SPLITS)
     left_out = ", ".join(f"{reason}: {n}" for reason, n in sorted(training.left_out.items())) or "none"
-    print(f"training pairs: {training.pairs} ({splits}), left out: {left_out}; {output.rstrip('/')}/{PARQUET_DIR}/")
+    print(f"training pairs: {training.pairs} ({splits}), left out: {left_out}; {_location(output, PARQUET_DIR + '/')}")
 
 
 def main(argv: list[str] | None = None) -> int:

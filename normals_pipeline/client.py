@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 
 import httpx
@@ -120,6 +123,15 @@ def raise_for_status(response: httpx.Response) -> None:
     raise ImageRejected(f"image refused ({detail})", status=status, error_code=code)
 
 
+@dataclass
+class Tally:
+    """What the client did: requests sent (every attempt that went out, retries included) and retries by
+    error code. The client keeps one for all its callers and one per `counting` block."""
+
+    requests: int = 0
+    retries: Counter[str] = field(default_factory=Counter)
+
+
 class ClipdropClient:
     """Sends images to a Clipdrop image endpoint; thread-safe, one connection pool per client."""
 
@@ -138,13 +150,14 @@ class ClipdropClient:
         self.rate_guard = rate_guard
         self.credit_guard = credit_guard or CreditGuard(state=rate_guard.state)
         self.retry = retry
-        self.retries_by_code: dict[str, int] = {}
+        self.tally = Tally()  # every caller's
         self.latency_s = INITIAL_LATENCY_S  # moving average of the time from sending to the answer's end
         self._count_lock = threading.Lock()
         self._answered = threading.Event()  # the API has answered at least once (any status)
         self._unreachable_since: float | None = None
         self._given_up: ApiUnreachable | None = None  # set once the API was given up as never reached
         self._giving_up = threading.Event()  # wakes the workers waiting for a turn when it is
+        self._counting = threading.local()  # the calling thread's `counting` block, if any
         self._http = httpx.Client(
             base_url=self.base_url,
             headers={"x-api-key": api_key},
@@ -160,6 +173,23 @@ class ClipdropClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def retries_by_code(self) -> dict[str, int]:
+        return dict(self.tally.retries)
+
+    @contextmanager
+    def counting(self) -> Iterator[Tally]:
+        """What this thread's calls send inside the block: a caller sharing the client (several shards on one
+        pool) can tell its own requests and retries from the others'."""
+        self._counting.tally = Tally()
+        try:
+            yield self._counting.tally
+        finally:
+            self._counting.tally = None
+
+    def _tallies(self) -> list[Tally]:
+        return [tally for tally in (self.tally, getattr(self._counting, "tally", None)) if tally is not None]
 
     def surface_normals(self, image: bytes, filename: str, content_type: str) -> ApiResult:
         return self.call(SURFACE_NORMALS_PATH, image, filename, content_type)
@@ -183,7 +213,8 @@ class ClipdropClient:
         if not isinstance(error, TransientError):
             return False
         with self._count_lock:  # workers retry concurrently
-            self.retries_by_code[error.error_code] = self.retries_by_code.get(error.error_code, 0) + 1
+            for tally in self._tallies():
+                tally.retries[error.error_code] += 1
         if isinstance(error, RateLimited):
             pause = error.retry_after if error.retry_after is not None else DEFAULT_COOLDOWN_S
             self.rate_guard.cooldown(pause)
@@ -223,6 +254,9 @@ class ClipdropClient:
         lease = self.credit_guard.reserve()  # after the wait for a slot, so a stop during the wait is seen
         consumed: Decimal | None = None
         remaining: Decimal | None = None
+        with self._count_lock:
+            for tally in self._tallies():
+                tally.requests += 1
         started = time.monotonic()
         try:
             with self._http.stream("POST", path, files={"image_file": (filename, image, content_type)}) as response:
@@ -280,6 +314,7 @@ __all__ = [
     "ClipdropClient",
     "ClipdropError",
     "RetryPolicy",
+    "Tally",
     "parse_credits",
     "raise_for_status",
 ]

@@ -20,7 +20,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -30,7 +30,7 @@ import pyarrow as pa
 from . import manifest
 from ._errors import ApiUnreachable, ClipdropError, ImageRejected, ManifestNotWritten, MapNotStored, RunStopped
 from ._state import ClaimStore
-from .client import ApiResult, ClipdropClient
+from .client import ApiResult, ClipdropClient, Tally
 from .guards import ClaimGuard, slot_interval_s
 from .prepare import Oversize, PreparedImage, prepare
 from .storage import NotARegularFile, Storage
@@ -67,9 +67,68 @@ class Item:
     version: str
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Where a run stands, emitted as its images finish: what a live view or a log line shows. `done` and
+    `total` count the images this run processes (those without a final row yet); `requests` every attempt
+    sent; `credits` what this run was charged; `remaining` the key's balance as last reported."""
+
+    done: int = 0
+    total: int = 0
+    enriched: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    requests: int = 0
+    credits: Decimal = Decimal(0)
+    remaining: Decimal | None = None
+    elapsed_s: float = 0.0
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+    @property
+    def left_s(self) -> float | None:
+        """Time left at the pace so far; None until an image is done."""
+        return (self.total - self.done) * self.elapsed_s / self.done if self.done else None
+
+    def __add__(self, later: Progress) -> Progress:
+        """This run followed by a later one (`--shards-per-run`): counts add up, the balance is the later's."""
+        errors = Counter(self.errors) + Counter(later.errors)
+        return Progress(
+            self.done + later.done,
+            self.total + later.total,
+            self.enriched + later.enriched,
+            dict(errors),
+            self.requests + later.requests,
+            self.credits + later.credits,
+            later.remaining if later.remaining is not None else self.remaining,
+            self.elapsed_s + later.elapsed_s,
+        )
+
+
+class Throttle:
+    """Lets a progress snapshot through every `seconds`, or when another `fraction` of the images is done,
+    never two within `min_gap_s`: enough to show life in a log without flooding it."""
+
+    def __init__(self, seconds: float, fraction: float, min_gap_s: float = 1.0) -> None:
+        self.seconds, self.fraction, self.min_gap_s = seconds, fraction, min_gap_s
+        self._last_at: float | None = None
+        self._last_step = 0
+
+    def due(self, progress: Progress, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        step = int(progress.done / progress.total / self.fraction) if progress.total else 0
+        since = None if self._last_at is None else now - self._last_at
+        if since is not None and (since < self.min_gap_s or (since < self.seconds and step <= self._last_step)):
+            return False
+        self._last_at, self._last_step = now, step
+        return True
+
+
 @dataclass
 class ShardResult:
-    """What one pass over a shard did; `manifest` is the shard's full, merged manifest."""
+    """What one pass over a shard did; `manifest` is the shard's full, merged manifest. `requests` and
+    `retries` are this shard's own, though its images shared a client with the run's other shards."""
 
     manifest: pd.DataFrame
     new_rows: int
@@ -78,6 +137,7 @@ class ShardResult:
     remaining_credits: Decimal | None
     elapsed_s: float
     errors: Counter[str] = field(default_factory=Counter)
+    retries: Counter[str] = field(default_factory=Counter)
     stopped: Exception | None = None
     warnings: list[str] = field(default_factory=list)  # state set aside to read the shard
     manifest_uri: str | None = None
@@ -224,7 +284,7 @@ class Enricher:
         self,
         items: list[Item],
         previous: pd.DataFrame,
-        progress: Callable[[int, int], None] | None = None,
+        progress: Callable[[Progress], None] | None = None,
         costs_lost: bool = False,
     ) -> ShardResult:
         """One shard. `costs_lost`: part of the shard's record was unreadable, so a path with a stored map
@@ -236,11 +296,12 @@ class Enricher:
         self,
         works: list[ShardWork],
         on_done: Callable[[ShardWork, ShardResult], None] | None = None,
-        progress: Callable[[int, int], None] | None = None,
+        progress: Callable[[Progress], None] | None = None,
     ) -> list[ShardResult]:
         """Several shards as one stream of work: one pool, so no shard boundary drains the pipeline.
         Each shard's result goes to `on_done` as soon as its last image is finished (or, once the run has
-        stopped, as soon as its in-flight images are), in whatever order shards finish."""
+        stopped, as soon as its in-flight images are), in whatever order shards finish; `progress` hears
+        where the run stands at the start and after every batch of finished images."""
         started = time.monotonic()
         todo = [(index, item) for index, work in enumerate(works) for item in pending_items(work.items, work.previous)]
         # A redone row keeps what its earlier attempts cost, so the manifest adds up to the bill.
@@ -248,42 +309,73 @@ class Enricher:
             self._spent_before.update(zip(work.previous["path"], work.previous["credits_consumed"]))
         left = Counter(index for index, _ in todo)
         rows: list[list[dict]] = [[] for _ in works]
+        tallies = [Tally() for _ in works]
         results: list[ShardResult | None] = [None] * len(works)
+        status = Progress(total=len(todo))
 
         def finish(index: int) -> None:
             work = works[index]
-            result = self._result(work.items, work.previous, rows[index], time.monotonic() - started)
+            result = self._result(work.items, work.previous, rows[index], tallies[index], time.monotonic() - started)
             result.warnings = work.warnings
             results[index] = result
             if on_done is not None:
                 on_done(work, result)
 
+        def report() -> None:
+            if progress:
+                guard = self.client.credit_guard
+                progress(replace(status, remaining=guard.remaining, elapsed_s=time.monotonic() - started))
+
         for index in range(len(works)):
             if not left[index]:
                 finish(index)
+        report()
         queue = deque(todo)
-        waiting: dict[Future[dict | None], tuple[int, int]] = {}
+        waiting: dict[Future[tuple[dict | None, Tally]], tuple[int, int]] = {}
         held = 0  # bytes of the images in flight
         with ThreadPoolExecutor(max_workers=self.window.threads, thread_name_prefix="enrich") as pool:
-            while queue or waiting:  # a few futures at a time, not one per image: memory stays flat
-                while queue and self.window.has_room(len(waiting), held, queue[0][1].size):
-                    index, item = queue.popleft()
-                    waiting[pool.submit(self._process_and_journal, works[index], item)] = (index, item.size)
-                    held += item.size
-                finished, _ = wait(waiting, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    index, size = waiting.pop(future)
-                    held -= size
-                    if (row := future.result()) is not None:
-                        rows[index].append(row)
-                    left[index] -= 1
-                    if not left[index]:
-                        finish(index)
-                if progress:
-                    progress(len(todo) - len(waiting) - len(queue), len(todo))
+            try:
+                while queue or waiting:  # a few futures at a time, not one per image: memory stays flat
+                    while queue and self.window.has_room(len(waiting), held, queue[0][1].size):
+                        index, item = queue.popleft()
+                        waiting[pool.submit(self._process_and_journal, works[index], item)] = (index, item.size)
+                        held += item.size
+                    finished, _ = wait(waiting, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        index, size = waiting.pop(future)
+                        held -= size
+                        row, tally = future.result()
+                        status = self._count(status, row, tally)
+                        _add(tallies[index], tally)
+                        if row is not None:
+                            rows[index].append(row)
+                        left[index] -= 1
+                        if not left[index]:
+                            finish(index)
+                    report()
+            except BaseException:  # an interrupt (SIGTERM, Ctrl-C): send nothing more, journal what is in flight
+                self._stop.set()
+                raise
         return [result for result in results if result is not None]
 
-    def _result(self, items: list[Item], previous: pd.DataFrame, rows: list[dict], elapsed: float) -> ShardResult:
+    def _count(self, status: Progress, row: dict | None, tally: Tally) -> Progress:
+        """`status` after one more finished image (None: the run stopped before it was sent)."""
+        errors = dict(status.errors)
+        code = row["error_code"] if row is not None else None
+        if code:
+            errors[code] = errors.get(code, 0) + 1
+        return replace(
+            status,
+            done=status.done + 1,
+            enriched=status.enriched + (row is not None and not code),
+            errors=errors,
+            requests=status.requests + tally.requests,
+            credits=status.credits + (Decimal(str(self._charged_now[row["path"]])) if row is not None else 0),
+        )
+
+    def _result(
+        self, items: list[Item], previous: pd.DataFrame, rows: list[dict], tally: Tally, elapsed: float
+    ) -> ShardResult:
         new = manifest.to_frame(rows)
         current = {item.path for item in items}
         kept = previous[previous["path"].isin(current) & ~previous["path"].isin(new["path"])]
@@ -293,23 +385,26 @@ class Enricher:
         return ShardResult(
             manifest=merged,
             new_rows=len(rows),
-            requests=sum(1 for row in rows if row["http_status"] is not None),
+            requests=tally.requests,
             credits_consumed=sum((Decimal(str(self._charged_now[row["path"]])) for row in rows), Decimal(0)),
             remaining_credits=guard.remaining,
             elapsed_s=elapsed,
             errors=Counter(row["error_code"] for row in rows if row["error_code"]),
+            retries=Counter(tally.retries),
             stopped=self._stopped,
         )
 
-    def _process_and_journal(self, work: ShardWork, item: Item) -> dict | None:
-        row = self._process(item, work.costs_lost)
+    def _process_and_journal(self, work: ShardWork, item: Item) -> tuple[dict | None, Tally]:
+        """The image's row (journaled) and what it sent."""
+        with self.client.counting() as tally:
+            row = self._process(item, work.costs_lost)
         if row is not None:
             charged = row["credits_consumed"]
             self._charged_now[item.path] = 0.0 if math.isnan(charged) else charged
             row["credits_consumed"] = charged + self._spent_before.get(item.path, 0.0)  # unknown stays unknown
             if work.journal is not None:
                 work.journal(row)
-        return row
+        return row, tally
 
     def _process(self, item: Item, costs_lost: bool = False) -> dict | None:
         """One image to one row; None when the run stopped before it was sent."""
@@ -384,6 +479,11 @@ class Enricher:
             self._stop.set()
 
 
+def _add(total: Tally, more: Tally) -> None:
+    total.requests += more.requests
+    total.retries.update(more.retries)
+
+
 def _cause(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
 
@@ -397,7 +497,7 @@ def enrich_shards(
     concurrency: int | None = None,
     oversize: Oversize = "downscale",
     claims: ClaimStore | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[Progress], None] | None = None,
     notify: Callable[[str], None] = lambda message: None,
     on_shard: Callable[[str, ShardResult], None] = lambda key, result: None,
 ) -> dict[str, ShardResult]:

@@ -10,6 +10,7 @@ import pytest
 
 from normals_pipeline import guards, manifest
 from normals_pipeline.cli import _print_shard, main
+from normals_pipeline.live import PlainView
 from normals_pipeline.synthetic import make_portraits
 
 CLI = Path(sys.executable).parent / "normals-pipeline"
@@ -236,10 +237,11 @@ def test_refresh_balance_forgets_the_stored_balance_before_the_run(dataset, tmp_
     assert "4 enriched" in capsys.readouterr().out
 
 
-def test_shard_warnings_are_printed_one_per_line(capsys):
-    _print_shard("03", {"images": 2, "enriched": 2, "warnings": ["manifest quarantined", "journal unreadable"]})
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[1:] == ["  warning: manifest quarantined", "  warning: journal unreadable"]
+def test_a_shard_prints_only_its_warnings_one_per_line(capsys):
+    """A shard's figures are in the live view and the summary; a line per shard would look like success."""
+    metadata = {"images": 2, "enriched": 2, "warnings": ["manifest quarantined", "journal unreadable"]}
+    _print_shard(PlainView(60, sys.stdout), metadata)
+    assert capsys.readouterr().out.splitlines() == ["  warning: manifest quarantined", "  warning: journal unreadable"]
 
 
 def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):

@@ -168,3 +168,53 @@ def test_the_preview_is_valid_materialization_metadata(stores):
     result = materialize([previewed])
     (materialization,) = result.asset_materializations_for_node("previewed")
     assert len(thumbnails(materialization.metadata["preview"].value)) == 2
+
+
+def test_a_range_run_gives_each_partition_its_own_numeric_figures_and_no_range_totals(tmp_path, emulator_factory):
+    """The UI plots a number across a partition's materializations: a run's total among them would be a spike."""
+    import pyarrow.dataset as ds
+    from dagster import AssetKey, DagsterEventType, DagsterInstance, IntMetadataValue
+
+    from normals_pipeline.emulator import Faults
+    from normals_pipeline.orchestration import ClipdropResource, build_definitions
+    from normals_pipeline.orchestration.runner import run_pipeline
+    from normals_pipeline.synthetic import make_portraits
+
+    make_portraits(tmp_path / "in", 12)
+    (tmp_path / "in" / "broken.jpg").write_bytes(b"not a jpeg")
+    emulator = emulator_factory(faults=Faults(error_burst=3))  # 3 answers of 500: retried, sent again
+    clipdrop = ClipdropResource(api_key="test-key", api_url=emulator.url, requests_per_minute=100_000)
+    output = tmp_path / "out"
+    defs = build_definitions(
+        dataset_uri=str(tmp_path / "in"), output_uri=str(output), shards=4, clipdrop=clipdrop, training_pairs=False
+    )
+    instance = DagsterInstance.ephemeral()
+    run_pipeline(defs, 4, instance)  # one run over the 4 shards
+
+    df = ds.dataset(str(output / "manifest"), partitioning="hive").to_table().to_pandas()
+    records = instance.fetch_materializations(AssetKey("surface_normals"), limit=100).records
+    by_partition = {record.asset_materialization.partition: record.asset_materialization.metadata for record in records}
+    assert set(by_partition) == {"00", "01", "02", "03"}
+    for key, metadata in by_partition.items():
+        shard = df[df["partition"] == int(key)]
+        assert metadata["credits_consumed"].value == shard["credits_consumed"].sum()
+        assert metadata["requests"].value >= shard["http_status"].notna().sum()
+        assert isinstance(metadata["images_per_second"].value, float)
+        errors = shard["error_code"].dropna().value_counts().to_dict()
+        by_code = {name[len("errors/") :]: value for name, value in metadata.items() if name.startswith("errors/")}
+        assert {code: value.value for code, value in by_code.items()} == errors
+        assert all(isinstance(value, IntMetadataValue) for value in by_code.values())
+    figures = by_partition.values()
+    assert sum(metadata["requests"].value for metadata in figures) == emulator.stats()["requests"] == 12 + 3
+    assert sum(sum(metadata["retries_by_code"].value.values()) for metadata in figures) == 3
+    assert sum(metadata.get("errors/unreadable_image", IntMetadataValue(0)).value for metadata in figures) == 1
+
+    run_id = records[0].event_log_entry.run_id
+    checks = [
+        entry.dagster_event.event_specific_data
+        for entry in instance.all_logs(run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION)
+    ]
+    [whole] = [evaluation for evaluation in checks if evaluation.partition is None]
+    assert not [name for name, value in whole.metadata.items() if isinstance(value.value, int | float)]
+    own = {evaluation.partition: evaluation.metadata["rows"].value for evaluation in checks if evaluation.partition}
+    assert own == {key: int((df["partition"] == int(key)).sum()) for key in by_partition}

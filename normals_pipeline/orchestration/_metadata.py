@@ -15,13 +15,15 @@ import pandas as pd
 from dagster import BetaWarning, MetadataValue, TableColumn, TableColumnConstraints, TableRecord, TableSchema
 from PIL import Image, ImageOps
 
-from ..enrich import ShardResult
+from ..enrich import Progress, ShardResult
 from ..manifest import MANIFEST_SCHEMA
 from ..plan import TABLE_COLUMNS, Plan
 from ..storage import Storage
 
 # Set by an in-process caller (the CLI) to hear of each shard as it finishes, with its plain metadata.
 SHARD_LISTENER: ContextVar[Callable[[str, dict], None] | None] = ContextVar("shard_listener", default=None)
+# Set likewise to hear where the run stands as its images finish (the CLI's live view).
+PROGRESS_LISTENER: ContextVar[Callable[[Progress], None] | None] = ContextVar("progress_listener", default=None)
 STOPPED_SHARDS = "stopped_shards"  # a failed run's metadata: {shard key: that shard's metadata}
 
 
@@ -39,20 +41,22 @@ def plain(metadata: dict[str, Any]) -> dict[str, Any]:
     return {key: getattr(value, "value", value) for key, value in metadata.items()}
 
 
-def shard_metadata(result: ShardResult, images: int, retries: dict[str, int]) -> dict[str, Any]:
-    """`retries` are the run's (the client is shared by the run's shards)."""
+def shard_metadata(result: ShardResult, images: int) -> dict[str, Any]:
+    """A shard's own figures, numbers under the same names every time so the UI plots them across runs:
+    `errors/<code>` for every code in its manifest or met this run (0 once resent successfully)."""
     df = result.manifest
-    errors = df["error_code"].dropna().value_counts().to_dict()
+    errors = {str(code): int(n) for code, n in df["error_code"].dropna().value_counts().items()}
     rate = result.new_rows / result.elapsed_s if result.elapsed_s > 0 else 0.0
     metadata: dict[str, Any] = {
         "images": images,
         "enriched": result.enriched,
         "errors": sum(errors.values()),
-        "errors_by_code": MetadataValue.json({str(k): int(v) for k, v in errors.items()}),
+        "errors_by_code": MetadataValue.json(errors),
+        **{f"errors/{code}": errors.get(code, 0) for code in sorted(set(errors) | set(result.errors))},
         "processed_this_run": result.new_rows,
         "requests": result.requests,
-        "retries_by_code": MetadataValue.json(retries),
-        "http_429": retries.get("rate_limited", 0) + result.errors["rate_limited"],  # this run's, like retries
+        "retries_by_code": MetadataValue.json(dict(result.retries)),
+        "http_429": result.retries["rate_limited"] + result.errors["rate_limited"],
         "credits_consumed": float(result.credits_consumed),
         "images_per_second": round(rate, 3),
         "manifest": MetadataValue.path(result.manifest_uri or ""),
@@ -90,6 +94,16 @@ def plan_metadata(plan: Plan, shortfall: str | None) -> dict[str, Any]:
     if plan.warnings:
         metadata["plan_warnings"] = MetadataValue.json(list(plan.warnings))
     return metadata
+
+
+def progress_line(progress: Progress) -> str:
+    """One line for a log: where the run stands."""
+    left = f", about {progress.left_s:.0f} s left" if progress.left_s is not None else ""
+    return (
+        f"{progress.done}/{progress.total} images processed, {progress.enriched} enriched, "
+        f"{progress.error_count} errors; {progress.requests} requests, {progress.credits.normalize():f} credits spent, "
+        f"{progress.elapsed_s:.0f} s elapsed{left}"
+    )
 
 
 COLUMN_SCHEMA = "dagster/column_schema"

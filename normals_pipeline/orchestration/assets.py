@@ -1,6 +1,6 @@
 """Assets: the dataset's inventory, and the partitioned surface normals that enrich it shard by shard."""
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NoReturn
 
 import pyarrow.compute as pc
@@ -18,8 +18,7 @@ from dagster import (
 
 from .. import manifest
 from .._errors import ApiUnreachable, ClipdropError
-from ..client import ClipdropClient
-from ..enrich import Item, ShardResult, current_items, enrich_shards
+from ..enrich import Item, Progress, ShardResult, Throttle, current_items, enrich_shards
 from ..inventory import (
     inventory_shards,
     read_inventory,
@@ -30,15 +29,17 @@ from ..inventory import (
 )
 from ..storage import Storage
 from ._metadata import (
+    PROGRESS_LISTENER,
     SHARD_LISTENER,
     STOPPED_SHARDS,
     column_schema_metadata,
     plain,
     plan_metadata,
     preview_metadata,
+    progress_line,
     shard_metadata,
 )
-from .checks import check_manifests, manifest_check_spec, per_shard_evaluations, schema_failures
+from .checks import manifest_check_spec, per_shard_evaluations, range_result, schema_failures
 from .naming import CLIPDROP, INVENTORY, STORAGE, SURFACE_NORMALS, Names
 from .resources import ClipdropResource, DatasetResource
 
@@ -142,12 +143,11 @@ def build_assets(
                 concurrency=clipdrop.concurrency,
                 oversize=clipdrop.oversize,
                 claims=clipdrop.claim_store(),
-                progress=_progress_logger(context),
+                progress=_progress_relay(context),
                 notify=context.log.info,
-                on_shard=lambda key, result: _log_shard(context, key, result, len(items[key]), client),
+                on_shard=lambda key, result: _log_shard(context, key, result, len(items[key])),
             )
-            retries = dict(client.retries_by_code)
-        metadata = {key: shard_metadata(result, len(items[key]), retries) for key, result in results.items()}
+        metadata = {key: shard_metadata(result, len(items[key])) for key, result in results.items()}
         stopped = {key: result.stopped for key, result in results.items() if result.stopped is not None}
         finished = {  # what a materialization shows: the figures and a preview (not made for stopped shards)
             key: {**metadata[key], "preview": preview_metadata(result.manifest, output, dataset)}
@@ -160,7 +160,7 @@ def build_assets(
             context.add_asset_metadata(finished[key], partition_key=key)
         manifests = {key: result.manifest for key, result in results.items()}
         failures = schema_failures(manifests)
-        yield MaterializeResult(check_results=[check_manifests(manifests, failures)])
+        yield MaterializeResult(check_results=[range_result(manifests, failures)])
         yield from per_shard_evaluations(context.instance, names.asset(SURFACE_NORMALS), manifests, failures)
 
     return [image_inventory, surface_normals]
@@ -172,16 +172,14 @@ def _items_by_shard(dataset: Storage, output: Storage, keys: list[str], shards: 
     return {key: current_items(dataset, inventory.filter(pc.equal(inventory["shard"], int(key)))) for key in keys}
 
 
-def _log_shard(
-    context: AssetExecutionContext, key: str, result: ShardResult, images: int, client: ClipdropClient
-) -> None:
+def _log_shard(context: AssetExecutionContext, key: str, result: ShardResult, images: int) -> None:
     """As each shard of the run finishes: its warnings and a line in the event log, and its figures to a
     listener in this process if there is one (`normals-pipeline run` prints a line per shard as it goes)."""
     for warning in result.warnings:
         context.log.warning(warning)
     context.log.info(f"shard {key} finished: {result.new_rows} rows written, {result.credits_consumed} credits")
     if (listener := SHARD_LISTENER.get()) is not None:
-        listener(key, plain(shard_metadata(result, images, dict(client.retries_by_code))))
+        listener(key, plain(shard_metadata(result, images)))
 
 
 def _fail_stopped(
@@ -204,15 +202,16 @@ def _fail_stopped(
     raise Failure(description=message, metadata={STOPPED_SHARDS: MetadataValue.json(failed)}, allow_retries=False)
 
 
-def _progress_logger(context: AssetExecutionContext):
-    """Log progress about every 10% so long shards show life without flooding the event log."""
+def _progress_relay(context: AssetExecutionContext) -> Callable[[Progress], None]:
+    """Where the run stands: to a listener in this process if there is one (the CLI's live view), and to
+    the event log every 30 s or 10 % of the images, so long runs show life without flooding it."""
+    listener = PROGRESS_LISTENER.get()
+    throttle = Throttle(seconds=30, fraction=0.1)
 
-    logged = [0]
+    def relay(progress: Progress) -> None:
+        if listener is not None:
+            listener(progress)
+        if throttle.due(progress) or progress.done == progress.total:
+            context.log.info(progress_line(progress))
 
-    def report(done: int, total: int) -> None:
-        step = max(1, total // 10)
-        if done == total or done // step > logged[0]:  # `done` moves by several at once
-            logged[0] = done // step
-            context.log.info(f"{done}/{total} images processed")
-
-    return report
+    return relay

@@ -3,7 +3,9 @@
 The check is partitioned like the asset, so a run of one shard ties its result to the partition. Dagster
 1.13 wants exactly one result per check from a step, and a step over a range of shards has no single
 partition: such a run gives that one result for the range (its metadata and description name the shards)
-and, besides it, one evaluation per shard tied to its partition, so every partition shows its own.
+and, besides it, one evaluation per shard tied to its partition, so every partition shows its own. Dagster
+ties the range's result to the range's last materialization, so it carries no figures: a range-wide `rows`
+would plot among that partition's own.
 """
 
 from __future__ import annotations
@@ -92,20 +94,27 @@ def per_shard_evaluations(
     return evaluations
 
 
+def range_result(manifests: dict[str, pd.DataFrame], failures: dict[str, pd.DataFrame]) -> AssetCheckResult:
+    """The step's one result: a shard's own for a single shard, else the range's, without figures (see the
+    module); its description still says how many rows or failures."""
+    return check_manifests(manifests, failures, figures=len(manifests) < 2)
+
+
 def check_manifests(
-    manifests: dict[str, pd.DataFrame], failures: dict[str, pd.DataFrame] | None = None
+    manifests: dict[str, pd.DataFrame], failures: dict[str, pd.DataFrame] | None = None, figures: bool = True
 ) -> AssetCheckResult:
     """The check's result for these shards, naming the shards that fail; `failures` as `schema_failures`
-    gives them (computed here when not given)."""
+    gives them (computed here when not given). `figures`: the counts as numeric metadata too."""
     failures = schema_failures(manifests) if failures is None else failures
     found = [cases for cases in failures.values() if len(cases)]
     shards = ", ".join(sorted(manifests))
     if not found:
+        rows = sum(len(df) for df in manifests.values())
         return AssetCheckResult(
             check_name=MANIFEST_CHECK,
             passed=True,
-            description=f"manifest of shard(s) {shards} matches the schema",
-            metadata={"rows": sum(len(df) for df in manifests.values()), "shards": shards},
+            description=f"manifest of shard(s) {shards} matches the schema ({rows} rows)",
+            metadata={**({"rows": rows} if figures else {}), "shards": shards},
         )
     cases = pd.concat(found, ignore_index=True)[["shard", "column", "check", "failure_case"]]
     first = cases.iloc[0]
@@ -114,9 +123,9 @@ def check_manifests(
         check_name=MANIFEST_CHECK,
         passed=False,
         severity=AssetCheckSeverity.ERROR,
-        description=f"manifest of shard(s) {failing} fails the schema",
+        description=f"manifest of shard(s) {failing} fails the schema ({len(cases)} failures)",
         metadata={
-            "failures": len(cases),
+            **({"failures": len(cases)} if figures else {}),
             "failing_shards": failing,
             "first_failure": f"{first['column']} {first['check']} on {first['failure_case']!r}",
             "failure_cases": MetadataValue.md(markdown_table(cases.head(20))),

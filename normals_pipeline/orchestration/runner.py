@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from dagster import DagsterInstance, Definitions, ExecuteInProcessResult
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
+from ..enrich import Progress
 from ..inventory import partition_keys
-from ._metadata import SHARD_LISTENER, STOPPED_SHARDS, plain
+from ._metadata import PROGRESS_LISTENER, SHARD_LISTENER, STOPPED_SHARDS, plain
 from .naming import INVENTORY_JOB, SHARD_JOB, SURFACE_NORMALS, TRAINING_PAIRS
 
 # Step failures are logged at ERROR with their whole stack trace; the caller prints one line instead and the
@@ -71,6 +72,22 @@ class RunSummary:
             self.remaining_credits = float(metadata["remaining_credits"])
 
 
+@dataclass
+class _Relay:
+    """Each run's progress added to the runs' before it (`shards_per_run`), for one view of the command."""
+
+    listener: Callable[[Progress], None]
+    earlier: Progress = field(default_factory=Progress)
+    latest: Progress = field(default_factory=Progress)
+
+    def __call__(self, progress: Progress) -> None:
+        self.latest = progress
+        self.listener(self.earlier + progress)
+
+    def next_run(self) -> None:
+        self.earlier, self.latest = self.earlier + self.latest, Progress()
+
+
 def _failure_message(result: ExecuteInProcessResult) -> tuple[str, dict]:
     """The user-facing message of the first failed step, and its metadata if it gave any."""
     for event in result.all_events:
@@ -88,32 +105,34 @@ def _failure_message(result: ExecuteInProcessResult) -> tuple[str, dict]:
     return "the run failed; see the Dagster event log", {}
 
 
-def _first_failure(metadata: dict) -> str:
-    """E.g. "4 failures, first: path str_length(None, 1) on 'a.png'", from the check's metadata."""
+def _first_failure(evaluations: list) -> str:
+    """E.g. "4 failures, first: path str_length(None, 1) on 'a.png'", from the evaluations' metadata."""
+    metadata = [plain(evaluation.metadata) for evaluation in evaluations]
     parts = []
-    if (count := metadata.get("failures")) is not None:
-        parts.append(f"{count} failure{'' if count == 1 else 's'}")
-    if first := metadata.get("first_failure"):
+    if counts := [found["failures"] for found in metadata if "failures" in found]:
+        parts.append(f"{sum(counts)} failure{'' if sum(counts) == 1 else 's'}")
+    if first := metadata[0].get("first_failure"):
         parts.append(f"first: {first}")
     return ", ".join(parts)
 
 
 def _failed_check(result: ExecuteInProcessResult, keys: list[str]) -> str | None:
-    """The one-line message for the first failed asset check of a shard run, None when all passed.
+    """The one-line message for the failed asset checks of a shard run, None when all passed.
 
-    A check that fails does not fail the step, so the run looks successful unless its events are read.
+    A check that fails does not fail the step, so the run looks successful unless its events are read. The
+    shards' own evaluations carry the figures (a range's whole result does not; see `checks`).
     """
-    for event in result.all_events:
-        if event.event_type_value != "ASSET_CHECK_EVALUATION" or event.event_specific_data.passed:
-            continue
-        evaluation = event.event_specific_data
-        failing = plain(evaluation.metadata).get("failing_shards") or ", ".join(keys)
-        detail = _first_failure(plain(evaluation.metadata)) or evaluation.description or "no details"
-        return (
-            f"the manifest of shard {failing} failed the {evaluation.check_name} check ({detail}); "
-            "see the Dagster event log"
-        )
-    return None
+    failed = [
+        event.event_specific_data
+        for event in result.all_events
+        if event.event_type_value == "ASSET_CHECK_EVALUATION" and not event.event_specific_data.passed
+    ]
+    if not failed:
+        return None
+    own = [evaluation for evaluation in failed if evaluation.partition] or failed
+    failing = ", ".join(evaluation.partition for evaluation in own if evaluation.partition) or ", ".join(keys)
+    detail = _first_failure(own) or own[0].description or "no details"
+    return f"the manifest of shard {failing} failed the {own[0].check_name} check ({detail}); see the Dagster event log"
 
 
 def _materializations(result: ExecuteInProcessResult, asset: str = SURFACE_NORMALS) -> dict[str, dict]:
@@ -152,11 +171,13 @@ def run_pipeline(
     instance: DagsterInstance,
     progress: Callable[[str, dict], None] = lambda key, metadata: None,
     *,
+    on_progress: Callable[[Progress], None] = lambda progress: None,
     verbose: bool = False,
     shards_per_run: int | None = None,
 ) -> RunSummary:
     """Materialize the inventory, then the shards: one run over all of them (one stream of work), or runs
-    of `shards_per_run` in turn. Raise `RunFailed` at the first stop.
+    of `shards_per_run` in turn. Raise `RunFailed` at the first stop. `progress` hears of each shard as it
+    finishes, `on_progress` where the whole command stands as images finish (runs after the first add up).
 
     A shard whose manifest fails its check stops the run too (`CheckFailed`): such a failure comes from
     the code or the data, not from one image, so the next shards would most likely fail it as well.
@@ -171,6 +192,7 @@ def run_pipeline(
     shard_job = defs.resolve_job_def(SHARD_JOB)
     summary = RunSummary(training=TrainingSummary() if _builds(shard_job, TRAINING_PAIRS) else None)
     reported: set[str] = set()
+    relay = _Relay(on_progress)
 
     def report(key: str, metadata: dict) -> None:
         reported.add(key)
@@ -178,11 +200,13 @@ def run_pipeline(
         progress(key, metadata)
 
     for keys in _ranges(partition_keys(shards), shards_per_run):
-        token = SHARD_LISTENER.set(report)  # a line per shard as it finishes, not all at the run's end
+        tokens = SHARD_LISTENER.set(report), PROGRESS_LISTENER.set(relay)  # as it goes, not at the run's end
         try:
             result = _execute(shard_job, keys, instance, logs)
         finally:
-            SHARD_LISTENER.reset(token)
+            SHARD_LISTENER.reset(tokens[0])
+            PROGRESS_LISTENER.reset(tokens[1])
+        relay.next_run()
         done = _materializations(result)
         if not result.success:
             message, metadata = _failure_message(result)
