@@ -1,6 +1,6 @@
 """`normals-pipeline demo`: the whole product on the embedded default, with no key and no network.
 
-Synthetic portraits in a local folder, the emulator on a free loopback port, two runs through the
+Synthetic portraits in a local folder, the emulator on a free loopback port, the plan, two runs through the
 Dagster definitions (the second charges nothing), a contact sheet to look at, and the training pairs with
 the two lines that load them. An earlier demo's folder is kept and enriched again (which charges nothing new);
 `--fresh` starts over, and only ever deletes a folder that holds a demo and nothing else.
@@ -33,12 +33,10 @@ class NotADemoFolder(ValueError):
     """`--fresh` would delete a folder that holds more than an earlier demo."""
 
 
-def _run_once(dataset: Path, output: Path, api_url: str) -> int:
+def _command(verb: str, dataset: Path, output: Path, *options: str) -> int:
     from .cli import main
 
-    return main(
-        ["run", "--dataset", str(dataset), "--output", str(output), "--api-url", api_url, "--shards", str(DEMO_SHARDS)]
-    )
+    return main([verb, "--dataset", str(dataset), "--output", str(output), "--shards", str(DEMO_SHARDS), *options])
 
 
 def _manifest_rows(output: Path) -> list[dict]:
@@ -108,11 +106,15 @@ def run_demo(workdir: Path, images: int, fresh: bool = False) -> int:
         raise CannotStart(str(error)) from None
     config = EmulatorConfig(keys={DEMO_KEY: Decimal(100)}, rpm=60, latency=0.3)
     with Emulator(config) as emulator, _api_key(DEMO_KEY):
-        print(f"emulator: {emulator.url} (key {DEMO_KEY}, 100 credits, 60 requests/min)\n\nfirst run:")
-        if code := _run_once(dataset, output, emulator.url):
+        print(f"emulator: {emulator.url} (key {DEMO_KEY}, 100 credits, 60 requests/min)\n")
+        print("what the first run will send and cost (`normals-pipeline plan`: no request, nothing written):")
+        if code := _command("plan", dataset, output):
+            return code
+        print("\nfirst run:")
+        if code := _command("run", dataset, output, "--api-url", emulator.url):
             return code
         print("\nsecond run (everything is done already, so nothing is sent):")
-        if code := _run_once(dataset, output, emulator.url):
+        if code := _command("run", dataset, output, "--api-url", emulator.url):
             return code
         charged = emulator.stats()["charged"]
     rows = _manifest_rows(output)

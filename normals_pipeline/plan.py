@@ -32,7 +32,7 @@ from .enrich import (
     read_and_check,
 )
 from .guards import CREDITS_PER_CALL
-from .inventory import partition_key, take_inventory
+from .inventory import partition_key, partition_keys, take_inventory
 from .prepare import Oversize
 from .storage import Storage
 
@@ -129,13 +129,13 @@ def make_plan(
     claims: ClaimStore | None = None,
     balance: tuple[Decimal, float] | None = None,
 ) -> Plan:
-    """Plan the shards that have images. `inventory`: the listing to plan (the inventory asset passes the one
+    """Plan every shard (those without images at 0). `inventory`: the listing to plan (the inventory asset passes the one
     it wrote), else the dataset is listed here; `claims`: where runs on the output share theirs (None: nothing
     is known of other runs); `balance`: the key's `KeyState.known_balance()`. The ETA assumes the client's
     initial latency guess, which errs long."""
     table = inventory if inventory is not None else take_inventory(dataset, shards)
     planner = _Planner(dataset, output, oversize, claims)
-    planned = {}
+    planned = {key: Figures() for key in partition_keys(shards)}  # an empty shard says 0 images
     with ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="plan") as pool:
         for shard, rows in _by_shard(table):
             key = partition_key(shard, shards)

@@ -348,3 +348,12 @@ def test_the_plan_command_runs_on_the_core_alone(tmp_path):
         "assert code == 0 and not [m for m in sys.modules if m.startswith('dagster')], 'the plan loaded dagster'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True)
+
+
+def test_every_shard_is_listed_an_empty_one_at_0_images(tmp_path, capsys):
+    """`shards` has one object per shard, so an empty shard says 0 images instead of being left out."""
+    make_portraits(tmp_path / "in", 1)
+    code, figures, _ = planned(capsys, tmp_path / "in", tmp_path / "out")
+    assert code == 0
+    assert [shard["shard"] for shard in figures["shards"]] == [partition_key(n, SHARDS) for n in range(SHARDS)]
+    assert sorted(shard["images"] for shard in figures["shards"]) == [0] * (SHARDS - 1) + [1]
