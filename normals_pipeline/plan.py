@@ -129,8 +129,8 @@ def make_plan(
     claims: ClaimStore | None = None,
     balance: tuple[Decimal, float] | None = None,
 ) -> Plan:
-    """Plan every shard (those without images at 0). `inventory`: the listing to plan (the inventory asset passes the one
-    it wrote), else the dataset is listed here; `claims`: where runs on the output share theirs (None: nothing
+    """Plan every shard (those without images at 0). `inventory`: the listing to plan (the inventory asset
+    passes the one it wrote), else the dataset is listed here; `claims`: where runs on the output share theirs (None: nothing
     is known of other runs); `balance`: the key's `KeyState.known_balance()`. The ETA assumes the client's
     initial latency guess, which errs long."""
     table = inventory if inventory is not None else take_inventory(dataset, shards)
