@@ -130,9 +130,9 @@ def make_plan(
     balance: tuple[Decimal, float] | None = None,
 ) -> Plan:
     """Plan every shard (those without images at 0). `inventory`: the listing to plan (the inventory asset
-    passes the one it wrote), else the dataset is listed here; `claims`: where runs on the output share theirs (None: nothing
-    is known of other runs); `balance`: the key's `KeyState.known_balance()`. The ETA assumes the client's
-    initial latency guess, which errs long."""
+    passes the one it wrote), else the dataset is listed here; `claims`: where runs on the output share theirs
+    (None: nothing is known of other runs); `balance`: the key's `KeyState.known_balance()`. The ETA assumes
+    the client's initial latency guess, which errs long."""
     table = inventory if inventory is not None else take_inventory(dataset, shards)
     planner = _Planner(dataset, output, oversize, claims)
     planned = {key: Figures() for key in partition_keys(shards)}  # an empty shard says 0 images
