@@ -357,3 +357,12 @@ def test_every_shard_is_listed_an_empty_one_at_0_images(tmp_path, capsys):
     assert code == 0
     assert [shard["shard"] for shard in figures["shards"]] == [partition_key(n, SHARDS) for n in range(SHARDS)]
     assert sorted(shard["images"] for shard in figures["shards"]) == [0] * (SHARDS - 1) + [1]
+
+
+def test_taking_the_inventory_needs_no_key_and_then_the_balance_is_unknown(tmp_path, monkeypatch):
+    """The key is read when a shard runs; the inventory's plan only reads the balance, if the variable is set."""
+    monkeypatch.delenv("CLIPDROP_API_KEY", raising=False)
+    make_portraits(tmp_path / "in", 3)
+    defs = build_definitions(dataset_uri=str(tmp_path / "in"), output_uri=str(tmp_path / "out"), shards=SHARDS)
+    metadata = inventory_metadata(defs, DagsterInstance.ephemeral())
+    assert metadata["to_send"] == 3 and "balance" not in metadata

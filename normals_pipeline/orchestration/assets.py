@@ -68,21 +68,23 @@ def _check_layout(output: Storage, shards: int) -> None:
 
 
 def build_assets(
-    names: Names, shards: int, partitions: StaticPartitionsDefinition, shards_per_run: int, group: str, pool: str
+    names: Names,
+    shards: int,
+    partitions: StaticPartitionsDefinition,
+    shards_per_run: int,
+    group: str,
+    pool: str,
+    settings: ClipdropResource,
 ) -> list:
+    """`settings`: the definitions' Clipdrop resource, which the inventory's plan reads without starting it,
+    so taking the inventory needs no key (the plan's balance is then unknown)."""
     storage_key, clipdrop_key = names.name(STORAGE), names.name(CLIPDROP)
 
-    @asset(
-        key=names.asset(INVENTORY),
-        group_name=group,
-        kinds={"parquet"},
-        required_resource_keys={storage_key, clipdrop_key},
-    )
+    @asset(key=names.asset(INVENTORY), group_name=group, kinds={"parquet"}, required_resource_keys={storage_key})
     def image_inventory(context: AssetExecutionContext) -> MaterializeResult:
         """Every candidate image of the dataset, listed once per refresh, with its shard; and the plan of the
         next run (what it would send and charge, per shard), found without a request."""
         storage: DatasetResource = getattr(context.resources, storage_key)
-        clipdrop: ClipdropResource = getattr(context.resources, clipdrop_key)
         dataset, output = storage.dataset(), storage.output()
         _refuse_nested(dataset, output)
         _check_layout(output, shards)
@@ -94,8 +96,8 @@ def build_assets(
         if skipped:
             reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(skipped.items()))
             context.log.warning(f"entries skipped ({reasons}): only regular files with UTF-8 names are read")
-        plan = clipdrop.plan(dataset, output, table, shards)
-        shortfall = clipdrop.shortfall(plan)
+        plan = settings.plan(dataset, output, table, shards)
+        shortfall = settings.shortfall(plan)
         for warning in [*plan.warnings, *([shortfall] if shortfall else [])]:
             context.log.warning(warning)
         return MaterializeResult(

@@ -62,6 +62,7 @@ def build_definitions(
     the schedule's follow-ups and `normals-pipeline run` build them too). `automation`: see `automation.py`;
     `owners`: emails or `team:name`, on every asset."""
     check_automation(automation, sensor_enabled, schedule_enabled)
+    clipdrop = clipdrop or ClipdropResource(api_key=EnvVar("CLIPDROP_API_KEY"))
     names = Names.of(key_prefix)
     partitions = shard_partitions(shards)
     inventory_job = define_asset_job(names.name(INVENTORY_JOB), selection=AssetSelection.assets(names.asset(INVENTORY)))
@@ -71,7 +72,7 @@ def build_definitions(
     with warnings.catch_warnings():  # backfill policies, partitioned checks, observable assets and code references
         warnings.simplefilter("ignore", BetaWarning)  # are "beta"/"preview" in 1.13: they make a backfill a handful
         warnings.simplefilter("ignore", PreviewWarning)  # of runs, tie each check result to its partition, and so on
-        assets = build_assets(names, shards, partitions, shards_per_run, group, pool)
+        assets = build_assets(names, shards, partitions, shards_per_run, group, pool, clipdrop)
         if training_pairs:
             assets.append(build_training_asset(names, partitions, shards_per_run, group, training_splits, webdataset))
         if automation != "none":
@@ -86,7 +87,7 @@ def build_definitions(
         schedules=[build_daily_schedule(names, inventory_job, schedule_cron, schedule_enabled)],
         resources={
             names.name(STORAGE): storage or DatasetResource(dataset_uri=dataset_uri, output_uri=output_uri),
-            names.name(CLIPDROP): clipdrop or ClipdropResource(api_key=EnvVar("CLIPDROP_API_KEY")),
+            names.name(CLIPDROP): clipdrop,
         },
     )
 

@@ -98,8 +98,14 @@ class ClipdropResource(ConfigurableResource):
             concurrency=self.concurrency,
             oversize=self.oversize,
             claims=self.claim_store(),
-            balance=key_state(self.api_key, self.redis_url).known_balance(),
+            balance=self._known_balance(),
         )
+
+    def _known_balance(self) -> tuple[Decimal, float] | None:
+        """The key's last reported balance and its age, read from its shared state. Called on the definitions'
+        resource too (the inventory's plan), whose key may still be an `EnvVar`: read here, unknown when unset."""
+        key = self.api_key.get_value() if isinstance(self.api_key, EnvVar) else self.api_key
+        return key_state(key, self.redis_url).known_balance() if key else None
 
     def shortfall(self, plan: Plan) -> str | None:
         """Why a run would not fit the key's balance less `credit_floor`, or `run_budget`; None if it would."""
