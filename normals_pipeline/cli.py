@@ -1,4 +1,4 @@
-"""`normals-pipeline`: emulator, run, plan, demo.
+"""normals-pipeline: enrich images with Clipdrop surface normals (plan, run, demo, portraits, reshard, emulator).
 
 Exit codes: 0 the run completed (per-image errors included), 1 the run stopped (key refused, credits
 gone, API unreachable, a manifest failed its check, SIGTERM or Ctrl-C), 2 it could not start (bad option,
@@ -108,7 +108,10 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, help="folder or s3://bucket/prefix of images")
     parser.add_argument("--output", required=True, help="folder or s3://bucket/prefix for maps and manifest")
     parser.add_argument(  # a string default goes through `type` too, so a bad CLIPDROP_RPM is refused alike
-        "--rpm", type=_count(), default=os.environ.get("CLIPDROP_RPM", "60"), help="the key's requests per minute"
+        "--rpm",
+        type=_count(),
+        default=os.environ.get("CLIPDROP_RPM", "60"),
+        help="the key's requests per minute (default: CLIPDROP_RPM or 60)",
     )
     parser.add_argument(
         "--shards", type=_count(MAX_SHARDS), default=None, help="number of partitions (default: NORMALS_SHARDS or 16)"
@@ -119,8 +122,12 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="images in flight at once (default: follows the key's rate and the observed latency, up to 64)",
     )
-    parser.add_argument("--credit-floor", type=_credits, default=0.0, help="stop before the balance drops below this")
-    parser.add_argument("--budget", type=_credits, default=None, help="most credits one Dagster run may spend")
+    parser.add_argument(
+        "--credit-floor", type=_credits, default=0.0, help="stop before the balance drops below this (default: 0)"
+    )
+    parser.add_argument(
+        "--budget", type=_credits, default=None, help="most credits one Dagster run may spend (default: no limit)"
+    )
     parser.add_argument(
         "--oversize",
         choices=["downscale", "refuse"],
@@ -149,7 +156,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="shards one Dagster run covers, as one stream of work (default: all of them in one run)",
     )
     parser.add_argument(
-        "--max-attempts", type=_count(), default=6, help="tries per image for 429, 5xx and network errors"
+        "--max-attempts", type=_count(), default=6, help="tries per image for 429, 5xx and network errors (default: 6)"
     )
     parser.add_argument(
         "--no-training-pairs",
@@ -184,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="what the next run would send and charge: no request, nothing written")
     _add_plan_arguments(plan)
     plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
-    demo = commands.add_parser("demo", help="synthetic portraits + emulator + a full run + a contact sheet")
+    demo = commands.add_parser("demo", help="synthetic portraits + emulator + the plan + two runs + a contact sheet")
     demo.add_argument(
         "--workdir", type=Path, default=Path("demo-output"), help="where to put everything (default: demo-output)"
     )
@@ -302,12 +309,12 @@ def plan_command(args: argparse.Namespace) -> int:
         return _fail(str(error), 2)
     check_locations(args.dataset, args.output, writable=False)
     plan = _plan(args, shards)
-    if args.json:
-        print(json.dumps(plan.as_dict()))
-    else:
-        _print_plan(plan, args, shards)
     budget = Decimal(str(args.budget)) if args.budget is not None else None
     reason = plan.shortfall(Decimal(str(args.credit_floor)), budget)
+    if args.json:
+        print(json.dumps({**plan.as_dict(), "shortfall": reason}))
+    else:
+        _print_plan(plan, args, shards)
     return _fail(reason, 1) if reason else 0
 
 
@@ -332,7 +339,9 @@ def _plan(args: argparse.Namespace, shards: int) -> Plan:
             balance=_known_balance(os.environ.get("CLIPDROP_API_KEY"), args.redis_url),
         )
     except (DatasetNotFound, LayoutMismatch) as error:
-        raise CannotStart(str(error)) from None
+        from .live import shell_paths
+
+        raise CannotStart(shell_paths(str(error))) from None
 
 
 def _known_balance(api_key: str | None, redis_url: str | None) -> tuple[Decimal, float] | None:
@@ -348,7 +357,7 @@ def _known_balance(api_key: str | None, redis_url: str | None) -> tuple[Decimal,
 
 
 def _print_plan(plan: Plan, args: argparse.Namespace, shards: int) -> None:
-    """A table of the shards with images and their total (plain numbers), its warnings, the balance and the
+    """A table of every shard and their total (plain numbers), its warnings, the balance and the
     time; the paths quoted so they paste into a shell."""
     from .plan import TABLE_COLUMNS
 
@@ -362,6 +371,9 @@ def _print_plan(plan: Plan, args: argparse.Namespace, shards: int) -> None:
     for warning in plan.warnings:
         print(f"  warning: {warning}")
     print(f"balance: {_balance_text(plan.balance)}")
+    if not plan.total.to_send:
+        print("time: nothing to send")
+        return
     pace = f"{plan.images_per_second * 60:.0f} images/min ({args.rpm} requests/min)"
     print(f"time: {_duration(plan.eta_seconds(plan.total))} at {pace}")
 
@@ -484,7 +496,8 @@ def _stop_reason(error: BaseException, signal_name: str | None) -> str:
         return f"stopped by {signal_name}; finished images kept (re-run to continue)"
     if isinstance(error, CheckFailed):
         return str(error)
-    return f"run stopped: {error} (finished images are kept; re-run to continue)"
+    advice = "finished images are kept" if "re-run" in str(error) else "finished images are kept; re-run to continue"
+    return f"run stopped: {error} ({advice})"
 
 
 def _print_stopped(progress: Progress | None, elapsed: float) -> None:
@@ -494,15 +507,25 @@ def _print_stopped(progress: Progress | None, elapsed: float) -> None:
         return
     figures = _figures(progress.errors, progress.requests, progress.credits, progress.remaining)
     print(
-        f"stopped after {elapsed:.1f} s: {progress.done} of {progress.total} images processed, "
-        f"{progress.enriched} enriched, {figures}",
+        f"stopped after {elapsed:.1f} s: {progress.done} of {progress.total} images processed "
+        f"({progress.total - progress.done} not sent), {progress.enriched} enriched, {figures}",
         flush=True,
     )
 
 
 def _print_done(summary: RunSummary, elapsed: float, output: str) -> None:
+    from .live import counted, plain_number
+
     figures = _figures(summary.errors, summary.requests, summary.credits_consumed, summary.remaining_credits)
-    print(f"done in {elapsed:.1f} s: {summary.images} images, {summary.enriched} enriched, {figures}")
+    if summary.processed == 0:  # a re-run with nothing new: say so rather than list what earlier runs did
+        errors = counted(sum(summary.errors.values()), "error")
+        left = f"{plain_number(summary.remaining_credits)} credits remaining" if summary.remaining_credits else ""
+        print(
+            f"nothing to send: {counted(summary.images, 'image')} done already ({summary.enriched} enriched, "
+            f"{errors}); 0 requests{', ' + left if left else ''}"
+        )
+    else:
+        print(f"done in {elapsed:.1f} s: {summary.images} images, {summary.enriched} enriched, {figures}")
     print(f"manifest: {_location(output, 'manifest/')} (hive-partitioned Parquet)")
     if summary.training is not None:
         _print_training(summary.training, output)

@@ -254,13 +254,11 @@ class ClipdropClient:
         lease = self.credit_guard.reserve()  # after the wait for a slot, so a stop during the wait is seen
         consumed: Decimal | None = None
         remaining: Decimal | None = None
-        with self._count_lock:
-            for tally in self._tallies():
-                tally.requests += 1
         started = time.monotonic()
         try:
             with self._http.stream("POST", path, files={"image_file": (filename, image, content_type)}) as response:
                 self._answered.set()
+                self._count_request()
                 remaining = parse_credits(response.headers.get("x-remaining-credits"))
                 if response.status_code != 200:
                     response.read()
@@ -275,8 +273,10 @@ class ClipdropClient:
             self.credit_guard.stop(error)
             raise
         except httpx.ReadTimeout:
+            self._count_request()
             raise NoAnswer("sent, but no answer within the timeout; it may have been charged") from None
         except (httpx.ReadError, httpx.RemoteProtocolError) as error:  # the request was out: ambiguous
+            self._count_request()
             raise ConnectionLost(
                 f"sent, then the connection broke before an answer ({type(error).__name__}); it may have been charged"
             ) from None
@@ -288,6 +288,13 @@ class ClipdropClient:
             raise ApiUnreachable(_cause(error)) from None
         finally:
             self.credit_guard.settle(lease, consumed, remaining)
+
+    def _count_request(self) -> None:
+        """A request the server got whole (answered, or out and then unanswered): a connection refused or a
+        send that failed is not one."""
+        with self._count_lock:
+            for tally in self._tallies():
+                tally.requests += 1
 
     def _observe(self, seconds: float) -> None:
         with self._count_lock:

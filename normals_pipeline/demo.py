@@ -26,6 +26,7 @@ from .training import PARQUET_DIR
 DEMO_KEY = "demo-key"
 DEMO_SHARDS = 4
 DATASET, OUTPUT = "portraits", "enriched"
+STATE = ".state"  # the demo key's rate, balance and claims: a fresh emulator's balance, not an earlier demo's
 NOT_A_PHOTO = "not-really-a-photo.jpg"  # a file the local checks refuse: a row with an error code, no request
 
 
@@ -62,7 +63,7 @@ def _prepare_workdir(workdir: Path, fresh: bool, images: int) -> Path:
     """The demo's dataset: an earlier demo's is kept (so this run charges nothing new) unless `fresh`."""
     dataset = workdir / DATASET
     if fresh and workdir.exists():
-        extra = sorted(entry.name for entry in workdir.iterdir() if entry.name not in (DATASET, OUTPUT))
+        extra = sorted(entry.name for entry in workdir.iterdir() if entry.name not in (DATASET, OUTPUT, STATE))
         if extra:
             raise NotADemoFolder(
                 f"--fresh would delete {workdir}, which holds more than a demo ({', '.join(extra[:3])}): "
@@ -82,17 +83,18 @@ def _prepare_workdir(workdir: Path, fresh: bool, images: int) -> Path:
 
 
 @contextmanager
-def _api_key(key: str) -> Iterator[None]:
-    """The demo's key for the runs it makes, without leaving it in the caller's environment."""
-    previous = os.environ.get("CLIPDROP_API_KEY")
-    os.environ["CLIPDROP_API_KEY"] = key
+def _environment(**values: str) -> Iterator[None]:
+    """The demo's key and state folder for the runs it makes, without leaving them in the caller's environment."""
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if previous is None:
-            del os.environ["CLIPDROP_API_KEY"]
-        else:
-            os.environ["CLIPDROP_API_KEY"] = previous
+        for name, value in previous.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
 def run_demo(workdir: Path, images: int, fresh: bool = False) -> int:
@@ -105,7 +107,10 @@ def run_demo(workdir: Path, images: int, fresh: bool = False) -> int:
     except NotADemoFolder as error:
         raise CannotStart(str(error)) from None
     config = EmulatorConfig(keys={DEMO_KEY: Decimal(100)}, rpm=60, latency=0.3)
-    with Emulator(config) as emulator, _api_key(DEMO_KEY):
+    state = workdir / STATE
+    shutil.rmtree(state, ignore_errors=True)  # this emulator starts with 100 credits: forget what the last one said
+    environment = _environment(CLIPDROP_API_KEY=DEMO_KEY, NORMALS_STATE_DIR=str(state))
+    with Emulator(config) as emulator, environment:
         print(f"emulator: {emulator.url} (key {DEMO_KEY}, 100 credits, 60 requests/min)\n")
         print("what the first run will send and cost (`normals-pipeline plan`: no request, nothing written):")
         if code := _command("plan", dataset, output):
@@ -124,9 +129,9 @@ def run_demo(workdir: Path, images: int, fresh: bool = False) -> int:
     if refused:
         print("refused by the local checks, never sent (a row with an error code each):\n" + "\n".join(refused))
     print(
-        f"dataset:       {dataset}\nnormal maps:   {output / 'normals'}\n"
-        f'manifest:      {output / "manifest"}  (see the README\'s "The manifest" for the reads)\n'
-        f"contact sheet: {sheet}  (input image | normal map)\n"
+        f"dataset:        {dataset}\nnormal maps:    {output / 'normals'}\n"
+        f'manifest:       {output / "manifest"}  (see the README\'s "The manifest" for the reads)\n'
+        f"contact sheet:  {sheet}  (input image | normal map)\n"
         f"training pairs: {output / PARQUET_DIR}\n\n"
         "load them with Hugging Face datasets (images decoded as PIL, splits by file name):\n"
         "    import datasets\n"

@@ -366,7 +366,7 @@ class Enricher:
             errors[code] = errors.get(code, 0) + 1
         return replace(
             status,
-            done=status.done + 1,
+            done=status.done + (row is not None),  # an image the stop kept from being sent is not done
             enriched=status.enriched + (row is not None and not code),
             errors=errors,
             requests=status.requests + tally.requests,

@@ -210,8 +210,11 @@ class CreditGuard:
         if self._stopped is not None:
             raise self._stopped
         if self.budget is not None and self.spent + (self._in_flight + 1) * CREDITS_PER_CALL > self.budget:
+            requests = "a request" if self._in_flight == 1 else "requests"
+            held = f", {self._in_flight} held by {requests} in flight" if self._in_flight else ""
             self._stopped = CreditLimitReached(
-                f"run budget of {self.budget} credits reached ({self.spent} spent); raise the budget to enrich the rest"
+                f"run budget of {self.budget.normalize():f} credits reached ({self.spent.normalize():f} spent{held}); "
+                "raise the budget to enrich the rest"
             )
             raise self._stopped
 

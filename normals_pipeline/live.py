@@ -31,6 +31,11 @@ def plain_number(value: float | Decimal) -> str:
     return f"{round(Decimal(str(value)), 6).normalize():,f}"
 
 
+def counted(n: int, noun: str) -> str:
+    """`1 error`, `2 errors`: a count a person reads without stumbling."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def shell_paths(text: str) -> str:
     """`file://` URIs in a message as paths a user can paste into a shell; `s3://` URIs stay as they are."""
     return _FILE_URI.sub(lambda found: shlex.quote(urllib.parse.unquote(found[0].removeprefix("file://"))), text)
@@ -63,10 +68,11 @@ def figures(progress: Progress, rpm: int, limit: int) -> list[str]:
     """The display's parts, shared by the live view and the plain lines."""
     remaining = f", {plain_number(progress.remaining)} remaining" if progress.remaining is not None else ""
     left = f", about {duration(progress.left_s)} left" if progress.left_s is not None else ""
+    errors = counted(progress.error_count, "error")
     return [
-        f"{progress.done}/{progress.total} images, {progress.enriched} enriched, {progress.error_count} errors",
-        f"{rpm}/{limit} rpm, {progress.requests} requests",
-        f"{plain_number(progress.credits)} credits spent{remaining}",
+        f"{progress.done}/{progress.total} images, {progress.enriched} enriched, {errors}",
+        f"{rpm}/{limit} rpm, {counted(progress.requests, 'request')}",
+        f"{plain_number(progress.credits)} {'credit' if progress.credits == 1 else 'credits'} spent{remaining}",
         f"{duration(progress.elapsed_s)} elapsed{left}",
     ]
 
@@ -122,7 +128,14 @@ class LiveView(PlainView):
         now = replace(self.last, elapsed_s=self.last.elapsed_s + time.monotonic() - self.updated_at)  # no freeze
         images, rate, credits, times = figures(now, self.rpm, self.limit)
         table = Table.grid(padding=(0, 2))
-        bar = ProgressBar(total=self.last.total or 1, completed=self.last.done if self.last.total else 1, width=30)
+        bar = ProgressBar(
+            total=self.last.total or 1,
+            completed=self.last.done if self.last.total else 1,
+            width=30,
+            style="grey35",
+            complete_style="cyan",
+            finished_style="green",
+        )
         table.add_row(bar, images)
         table.add_row("", rate)
         table.add_row("", credits)

@@ -99,7 +99,7 @@ class Plan:
         if budget is not None and needed > budget:
             return (
                 f"the plan needs {plain_number(needed)} credits, more than the run budget of {plain_number(budget)}: "
-                "raise the budget, or enrich part of the dataset"
+                "raise the budget (a run stopped by it keeps what it did; the next one goes on)"
             )
         if self.balance is not None and needed > self.balance[0] - credit_floor:
             balance, age = self.balance

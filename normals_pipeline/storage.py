@@ -374,6 +374,14 @@ def _error_code(err: ClientError) -> str:
     return str(err.response.get("Error", {}).get("Code", ""))
 
 
+def readable_location(uri: str) -> str:
+    """A `file://` URI as the local path it names (what a user pastes into a shell: `partition=01`, not
+    `partition%3D01`); any other URI as it is."""
+    if not uri.startswith("file://"):
+        return uri
+    return os.fsdecode(urllib.parse.unquote_to_bytes(urllib.parse.urlsplit(uri).path))
+
+
 def open_storage(uri: str, s3_client: Any = None) -> Storage:
     """Open a plain path, a file:// URI or s3://bucket/prefix."""
     if "://" not in uri:

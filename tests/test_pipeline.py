@@ -213,7 +213,7 @@ def test_a_range_run_is_one_stream_with_a_manifest_and_a_materialization_per_sha
     assert set(materialized) == {f"{shard:02d}" for shard in range(SHARDS)}  # an empty shard too
     for key, metadata in materialized.items():  # each partition its own figures, not the run's
         assert metadata["images"].value == per_shard.get(int(key), 0)
-        assert metadata["manifest"].value.endswith(f"partition%3D{key}/manifest.parquet")
+        assert metadata["manifest"].value.endswith(f"/partition={key}/manifest.parquet")  # a path, not a URI
     assert summary.images == 10 and Decimal(emulator.stats()["charged"]) == 8
 
 

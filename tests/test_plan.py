@@ -135,15 +135,17 @@ def test_json_is_one_object_and_the_budget_decides_the_exit_code(tmp_path, emula
     code, figures, err = planned(capsys, tmp_path / "in", tmp_path / "out")
 
     assert code == 0 and err == ""
-    assert set(figures) == KEYS | {"shards", "warnings"}
+    assert set(figures) == KEYS | {"shards", "warnings", "shortfall"}
     assert figures["to_send"] == figures["credits_needed"] == 5 and figures["balance"] is None
+    assert figures["shortfall"] is None
     assert figures["eta_seconds"] > 0
     assert figures["shards"] and all(set(shard) == KEYS | {"shard"} for shard in figures["shards"])
     assert planned(capsys, tmp_path / "in", tmp_path / "out", "--budget", "5")[0] == 0
 
-    code, _, err = planned(capsys, tmp_path / "in", tmp_path / "out", "--budget", "4.5")
+    code, over, err = planned(capsys, tmp_path / "in", tmp_path / "out", "--budget", "4.5")
     assert code == 1
     [line] = err.strip().splitlines()
+    assert line == f"normals-pipeline: {over['shortfall']}"  # the same reason in the JSON
     assert line.startswith("normals-pipeline: ") and "needs 5 credits" in line and "budget of 4.5" in line
     assert not (tmp_path / "out").exists() and emulator.stats()["requests"] == 0
 

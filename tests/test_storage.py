@@ -401,3 +401,13 @@ def test_s3_stat_gives_size_and_etag(s3_client: Any, s3_bucket: str) -> None:
     assert (entry.path, entry.size) == ("x.jpg", 5) and entry.version
     with pytest.raises(FileNotFoundError):
         storage.stat("missing.jpg")
+
+
+def test_a_file_uri_reads_as_the_path_to_paste_and_other_uris_stay():
+    from normals_pipeline.storage import readable_location
+
+    assert (
+        readable_location("file:///data/en%20riched/partition%3D01/m.parquet")
+        == "/data/en riched/partition=01/m.parquet"
+    )
+    assert readable_location("s3://bucket/partition=01/m.parquet") == "s3://bucket/partition=01/m.parquet"

@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 from ..enrich import Progress, ShardResult
 from ..manifest import MANIFEST_SCHEMA
 from ..plan import TABLE_COLUMNS, Plan
-from ..storage import Storage
+from ..storage import Storage, readable_location
 
 # Set by an in-process caller (the CLI) to hear of each shard as it finishes, with its plain metadata.
 SHARD_LISTENER: ContextVar[Callable[[str, dict], None] | None] = ContextVar("shard_listener", default=None)
@@ -59,7 +59,7 @@ def shard_metadata(result: ShardResult, images: int) -> dict[str, Any]:
         "http_429": result.retries["rate_limited"] + result.errors["rate_limited"],
         "credits_consumed": float(result.credits_consumed),
         "images_per_second": round(rate, 3),
-        "manifest": MetadataValue.path(result.manifest_uri or ""),
+        "manifest": MetadataValue.path(readable_location(result.manifest_uri or "")),
         "dagster/row_count": len(df),
     }
     if result.remaining_credits is not None:

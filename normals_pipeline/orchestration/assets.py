@@ -27,7 +27,7 @@ from ..inventory import (
     take_inventory,
     write_inventory,
 )
-from ..storage import Storage
+from ..storage import Storage, readable_location
 from ._metadata import (
     PROGRESS_LISTENER,
     SHARD_LISTENER,
@@ -104,7 +104,7 @@ def build_assets(
             metadata={
                 "images": table.num_rows,
                 "dataset": dataset.uri,
-                "inventory": MetadataValue.path(uri),
+                "inventory": MetadataValue.path(readable_location(uri)),
                 "shards_with_images": len(per_shard),
                 "skipped_non_utf8_names": skipped_names(table),
                 "skipped_by_reason": MetadataValue.json(skipped),

@@ -56,6 +56,7 @@ class TrainingSummary:
 class RunSummary:
     images: int = 0
     enriched: int = 0
+    processed: int = 0  # images this run wrote a row for
     credits_consumed: float = 0.0
     requests: int = 0
     remaining_credits: float | None = None
@@ -65,6 +66,7 @@ class RunSummary:
     def add(self, metadata: dict) -> None:
         self.images += int(metadata.get("images", 0))
         self.enriched += int(metadata.get("enriched", 0))
+        self.processed += int(metadata.get("processed_this_run", 0))
         self.credits_consumed += float(metadata.get("credits_consumed", 0.0))
         self.requests += int(metadata.get("requests", 0))
         self.errors.update(metadata.get("errors_by_code", {}))

@@ -20,6 +20,7 @@ from dagster import (
 )
 
 from ..manifest import read_manifest
+from ..storage import readable_location
 from ..training import PARQUET_DIR, SCHEMA, TrainingResult, check_splits, write_training_pairs
 from .naming import STORAGE, SURFACE_NORMALS, TRAINING_PAIRS, Names
 from .resources import DatasetResource
@@ -49,7 +50,7 @@ def training_metadata(result: TrainingResult) -> dict[str, Any]:
         "splits": MetadataValue.json({split: result.splits[split] for split in sorted(result.splits)}),
         "files": len(result.files),
         "reused": result.reused,
-        "path": MetadataValue.path(result.uri),
+        "path": MetadataValue.path(readable_location(result.uri)),
         "dagster/row_count": result.pairs,
     }
 
