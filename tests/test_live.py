@@ -112,7 +112,8 @@ def test_a_stopped_run_prints_its_summary_and_one_reason_and_no_shard_lines(
     assert not re.search(r"shard \d+", captured.out), captured.out
     [summary] = [line for line in captured.out.splitlines() if line.startswith("stopped after")]
     assert re.search(
-        r": 2 of 100 images processed \(98 not sent\), 2 enriched, errors: .*; \d+ requests, 2 credits consumed", summary
+        r": 2 of 100 images processed \(98 not sent\), 2 enriched, errors: .*; \d+ requests, 2 credits consumed",
+        summary,
     )
     [reason] = captured.err.strip().splitlines()
     assert reason.startswith("normals-pipeline: run stopped: ") and "buy credits" in reason
