@@ -387,10 +387,10 @@ def _table(rows: list[list[str]]) -> list[str]:
 
 
 def _balance_text(balance: tuple[Decimal, float] | None) -> str:
-    from .plan import plain_number
+    from .plan import json_number
 
     if balance is not None:
-        return f"{plain_number(balance[0])} credits, reported {balance[1]:.0f} s ago"
+        return f"{json_number(balance[0])} credits, reported {balance[1]:.0f} s ago"
     return (
         "unknown (none reported yet)" if os.environ.get("CLIPDROP_API_KEY") else "unknown (CLIPDROP_API_KEY is not set)"
     )

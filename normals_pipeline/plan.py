@@ -82,8 +82,8 @@ class Plan:
         balance, age = self.balance or (None, None)
         return {
             **{f.name: getattr(figures, f.name) for f in fields(figures)},
-            "credits_needed": plain_number(figures.credits_needed),
-            "balance": plain_number(balance) if balance is not None else None,
+            "credits_needed": json_number(figures.credits_needed),
+            "balance": json_number(balance) if balance is not None else None,
             "balance_age_seconds": round(age, 1) if age is not None else None,
             "eta_seconds": self.eta_seconds(figures),
         }
@@ -98,21 +98,21 @@ class Plan:
         needed = self.total.credits_needed
         if budget is not None and needed > budget:
             return (
-                f"the plan needs {plain_number(needed)} credits, more than the run budget of {plain_number(budget)}: "
+                f"the plan needs {json_number(needed)} credits, more than the run budget of {json_number(budget)}: "
                 "raise the budget (a run stopped by it keeps what it did; the next one goes on)"
             )
         if self.balance is not None and needed > self.balance[0] - credit_floor:
             balance, age = self.balance
-            floor = f" less the credit floor of {plain_number(credit_floor)}" if credit_floor else ""
+            floor = f" less the credit floor of {json_number(credit_floor)}" if credit_floor else ""
             return (
-                f"the plan needs {plain_number(needed)} credits, more than the key's balance of "
-                f"{plain_number(balance)} (reported {age:.0f} s ago){floor}: buy credits"
+                f"the plan needs {json_number(needed)} credits, more than the key's balance of "
+                f"{json_number(balance)} (reported {age:.0f} s ago){floor}: buy credits"
                 + (", or lower the floor" if credit_floor else "")
             )
         return None
 
 
-def plain_number(value: Decimal | float) -> int | float:
+def json_number(value: Decimal | float) -> int | float:
     """An int when whole, so JSON and text show 1000000, never 1e+06."""
     return int(value) if value == int(value) else float(value)
 

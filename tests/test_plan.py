@@ -25,7 +25,7 @@ from normals_pipeline.enrich import claim_namespace
 from normals_pipeline.inventory import partition_key, shard_of
 from normals_pipeline.orchestration import ClipdropResource, build_definitions
 from normals_pipeline.orchestration.runner import run_pipeline
-from normals_pipeline.plan import plain_number
+from normals_pipeline.plan import json_number
 from normals_pipeline.storage import LocalStorage
 from normals_pipeline.synthetic import make_portraits
 
@@ -180,7 +180,7 @@ def test_the_text_has_plain_numbers_and_paths_to_paste(tmp_path, emulator_factor
     assert "1999997 credits" in out and "e+" not in out
     total = next(line for line in out.splitlines() if line.strip().startswith("total"))
     assert total.split()[1:] == ["4", "3", "0", "0", "1", "0", "0.0"]
-    assert json.dumps(plain_number(Decimal("1000000"))) == "1000000"
+    assert json.dumps(json_number(Decimal("1000000"))) == "1000000"
 
 
 def test_an_unreadable_manifest_is_left_in_place_and_its_images_count_as_not_done(tmp_path, emulator, key, capsys):

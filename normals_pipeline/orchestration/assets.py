@@ -27,6 +27,7 @@ from ..inventory import (
     take_inventory,
     write_inventory,
 )
+from ..live import plain_number
 from ..storage import Storage, readable_location
 from ._metadata import (
     PROGRESS_LISTENER,
@@ -179,7 +180,8 @@ def _log_shard(context: AssetExecutionContext, key: str, result: ShardResult, im
     listener in this process if there is one (`normals-pipeline run` prints a line per shard as it goes)."""
     for warning in result.warnings:
         context.log.warning(warning)
-    context.log.info(f"shard {key} finished: {result.new_rows} rows written, {result.credits_consumed} credits")
+    credits = plain_number(result.credits_consumed)
+    context.log.info(f"shard {key} finished: {result.new_rows} rows written, {credits} credits")
     if (listener := SHARD_LISTENER.get()) is not None:
         listener(key, plain(shard_metadata(result, images)))
 
