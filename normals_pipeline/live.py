@@ -78,7 +78,8 @@ def figures(progress: Progress, rpm: int, limit: int) -> list[str]:
 
 
 class PlainView:
-    """Without a terminal: a progress line every ~10 s or 5 % of the images, never two within a second."""
+    """Without a terminal: a progress line every ~10 s or 5 % of the images, never two within a second, and
+    none when there is nothing to send."""
 
     def __init__(self, limit: int, stream: TextIO) -> None:
         self.limit, self.stream = limit, stream
@@ -94,7 +95,7 @@ class PlainView:
     def update(self, progress: Progress) -> None:
         self.last = progress
         rpm = self.meter.add(progress.requests)
-        if self.throttle.due(progress):
+        if progress.total and self.throttle.due(progress):  # a run with nothing to send says so once, at its end
             self.print("progress: " + "; ".join(figures(progress, rpm, self.limit)))
 
     def print(self, text: str) -> None:

@@ -18,7 +18,7 @@ import pytest
 
 from normals_pipeline.cli import main
 from normals_pipeline.enrich import Progress, Throttle
-from normals_pipeline.live import RateMeter, plain_number, shell_paths
+from normals_pipeline.live import PlainView, RateMeter, plain_number, shell_paths
 from normals_pipeline.synthetic import make_portraits
 
 CLI = str(Path(sys.executable).with_name("normals-pipeline"))
@@ -156,6 +156,12 @@ def test_the_throttle_lets_a_line_through_every_step_or_period_never_two_within_
     at = {0.0: 1, 0.5: 20, 1.0: 21, 1.2: 40, 2.5: 41, 13.0: 42, 13.5: 100}
     passed = [now for now, done in at.items() if throttle.due(Progress(done=done, total=100), now=now)]
     assert passed == [0.0, 1.0, 2.5, 13.0]  # 0.5 and 1.2 and 13.5 within a second of the last; 41 a new step
+
+
+def test_a_run_with_nothing_to_send_prints_no_progress_line():
+    stream = io.StringIO()
+    PlainView(60, stream).update(Progress(total=0))
+    assert stream.getvalue() == ""  # not "0/0 images": its summary says "nothing to send"
 
 
 def test_the_rate_is_the_requests_of_the_last_minute():
