@@ -164,6 +164,32 @@ def test_s3_dataset_to_s3_output(portraits, s3_client, s3_bucket, s3_endpoint, e
     assert Decimal(emulator.stats()["charged"]) == 8
 
 
+def test_a_state_file_set_aside_is_a_warning_in_the_run_log(portraits, tmp_path, emulator):
+    """A UI or daemon run has no console: the step that had to set a state file aside says so in its log."""
+    import logging
+    import os
+    from pathlib import Path
+
+    from normals_pipeline.guards import key_fingerprint
+
+    state = Path(os.environ["NORMALS_STATE_DIR"])
+    state.mkdir(parents=True, exist_ok=True)
+    (state / f"{key_fingerprint('test-key')}.state.sqlite").write_bytes(b"not a database " * 100)
+    instance = DagsterInstance.ephemeral()
+
+    summary = run_pipeline(definitions(portraits, tmp_path / "out", emulator.url), SHARDS, instance)
+
+    assert summary.enriched == 9
+    logged = [
+        entry.user_message
+        for run in instance.get_runs()
+        for entry in instance.all_logs(run.run_id)
+        if entry.level == logging.WARNING and "state file" in entry.user_message
+    ]
+    assert len(logged) == 1 and "state.sqlite could not be read" in logged[0]
+    assert "quarantine" in logged[0] and "balance is unknown" in logged[0]
+
+
 def test_a_fifo_swapped_in_during_a_run_gets_an_error_row_and_does_not_hang(tmp_path, emulator):
     import os
     from concurrent.futures import ThreadPoolExecutor
