@@ -150,15 +150,14 @@ class LocalStorage:
         return Listing(paths, [None] * len(paths), [None] * len(paths), skipped)
 
     def stat(self, path: str) -> FileEntry:
-        """Size and version of a regular file; NotARegularFile for anything else (it would not be read)."""
-        st = self._regular(path, self._contained(path))
+        """Size and version of a regular file; for anything else, what `_resolved` raises (it would not be read)."""
+        st = self._resolved(path)[1]
         return FileEntry(path, st.st_size, f"{st.st_mtime_ns}-{st.st_size}")
 
     def read_bytes(self, path: str) -> bytes:
         """The whole file; never opens what is not a regular file, and never blocks on one swapped in
         between that check and the open (a FIFO): NotARegularFile instead."""
-        real = self._contained(path)
-        self._regular(path, real)  # a FIFO or device is refused before any open (opening one can act)
+        real = self._resolved(path)[0]  # a FIFO or device is refused before any open (opening one can act)
         try:
             fd = os.open(real, _READ_FLAGS)
         except OSError as err:
@@ -230,6 +229,21 @@ class LocalStorage:
         if not self._inside(real):
             raise PermissionError(f"refusing {path!r}: it resolves to {real}, outside {self.uri}")
         return real
+
+    def _resolved(self, path: str) -> tuple[str, os.stat_result]:
+        """Where `path` leads now and its stat, if that is a regular file inside the root. Only a name that is
+        gone raises FileNotFoundError: one still there that leads nowhere readable (a FIFO, a directory, a
+        link that dangles or loops, swapped in since the listing) is NotARegularFile, a link out of the root
+        PermissionError, so the shard gives it a row instead of leaving it out."""
+        real = self._contained(path)
+        try:
+            return real, self._regular(path, real)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise NotARegularFile(path, "symlink loop") from None
+            if isinstance(err, FileNotFoundError) and os.path.lexists(self._join(path)):
+                raise NotARegularFile(path, "broken symlink") from None
+            raise
 
     @staticmethod
     def _regular(path: str, real: str) -> os.stat_result:

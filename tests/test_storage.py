@@ -225,6 +225,31 @@ def test_file_swapped_for_a_fifo_or_socket_after_listing_is_refused(
             storage.stat(path)
 
 
+def test_a_name_swapped_for_a_link_that_leads_nowhere_is_refused_not_gone(root: Path, tmp_path: Path) -> None:
+    """Only a name that is gone is FileNotFoundError (the shard leaves it out); a name still there that
+    leads to no readable file is refused with what it is, so the shard gives it a row."""
+    for name in ("dangling.jpg", "loop.jpg", "dir.jpg", "out.jpg", "gone.jpg", "in.jpg"):
+        _write(root / name)
+    storage = LocalStorage(root)
+    assert len(storage.listing().paths) == 6
+    for name in ("dangling.jpg", "loop.jpg", "dir.jpg", "out.jpg", "gone.jpg", "in.jpg"):
+        (root / name).unlink()
+    (root / "dangling.jpg").symlink_to("missing.jpg")
+    (root / "loop.jpg").symlink_to("loop.jpg")
+    (root / "dir.jpg").symlink_to(_write(root / "sub" / "a.jpg").parent, target_is_directory=True)
+    (root / "out.jpg").symlink_to(_write(tmp_path / "secret.jpg", b"secret"))
+    (root / "in.jpg").symlink_to("sub/a.jpg")  # a link to a regular file inside: read, as the listing keeps it
+    for call in (storage.stat, storage.read_bytes):
+        for name, kind in [("dangling.jpg", "broken symlink"), ("loop.jpg", "symlink loop"), ("dir.jpg", "directory")]:
+            with pytest.raises(NotARegularFile, match=f"'{name}'.* is a {kind}, not a regular file"):
+                call(name)
+        with pytest.raises(PermissionError, match="outside"):
+            call("out.jpg")
+        with pytest.raises(FileNotFoundError):
+            call("gone.jpg")
+    assert storage.read_bytes("in.jpg") == b"x"
+
+
 @pytest.mark.parametrize("kind", ["FIFO", "socket"])
 def test_swap_between_the_check_and_the_open_is_caught_after_the_open(
     root: Path, kind: str, monkeypatch: pytest.MonkeyPatch, bind_socket: Callable[[Path], None]
