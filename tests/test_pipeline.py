@@ -1,5 +1,6 @@
 """End to end through the Dagster definitions: a folder (or S3) of portraits against the emulator."""
 
+import hashlib
 import os
 import shutil
 from decimal import Decimal
@@ -163,6 +164,32 @@ def test_s3_dataset_to_s3_output(portraits, s3_client, s3_bucket, s3_endpoint, e
 
     run_pipeline(defs, SHARDS, instance)
     assert Decimal(emulator.stats()["charged"]) == 8
+
+
+def test_s3_keys_with_empty_or_dot_parts_are_counted_as_skipped_and_no_run_fails(
+    portraits, s3_client, s3_bucket, emulator
+):
+    """'in//double.png' listed as '/double.png' failed the manifest's schema (every run on the prefix exited
+    1), and dot-part keys vanished: now each is counted as skipped with its reason, as non-UTF-8 names are."""
+    from dagster import AssetKey
+
+    odd = {"in//double.png": "empty_part", "in/a//b.jpg": "empty_part", "in/./a.png": "dot_part"}
+    odd |= {"in/x/../y.webp": "dot_part", "in/x/./../z.png": "dot_part", "in/./notes.txt": None}
+    image = (portraits / "portrait_000.jpg").read_bytes()
+    for key in [*odd, "in/portrait_000.jpg", "in/x/.hidden/../h.png"]:  # a hidden part: neither read nor counted
+        s3_client.put_object(Bucket=s3_bucket, Key=key, Body=image)
+    storage = DatasetResource(dataset_uri=f"s3://{s3_bucket}/in", output_uri=f"s3://{s3_bucket}/out")
+    resource = ClipdropResource(api_key="test-key", api_url=emulator.url, requests_per_minute=100_000)
+    defs = build_definitions(dataset_uri="", output_uri="", shards=SHARDS, clipdrop=resource, storage=storage)
+    instance = DagsterInstance.ephemeral()
+
+    for _ in range(2):  # a re-run too
+        summary = run_pipeline(defs, SHARDS, instance)
+        assert (summary.images, summary.enriched) == (1, 1)
+    assert emulator.stats()["charged_by_content"] == {hashlib.sha256(image).hexdigest(): 1}
+    [record, *_] = instance.fetch_materializations(AssetKey("image_inventory"), limit=1).records
+    skipped = record.asset_materialization.metadata["skipped_by_reason"].value
+    assert skipped == {"empty_part": 2, "dot_part": 3}
 
 
 def test_a_state_file_set_aside_is_a_warning_in_the_run_log(portraits, tmp_path, emulator):

@@ -393,6 +393,20 @@ def test_s3_listing_paginates_and_skips_hidden_and_markers(s3_client: Any, s3_bu
     assert listing.skipped == {}
 
 
+def test_s3_keys_with_empty_or_dot_parts_are_not_listed_but_counted(s3_client: Any, s3_bucket: str) -> None:
+    """No path names them as they are ('//double.png' would read as absolute; 'x/../y.webp' as 'y.webp'):
+    left out and counted by reason, those with a wanted name only, like a local folder's FIFOs."""
+    keys = ["ds//double.png", "ds/a//b.JPG", "ds/./a.png", "ds/x/../y.webp", "ds/..", "ds/./n.txt", "ds/ok.jpg"]
+    for key in [*keys, "ds/x/.hidden/../h.png"]:
+        s3_client.put_object(Bucket=s3_bucket, Key=key, Body=b"abc")
+    storage = S3Storage(s3_bucket, "ds", s3_client)
+    listing = storage.listing((".jpg", ".png", ".webp"))
+    assert (listing.paths, dict(listing.skipped)) == (["ok.jpg"], {"empty_part": 2, "dot_part": 2})
+    assert set(listing.skipped) <= set(SKIP_REASONS)
+    assert storage.listing().skipped == {"empty_part": 2, "dot_part": 4}
+    assert storage.list_prefix("") == ["ok.jpg"]
+
+
 def test_s3_write_read_exists_round_trip(s3_client: Any, s3_bucket: str) -> None:
     storage = S3Storage(s3_bucket, "out/", s3_client)
     assert not storage.exists("normals/a.png")

@@ -97,7 +97,10 @@ def build_assets(
         skipped = skipped_entries(table)
         if skipped:
             reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(skipped.items()))
-            context.log.warning(f"entries skipped ({reasons}): only regular files with UTF-8 names are read")
+            context.log.warning(
+                f"entries skipped ({reasons}): only regular files with UTF-8 names, and S3 keys without an empty, "
+                "'.' or '..' part, are read"
+            )
         plan = settings.plan(dataset, output, table, shards)
         shortfall = settings.shortfall(plan)
         for warning in [*take_set_aside_warnings(), *plan.warnings, *([shortfall] if shortfall else [])]:
