@@ -12,17 +12,20 @@ hold credits forever), and the key's turns: requests in flight and when the last
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
 import stamina
+from filelock import FileLock
 from pyrate_limiter import InMemoryBucket, Rate, RedisBucket, SQLiteBucket
 from pyrate_limiter.abstracts import AbstractBucket, RateItem
 
@@ -223,26 +226,96 @@ CREATE INDEX IF NOT EXISTS answered_at ON answered (at);
 _CLAIMS_SCHEMA = """
 PRAGMA synchronous=NORMAL;
 CREATE TABLE IF NOT EXISTS claims (name TEXT PRIMARY KEY, owner TEXT, expires REAL);
+CREATE TABLE IF NOT EXISTS rebuilt (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
 """
+# A claims file rebuilt after it could not be read grants nothing for one claim lifetime: a claim the lost file
+# held (a request in flight in another process) lapses by then, or its map is stored and reused.
+_CLAIMS_REBUILT = "INSERT OR REPLACE INTO rebuilt VALUES (1, (julianday('now') - 2440587.5) * 86400.0);"
 
 
 def _is_locked(error: Exception) -> bool:
     return isinstance(error, sqlite3.OperationalError) and "locked" in str(error)
 
 
-def open_sqlite(path: Path, setup: str) -> sqlite3.Connection:
+_CORRUPT = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+QUARANTINE_DIR = "quarantine"  # beside the state files: a corrupt one is moved here, never deleted
+_set_aside: list[str] = []  # warnings not yet shown, for `take_set_aside_warnings`
+_set_aside_lock = threading.Lock()
+
+
+def take_set_aside_warnings() -> list[str]:
+    """The warnings of state files this process set aside since the last call, one line each: whoever
+    talks to the user (the CLI, an asset's log) shows them, once."""
+    with _set_aside_lock:
+        taken = _set_aside[:]
+        _set_aside.clear()
+    return taken
+
+
+def open_sqlite(path: Path, setup: str, *, lost: str = "", rebuild: str = "") -> sqlite3.Connection:
     """A connection to a state file shared by processes, in WAL mode with `setup` (a script) run.
+
+    A file SQLite cannot read (overwritten, cut short) would fail every run: it is moved to `quarantine/`
+    beside it, with its WAL, and a new one made, with `rebuild` (a script) run on it; a warning naming both
+    and saying what was `lost` is kept for `take_set_aside_warnings`. Processes meeting it at once take a
+    lock and look again first, so a file one of them has just rebuilt is not set aside too.
+    """
+    try:
+        return _open_checked(path, setup)
+    except sqlite3.DatabaseError as error:
+        if getattr(error, "sqlite_errorcode", None) not in _CORRUPT:
+            raise
+    with FileLock(f"{path}.lock"):
+        try:
+            return _open_checked(path, setup)
+        except sqlite3.DatabaseError as error:
+            if getattr(error, "sqlite_errorcode", None) not in _CORRUPT:
+                raise
+            warning = _set_aside_file(path, error, lost)
+        db = _open_checked(path, setup)
+        db.executescript(rebuild)
+    with _set_aside_lock:
+        _set_aside.append(warning)
+    return db
+
+
+def _open_checked(path: Path, setup: str) -> sqlite3.Connection:
+    """Open, set up and check the file (SQLite finds most damage only when a page is read).
 
     Switching a new file to WAL takes an exclusive lock that SQLite's busy timeout does not wait for, so
     processes that start together on a fresh folder (a backfill's first runs) can meet "database is locked":
     the set-up is retried for a while instead of failing the run.
     """
     db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-    for attempt in stamina.retry_context(on=_is_locked, attempts=None, timeout=30, wait_initial=0.01, wait_max=0.5):
-        with attempt:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(setup)
+    try:
+        for attempt in stamina.retry_context(on=_is_locked, attempts=None, timeout=30, wait_initial=0.01, wait_max=0.5):
+            with attempt:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.executescript(setup)
+        problems = [row[0] for row in db.execute("PRAGMA quick_check(3)")]
+        if problems != ["ok"]:
+            error = sqlite3.DatabaseError("; ".join(problems))
+            error.sqlite_errorcode = sqlite3.SQLITE_CORRUPT  # type: ignore[attr-defined]
+            raise error
+    except BaseException:
+        db.close()
+        raise
     return db
+
+
+def _set_aside_file(path: Path, error: Exception, lost: str) -> str:
+    """Move `path` and its WAL files to `quarantine/<name>.<time>` (as a corrupt manifest is); the warning."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    folder = path.parent / QUARANTINE_DIR
+    folder.mkdir(exist_ok=True)
+    target = folder / f"{path.name}.{stamp}"
+    for suffix in ("-wal", "-shm", ""):  # the main file last: a new one must not meet the old WAL
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(f"{path}{suffix}", f"{folder / path.name}{suffix}.{stamp}")
+    return (
+        f"state file {path.as_uri()} could not be read ({type(error).__name__}: {str(error)[:120]}); "
+        f"moved to {target.as_uri()} and rebuilt empty{': ' + lost if lost else ''}"
+    )
 
 
 def default_state_dir() -> Path:
@@ -259,7 +332,9 @@ class SQLiteState:
     def __init__(self, folder: Path, fingerprint: str) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self._rate_path = str(folder / f"{fingerprint}.rate.sqlite")
-        self._db = open_sqlite(folder / f"{fingerprint}.state.sqlite", _SQLITE_SCHEMA)
+        open_sqlite(Path(self._rate_path), "", lost="the key's rate bucket starts empty").close()  # pyrate-limiter's
+        lost = "the key's balance is unknown until an answer reports it; its cooldown and leases start empty"
+        self._db = open_sqlite(folder / f"{fingerprint}.state.sqlite", _SQLITE_SCHEMA, lost=lost)
         self._lock = threading.Lock()
 
     def bucket(self, rates: list[Rate]) -> AbstractBucket:
@@ -626,16 +701,18 @@ class SQLiteClaims:
     def __init__(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         # synchronous=NORMAL: a claim outlives a crashed process, not a power cut
-        self._db = open_sqlite(folder / "claims.sqlite", _CLAIMS_SCHEMA)
+        lost = "claims wait one claim lifetime, until any the old file held have lapsed"
+        self._db = open_sqlite(folder / "claims.sqlite", _CLAIMS_SCHEMA, lost=lost, rebuild=_CLAIMS_REBUILT)
         self._lock = threading.Lock()
 
     def claim(self, name: str, owner: str, ttl_s: float) -> bool:
         now = time.time()
         with self._lock:
             cursor = self._db.execute(
-                "INSERT INTO claims VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE"
+                "INSERT INTO claims SELECT ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM rebuilt WHERE at > ?)"
+                " ON CONFLICT(name) DO UPDATE"
                 " SET owner = excluded.owner, expires = excluded.expires WHERE owner = excluded.owner OR expires <= ?",
-                (name, owner, now + ttl_s, now),
+                (name, owner, now + ttl_s, now - ttl_s, now),
             )
             return cursor.rowcount == 1
 

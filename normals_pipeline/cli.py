@@ -21,6 +21,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -291,6 +292,8 @@ def run_command(args: argparse.Namespace) -> int:
     except ValueError as error:
         return _fail(str(error), 2)
     check_locations(args.dataset, args.output)
+    for warning in _open_state(os.environ["CLIPDROP_API_KEY"], args.redis_url):
+        print(f"warning: {warning}", flush=True)
     if args.refresh_balance:
         _refresh_balance(os.environ["CLIPDROP_API_KEY"], args.redis_url)
     with _console(args.verbose):
@@ -308,7 +311,9 @@ def plan_command(args: argparse.Namespace) -> int:
     except ValueError as error:
         return _fail(str(error), 2)
     check_locations(args.dataset, args.output, writable=False)
+    set_aside = _open_state(os.environ.get("CLIPDROP_API_KEY"), args.redis_url)
     plan = _plan(args, shards)
+    plan = replace(plan, warnings=(*set_aside, *plan.warnings))
     budget = Decimal(str(args.budget)) if args.budget is not None else None
     reason = plan.shortfall(Decimal(str(args.credit_floor)), budget)
     if args.json:
@@ -402,6 +407,23 @@ def _duration(seconds: float) -> str:
     if hours:
         return f"about {hours} h {minutes} min"
     return f"about {minutes} min {rest} s" if minutes else f"about {rest} s"
+
+
+def _open_state(api_key: str | None, redis_url: str | None) -> list[str]:
+    """Open this host's state files (the key's, the claims) before the run, so that one set aside because it
+    could not be read is said first, as a path to paste: one line each."""
+    from ._state import take_set_aside_warnings
+    from .guards import claim_store, key_state
+    from .live import shell_paths
+
+    if redis_url is None:
+        try:
+            claim_store()
+            if api_key:
+                key_state(api_key)
+        except Exception as error:  # a state folder that cannot be written: the run could not share the key either
+            raise CannotStart(f"cannot open this host's state files: {type(error).__name__}: {error}") from None
+    return [shell_paths(warning) for warning in take_set_aside_warnings()]
 
 
 def _refresh_balance(api_key: str, redis_url: str | None) -> None:

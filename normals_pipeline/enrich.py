@@ -33,7 +33,7 @@ from ._state import ClaimStore
 from .client import ApiResult, ClipdropClient, Tally
 from .guards import ClaimGuard, slot_interval_s
 from .prepare import Oversize, PreparedImage, prepare
-from .storage import NotARegularFile, Storage
+from .storage import Storage
 
 NORMALS_DIR = "normals"
 # Codes whose rows are final: the same bytes would fail the same way, so a re-run does not resend them.
@@ -167,10 +167,10 @@ def current_items(dataset: Storage, inventory: pa.Table) -> list[Item]:
         if version is None:
             try:
                 path, size, version = dataset.stat(path)
-            except NotARegularFile:  # swapped for a FIFO or the like since the listing: its row will say so
-                size, version = 0, "not-a-regular-file"
-            except (FileNotFoundError, PermissionError):
+            except FileNotFoundError:
                 continue
+            except OSError:  # swapped for a FIFO, a link out or to nowhere since the listing: its row will say so
+                size, version = 0, "not-a-regular-file"
         items.append(Item(path, size, version))
     return items
 

@@ -92,8 +92,8 @@ def take_inventory(storage: Storage, shards: int) -> pa.Table:
 
     Size and version are what the store's listing gives for free (S3: size and ETag; a local folder:
     nothing, the shard run stats its own files), so a listing costs little more than walking the names.
-    Image names left out (FIFOs, sockets, devices, bad symlinks, names that are not UTF-8) are counted
-    by reason in the schema metadata: see `skipped_entries`.
+    Image names left out (FIFOs, sockets, devices, bad symlinks, names that are not UTF-8, S3 keys with
+    an empty or dot part) are counted by reason in the schema metadata: see `skipped_entries`.
     """
     _check_shards(shards)
     listing = storage.listing(IMAGE_SUFFIXES)
@@ -134,7 +134,8 @@ def skipped_names(table: pa.Table) -> int:
 
 def skipped_entries(table: pa.Table) -> dict[str, int]:
     """Image names the inventory left out, by reason (`fifo`, `socket`, `device`, `symlink_loop`,
-    `symlink_outside`, `broken_symlink`, `not_a_file`, `non_utf8_name`): only reasons that occurred,
+    `symlink_outside`, `broken_symlink`, `not_a_file`, `non_utf8_name`; S3 keys: `empty_part`, `dot_part`):
+    only reasons that occurred,
     so {} when nothing was skipped. An inventory from before these were counted gives its non-UTF-8 names."""
     metadata = table.schema.metadata or {}
     raw = metadata.get(SKIPPED_KEY.encode())

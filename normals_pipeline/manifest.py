@@ -30,7 +30,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from ._state import default_state_dir
-from .storage import LocalStorage, Storage
+from .storage import LocalStorage, Storage, path_problem
 
 MANIFEST_DIR = "manifest"
 MANIFEST_FILE = "manifest.parquet"
@@ -73,7 +73,8 @@ MANIFEST_SCHEMA = pandera.DataFrameSchema(
     {
         "path": pandera.Column(
             str,
-            [pandera.Check.str_length(min_value=1), pandera.Check(lambda s: ~s.str.startswith("/"))],
+            # exactly what a listing yields (`storage.path_problem`): no listed path can fail this check
+            pandera.Check(lambda s: s.map(path_problem).isna(), error="relative, no empty, '.' or '..' part"),
             unique=True,
         ),
         "content_hash": pandera.Column(str, pandera.Check.str_matches(r"^[0-9a-f]{64}$"), nullable=True),

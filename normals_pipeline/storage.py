@@ -38,6 +38,8 @@ SKIP_REASONS = (
     "symlink_outside",  # resolves outside the root
     "broken_symlink",
     "not_a_file",  # a link to a directory (or to anything else that is not a regular file)
+    "empty_part",  # an S3 key with an empty part below the prefix: 'pre//a.png', 'pre/a//b.png'
+    "dot_part",  # an S3 key with a '.' or '..' part: 'pre/./a.png', 'pre/x/../y.webp'
 )
 
 
@@ -91,7 +93,7 @@ class Listing(NamedTuple):
     sizes: list[int | None]
     versions: list[str | None]
     # Entries with a wanted name that were left out, by reason (see SKIP_REASONS); only reasons that
-    # occurred. Always empty on S3, which has none of these.
+    # occurred. On S3 only keys with an empty or dot part.
     skipped: Mapping[str, int] = MappingProxyType({})
 
 
@@ -114,6 +116,19 @@ def _check_relative(path: str) -> None:
         raise ValueError(f"expected a non-empty relative path, got {path!r}")
     if ".." in path.split("/"):
         raise ValueError(f"path {path!r} must not contain '..'")
+
+
+def path_problem(path: str) -> str | None:
+    """Why `path` is no dataset path, as a `Listing.skipped` reason: an empty part (it would read as absolute,
+    '/a.png', or lose its '//'), or a '.' or '..' part (readers that resolve it find another file, or one
+    outside the root); None for a path every reader takes as it is. S3 keys can have such parts, a local
+    folder's names cannot."""
+    parts = path.split("/")
+    if "" in parts:
+        return "empty_part"
+    if "." in parts or ".." in parts:
+        return "dot_part"
+    return None
 
 
 def _normalise_prefix(prefix: str) -> str:
@@ -150,15 +165,14 @@ class LocalStorage:
         return Listing(paths, [None] * len(paths), [None] * len(paths), skipped)
 
     def stat(self, path: str) -> FileEntry:
-        """Size and version of a regular file; NotARegularFile for anything else (it would not be read)."""
-        st = self._regular(path, self._contained(path))
+        """Size and version of a regular file; for anything else, what `_resolved` raises (it would not be read)."""
+        st = self._resolved(path)[1]
         return FileEntry(path, st.st_size, f"{st.st_mtime_ns}-{st.st_size}")
 
     def read_bytes(self, path: str) -> bytes:
         """The whole file; never opens what is not a regular file, and never blocks on one swapped in
         between that check and the open (a FIFO): NotARegularFile instead."""
-        real = self._contained(path)
-        self._regular(path, real)  # a FIFO or device is refused before any open (opening one can act)
+        real = self._resolved(path)[0]  # a FIFO or device is refused before any open (opening one can act)
         try:
             fd = os.open(real, _READ_FLAGS)
         except OSError as err:
@@ -231,6 +245,21 @@ class LocalStorage:
             raise PermissionError(f"refusing {path!r}: it resolves to {real}, outside {self.uri}")
         return real
 
+    def _resolved(self, path: str) -> tuple[str, os.stat_result]:
+        """Where `path` leads now and its stat, if that is a regular file inside the root. Only a name that is
+        gone raises FileNotFoundError: one still there that leads nowhere readable (a FIFO, a directory, a
+        link that dangles or loops, swapped in since the listing) is NotARegularFile, a link out of the root
+        PermissionError, so the shard gives it a row instead of leaving it out."""
+        real = self._contained(path)
+        try:
+            return real, self._regular(path, real)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise NotARegularFile(path, "symlink loop") from None
+            if isinstance(err, FileNotFoundError) and os.path.lexists(self._join(path)):
+                raise NotARegularFile(path, "broken symlink") from None
+            raise
+
     @staticmethod
     def _regular(path: str, real: str) -> os.stat_result:
         """`real`'s stat if it is a regular file, else NotARegularFile naming `path` and what it is."""
@@ -290,6 +319,9 @@ class LocalStorage:
         return found
 
 
+_DOTS = (".", "..")
+
+
 class S3Storage:
     """An S3 prefix; `client` is any boto3 S3 client (endpoint, credentials are its business)."""
 
@@ -303,9 +335,19 @@ class S3Storage:
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
 
     def listing(self, suffixes: tuple[str, ...] | None = None) -> Listing:
-        """Listing gives size and ETag for free on S3."""
-        entries = [e for e in self._walk(self.prefix) if suffixes is None or e.path.lower().endswith(suffixes)]
-        return Listing([e.path for e in entries], [e.size for e in entries], [e.version for e in entries])
+        """Listing gives size and ETag for free on S3. Keys no path names as it is (an empty, '.' or '..'
+        part below the prefix, see `path_problem`) are left out and counted in `skipped` (those with a
+        wanted name), so no listed path can fail the manifest's schema."""
+        entries: list[FileEntry] = []
+        skipped: dict[str, int] = {}
+        for entry in self._walk(self.prefix):
+            if suffixes is not None and not entry.path.lower().endswith(suffixes):
+                continue
+            if reason := path_problem(entry.path):
+                skipped[reason] = skipped.get(reason, 0) + 1
+            else:
+                entries.append(entry)
+        return Listing([e.path for e in entries], [e.size for e in entries], [e.version for e in entries], skipped)
 
     def stat(self, path: str) -> FileEntry:
         try:
@@ -343,7 +385,7 @@ class S3Storage:
         return f"s3://{self.bucket}/{self._key(path)}"
 
     def list_prefix(self, prefix: str) -> list[str]:
-        return [entry.path for entry in self._walk(self.prefix + _normalise_prefix(prefix))]
+        return [e.path for e in self._walk(self.prefix + _normalise_prefix(prefix)) if not path_problem(e.path)]
 
     def delete(self, path: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(path))
@@ -361,8 +403,8 @@ class S3Storage:
             for page in pages:
                 for obj in page.get("Contents", ()):
                     rel = obj["Key"][skip:]
-                    if not rel or rel.endswith("/") or any(s.startswith(".") for s in rel.split("/")):
-                        continue
+                    if not rel or rel.endswith("/") or any(s[:1] == "." and s not in _DOTS for s in rel.split("/")):
+                        continue  # a folder marker, or hidden: neither listed nor counted (as in a local folder)
                     yield FileEntry(rel, obj["Size"], obj["ETag"].strip('"'))
         except ClientError as err:
             if _error_code(err) == "NoSuchBucket":

@@ -4,14 +4,17 @@ the recorded shard count, and the schema accepting every path the inventory acce
 from decimal import Decimal
 
 import pandas as pd
+import pandera.pandas as pandera
 import pyarrow.dataset as ds
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_cli import run as run_cli
 
 from normals_pipeline import manifest
 from normals_pipeline.cli import main
 from normals_pipeline.enrich import Item, _row
-from normals_pipeline.storage import LocalStorage
+from normals_pipeline.storage import LocalStorage, path_problem
 from normals_pipeline.synthetic import make_portraits
 
 IMAGES = 12
@@ -100,6 +103,19 @@ def test_another_shard_count_on_an_enriched_output_is_refused_then_resharded(enr
 @pytest.mark.parametrize("path", ["a\\\\b.jpg", "back\\slash/x.png", "ü ñ/space name.webp", "dir/.x/y.jpg"])
 def test_the_schema_accepts_every_path_the_inventory_accepts(path):
     manifest.validate(manifest.to_frame([_row(Item(path, 3, "v"), "0" * 64, uri="file:///m.jpg")]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet="a./\\ é\n", min_size=0, max_size=8))
+def test_the_schema_accepts_a_path_exactly_when_a_listing_can_yield_it(path):
+    """A listing leaves out what `path_problem` names (counted as skipped), so no listed key can fail a run's
+    schema check, and no path a listing could not yield passes it."""
+    frame = manifest.to_frame([_row(Item(path, 3, "v"), "0" * 64, uri="file:///m.jpg")])
+    if path_problem(path) is None:
+        manifest.validate(frame)
+    else:
+        with pytest.raises(pandera.errors.SchemaErrors):
+            manifest.validate(frame)
 
 
 def test_the_documented_reads_give_the_partition_as_the_key_the_ui_shows(enriched):

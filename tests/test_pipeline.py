@@ -1,5 +1,7 @@
 """End to end through the Dagster definitions: a folder (or S3) of portraits against the emulator."""
 
+import hashlib
+import os
 import shutil
 from decimal import Decimal
 
@@ -164,6 +166,58 @@ def test_s3_dataset_to_s3_output(portraits, s3_client, s3_bucket, s3_endpoint, e
     assert Decimal(emulator.stats()["charged"]) == 8
 
 
+def test_s3_keys_with_empty_or_dot_parts_are_counted_as_skipped_and_no_run_fails(
+    portraits, s3_client, s3_bucket, emulator
+):
+    """'in//double.png' listed as '/double.png' failed the manifest's schema (every run on the prefix exited
+    1), and dot-part keys vanished: now each is counted as skipped with its reason, as non-UTF-8 names are."""
+    from dagster import AssetKey
+
+    odd = {"in//double.png": "empty_part", "in/a//b.jpg": "empty_part", "in/./a.png": "dot_part"}
+    odd |= {"in/x/../y.webp": "dot_part", "in/x/./../z.png": "dot_part", "in/./notes.txt": None}
+    image = (portraits / "portrait_000.jpg").read_bytes()
+    for key in [*odd, "in/portrait_000.jpg", "in/x/.hidden/../h.png"]:  # a hidden part: neither read nor counted
+        s3_client.put_object(Bucket=s3_bucket, Key=key, Body=image)
+    storage = DatasetResource(dataset_uri=f"s3://{s3_bucket}/in", output_uri=f"s3://{s3_bucket}/out")
+    resource = ClipdropResource(api_key="test-key", api_url=emulator.url, requests_per_minute=100_000)
+    defs = build_definitions(dataset_uri="", output_uri="", shards=SHARDS, clipdrop=resource, storage=storage)
+    instance = DagsterInstance.ephemeral()
+
+    for _ in range(2):  # a re-run too
+        summary = run_pipeline(defs, SHARDS, instance)
+        assert (summary.images, summary.enriched) == (1, 1)
+    assert emulator.stats()["charged_by_content"] == {hashlib.sha256(image).hexdigest(): 1}
+    [record, *_] = instance.fetch_materializations(AssetKey("image_inventory"), limit=1).records
+    skipped = record.asset_materialization.metadata["skipped_by_reason"].value
+    assert skipped == {"empty_part": 2, "dot_part": 3}
+
+
+def test_a_state_file_set_aside_is_a_warning_in_the_run_log(portraits, tmp_path, emulator):
+    """A UI or daemon run has no console: the step that had to set a state file aside says so in its log."""
+    import logging
+    import os
+    from pathlib import Path
+
+    from normals_pipeline.guards import key_fingerprint
+
+    state = Path(os.environ["NORMALS_STATE_DIR"])
+    state.mkdir(parents=True, exist_ok=True)
+    (state / f"{key_fingerprint('test-key')}.state.sqlite").write_bytes(b"not a database " * 100)
+    instance = DagsterInstance.ephemeral()
+
+    summary = run_pipeline(definitions(portraits, tmp_path / "out", emulator.url), SHARDS, instance)
+
+    assert summary.enriched == 9
+    logged = [
+        entry.user_message
+        for run in instance.get_runs()
+        for entry in instance.all_logs(run.run_id)
+        if entry.level == logging.WARNING and "state file" in entry.user_message
+    ]
+    assert len(logged) == 1 and "state.sqlite could not be read" in logged[0]
+    assert "quarantine" in logged[0] and "balance is unknown" in logged[0]
+
+
 def test_a_fifo_swapped_in_during_a_run_gets_an_error_row_and_does_not_hang(tmp_path, emulator):
     import os
     from concurrent.futures import ThreadPoolExecutor
@@ -190,6 +244,67 @@ def test_a_fifo_swapped_in_during_a_run_gets_an_error_row_and_does_not_hang(tmp_
     assert rows.loc[items[0].path, "error_code"] == "unreadable_file"
     assert "FIFO" in rows.loc[items[0].path, "error_message"]
     assert result.enriched == 5 and result.stopped is None
+
+
+def _swap(folder, victims):
+    """Each victim swapped for what the test names: a FIFO, or a link inside, out, to nowhere, in a loop,
+    to a directory, to a FIFO. Returns the FIFOs (to open their other end if a read blocks)."""
+    import os
+
+    (folder / "a dir").mkdir()
+    os.mkfifo(folder / "a fifo.jpg.tmp")
+    (folder.parent / "secret.png").write_bytes(b"outside")
+    fifos = [folder / "a fifo.jpg.tmp"]
+    for path, kind in victims.items():
+        victim = folder / path
+        victim.unlink()
+        if kind == "fifo":
+            os.mkfifo(victim)
+            fifos.append(victim)
+        else:
+            target = {"inside": folder / "more" / "portrait_000.jpg", "outside": folder.parent / "secret.png"}
+            target |= {"dangling": folder / "missing.png", "loop": victim, "directory": folder / "a dir"}
+            victim.symlink_to(target.get(kind, folder / "a fifo.jpg.tmp"))
+    return fifos
+
+
+@pytest.mark.parametrize("when", ["after the listing", "after the stat"])
+def test_files_swapped_for_links_or_fifos_get_a_row_each_and_are_counted(tmp_path, emulator, when):
+    """A swap after the listing (before the shard stats the files) or after the stat (before the read):
+    every name still there gets a row, `unreadable_file` unless it leads to a regular file inside the folder
+    (read as the listing would have: here a copy of another image, so it reuses that one's map)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from normals_pipeline import ClipdropClient, LocalStorage, RateGuard
+    from normals_pipeline.enrich import current_items, enrich_shard
+    from normals_pipeline.inventory import take_inventory
+
+    folder = tmp_path / "in"
+    make_portraits(folder, 8)
+    make_portraits(folder / "more", 1, seed=5)
+    dataset, output = LocalStorage(folder), LocalStorage(tmp_path / "out")
+    inventory = take_inventory(dataset, 1)
+    kinds = ["fifo", "inside", "outside", "dangling", "loop", "directory", "to a fifo"]
+    victims = dict(zip(sorted(p for p in inventory["path"].to_pylist() if "/" not in p), kinds))
+    items = None if when == "after the listing" else current_items(dataset, inventory)
+    fifos = _swap(folder, victims)
+    items = items or current_items(dataset, inventory)
+    with ClipdropClient("test-key", base_url=emulator.url, rate_guard=RateGuard(100_000)) as client:
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(enrich_shard, dataset, output, client, "00", items)
+            try:
+                result = future.result(timeout=60)
+            finally:  # a regression would block in open(): a writer unblocks it so the suite can end
+                for fifo in fifos if not future.done() else []:
+                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    rows = result.manifest.set_index("path")
+    assert len(rows) == 9 and result.stopped is None  # 7 victims, nested/portrait_001.png, more/portrait_000.jpg
+    for path, kind in victims.items():
+        assert rows.loc[path, "error_code"] == (None if kind == "inside" else "unreadable_file"), (path, kind)
+    assert result.errors == {"unreadable_file": 6} and result.enriched == 3
+    stats = emulator.stats()
+    assert stats["charged_twice"] == 0 and len(stats["charged_by_content"]) == 2  # the link reuses its target's map
 
 
 def _materializations(instance):

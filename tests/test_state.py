@@ -1,6 +1,10 @@
 """The shared guard state: one rate, one cooldown and one balance per key, across processes and hosts."""
 
 import multiprocessing
+import os
+import sqlite3
+import subprocess
+import sys
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -9,6 +13,7 @@ import pytest
 from _service_fixtures import unique_key
 from hypothesis import given
 from hypothesis import strategies as st
+from pyrate_limiter import Rate, RateItem
 
 from normals_pipeline import _state, guards
 from normals_pipeline._errors import CreditLimitReached
@@ -31,6 +36,7 @@ from normals_pipeline.guards import (
     key_fingerprint,
     slot_interval_s,
 )
+from normals_pipeline.synthetic import make_portraits
 
 RPM = 600  # one request per 100 ms: fast enough for a test, slow enough to see the spacing
 EPS = 1e-9
@@ -422,3 +428,144 @@ def test_processes_starting_together_on_a_fresh_state_folder_all_open_it(tmp_pat
     for worker in workers:
         worker.join(timeout=30)
     assert failures == []
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(b"this is not a database, whatever it was " * 100)
+
+
+def _cut_short(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:100])  # the header survives; the pages it names do not
+
+
+def _filled_state(folder: Path) -> None:
+    """A key's state and the claims with something in them, checkpointed into the main files and closed."""
+    state, claims = SQLiteState(folder, "key"), SQLiteClaims(folder)
+    bucket = state.bucket([Rate(1, 1000)])
+    bucket.put(RateItem("x", int(time.time() * 1000)))
+    bucket.conn.close()
+    assert state.reserve("lease", Decimal(0), Decimal(1), 60).decision == "grant"
+    state.settle("lease", Decimal(42))
+    claims.claim("out:content", "someone", 60)
+    for db in (state._db, claims._db, sqlite3.connect(folder / "key.rate.sqlite")):
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        db.close()
+
+
+@pytest.mark.parametrize("damage", [_garbage, _cut_short])
+@pytest.mark.parametrize("name", ["key.state.sqlite", "key.rate.sqlite", "claims.sqlite"])
+def test_a_state_file_sqlite_cannot_read_is_set_aside_with_one_warning_and_rebuilt(tmp_path, name, damage):
+    _filled_state(tmp_path)
+    _state.take_set_aside_warnings()
+    damage(tmp_path / name)
+    damaged = (tmp_path / name).read_bytes()
+
+    state, claims = SQLiteState(tmp_path, "key"), SQLiteClaims(tmp_path)
+
+    [warning] = _state.take_set_aside_warnings()
+    [kept] = (tmp_path / "quarantine").iterdir()
+    assert kept.name.startswith(f"{name}.") and kept.read_bytes() == damaged  # moved, never deleted
+    assert (tmp_path / name).as_uri() in warning and kept.as_uri() in warning and "rebuilt empty" in warning
+    if name == "key.state.sqlite":
+        assert state.known_balance() is None and "balance is unknown" in warning  # not 0, not full: unknown
+    else:
+        assert state.known_balance()[0] == 42
+    assert state.reserve("next", Decimal(0), Decimal(1), 60).decision == "grant"
+    state.bucket([Rate(5, 1000)])
+    assert claims.claim("out:other", "me", 60) == (name != "claims.sqlite")  # a rebuilt claims file waits
+    assert _state.take_set_aside_warnings() == []  # said once
+    assert SQLiteState(tmp_path, "key") and SQLiteClaims(tmp_path) and _state.take_set_aside_warnings() == []
+
+
+def test_a_rebuilt_claims_file_grants_nothing_for_one_claim_lifetime(tmp_path):
+    """A claim the lost file held (another process's request in flight) would have lapsed within its TTL:
+    the rebuilt file waits that long, so the content is not sent twice meanwhile."""
+    _garbage(tmp_path / "claims.sqlite")
+    claims = SQLiteClaims(tmp_path)
+    assert not claims.claim("out:content", "me", ttl_s=1.0)
+    time.sleep(1.1)
+    assert claims.claim("out:content", "me", ttl_s=1.0)
+    assert not claims.claim("out:content", "other", ttl_s=1.0)  # an ordinary claim from here on
+
+
+def test_a_zero_length_state_file_is_an_empty_one(tmp_path):
+    """What SQLite makes of a new file: nothing is lost that a warning could save; the balance is unknown."""
+    _filled_state(tmp_path)
+    _state.take_set_aside_warnings()
+    for name in ("key.state.sqlite", "key.rate.sqlite", "claims.sqlite"):
+        (tmp_path / name).write_bytes(b"")
+    state = SQLiteState(tmp_path, "key")
+    assert state.known_balance() is None and SQLiteClaims(tmp_path).claim("out:c", "me", 60)
+    assert _state.take_set_aside_warnings() == []
+
+
+def _open_damaged(root: str, barrier, queue) -> None:
+    barrier.wait(timeout=60)
+    try:
+        SQLiteState(Path(root), "key")
+        SQLiteClaims(Path(root))
+        queue.put(_state.take_set_aside_warnings())
+    except Exception as error:
+        queue.put([f"failed: {type(error).__name__}: {error}"])
+
+
+def test_processes_meeting_a_damaged_state_file_at_once_set_it_aside_once(tmp_path):
+    """Each looks again under a lock before moving the file: none moves a file another has just rebuilt."""
+    for name in ("key.state.sqlite", "key.rate.sqlite", "claims.sqlite"):
+        _garbage(tmp_path / name)
+    context = multiprocessing.get_context("spawn")
+    barrier, queue = context.Barrier(4), context.Queue()
+    workers = [context.Process(target=_open_damaged, args=(str(tmp_path), barrier, queue)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    warnings = [warning for _ in workers for warning in queue.get(timeout=120)]
+    for worker in workers:
+        worker.join(timeout=30)
+    assert not [warning for warning in warnings if warning.startswith("failed")]
+    assert len(warnings) == 3 and len(list((tmp_path / "quarantine").iterdir())) == 3
+
+
+def _damage_all(folder: Path) -> None:
+    """Garbage in every state file and its WAL (a WAL SQLite can read would still hold every page)."""
+    for path in folder.glob("*.sqlite*"):
+        if path.suffix != ".lock":
+            _garbage(path)
+
+
+def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CLIPDROP_API_KEY": "test-key", "NORMALS_STATE_DIR": str(tmp_path / "state")}
+    env.pop("DAGSTER_HOME", None)
+    places = ["--dataset", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--shards", "2"]
+    command = [str(Path(sys.executable).with_name("normals-pipeline")), *args, *places]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_run_on_damaged_state_files_sets_them_aside_and_completes(tmp_path, emulator):
+    """Garbage in every state file (claims, balance, rate) used to fail every run with 'file is not a
+    database'. Now each is set aside with one warning, the run completes, and each content is charged once;
+    the rebuilt balance is unknown (the plan says so), not 0 or full."""
+    make_portraits(tmp_path / "in", 4)
+    rpm = ("--api-url", emulator.url, "--rpm", "6000")
+    assert _cli(tmp_path, "run", *rpm).returncode == 0
+    files = sorted((tmp_path / "state").glob("*.sqlite"))
+    assert [path.name.split(".", 1)[-1] for path in files] == ["rate.sqlite", "state.sqlite", "sqlite"]
+    _damage_all(tmp_path / "state")
+    make_portraits(tmp_path / "in" / "more", 4, seed=7)
+
+    run = _cli(tmp_path, "run", *rpm)
+
+    assert run.returncode == 0, run.stderr
+    warnings = [line for line in run.stdout.splitlines() if line.startswith("warning: ")]
+    kept = sorted((tmp_path / "state" / "quarantine").iterdir())
+    assert len(warnings) == len(kept) == 3
+    for path, warning in zip(files, sorted(warnings)):
+        assert f"warning: state file {path} could not be read (DatabaseError: file is not a database)" in warning
+    assert all(str(path) in "".join(warnings) for path in kept)
+    assert "8 images, 8 enriched" in run.stdout and "4 requests" in run.stdout
+    stats = emulator.stats()
+    assert stats["charged_twice"] == 0 and len(stats["charged_by_content"]) == 8
+
+    _damage_all(tmp_path / "state")
+    plan = _cli(tmp_path, "plan")
+    assert plan.returncode == 0, plan.stderr
+    assert "balance: unknown" in plan.stdout and plan.stdout.count("warning: state file") == 3

@@ -225,6 +225,31 @@ def test_file_swapped_for_a_fifo_or_socket_after_listing_is_refused(
             storage.stat(path)
 
 
+def test_a_name_swapped_for_a_link_that_leads_nowhere_is_refused_not_gone(root: Path, tmp_path: Path) -> None:
+    """Only a name that is gone is FileNotFoundError (the shard leaves it out); a name still there that
+    leads to no readable file is refused with what it is, so the shard gives it a row."""
+    for name in ("dangling.jpg", "loop.jpg", "dir.jpg", "out.jpg", "gone.jpg", "in.jpg"):
+        _write(root / name)
+    storage = LocalStorage(root)
+    assert len(storage.listing().paths) == 6
+    for name in ("dangling.jpg", "loop.jpg", "dir.jpg", "out.jpg", "gone.jpg", "in.jpg"):
+        (root / name).unlink()
+    (root / "dangling.jpg").symlink_to("missing.jpg")
+    (root / "loop.jpg").symlink_to("loop.jpg")
+    (root / "dir.jpg").symlink_to(_write(root / "sub" / "a.jpg").parent, target_is_directory=True)
+    (root / "out.jpg").symlink_to(_write(tmp_path / "secret.jpg", b"secret"))
+    (root / "in.jpg").symlink_to("sub/a.jpg")  # a link to a regular file inside: read, as the listing keeps it
+    for call in (storage.stat, storage.read_bytes):
+        for name, kind in [("dangling.jpg", "broken symlink"), ("loop.jpg", "symlink loop"), ("dir.jpg", "directory")]:
+            with pytest.raises(NotARegularFile, match=f"'{name}'.* is a {kind}, not a regular file"):
+                call(name)
+        with pytest.raises(PermissionError, match="outside"):
+            call("out.jpg")
+        with pytest.raises(FileNotFoundError):
+            call("gone.jpg")
+    assert storage.read_bytes("in.jpg") == b"x"
+
+
 @pytest.mark.parametrize("kind", ["FIFO", "socket"])
 def test_swap_between_the_check_and_the_open_is_caught_after_the_open(
     root: Path, kind: str, monkeypatch: pytest.MonkeyPatch, bind_socket: Callable[[Path], None]
@@ -366,6 +391,20 @@ def test_s3_listing_paginates_and_skips_hidden_and_markers(s3_client: Any, s3_bu
     head = s3_client.head_object(Bucket=s3_bucket, Key="ds/img00.jpg")
     assert (listing.sizes[0], listing.versions[0]) == (3, head["ETag"].strip('"'))
     assert listing.skipped == {}
+
+
+def test_s3_keys_with_empty_or_dot_parts_are_not_listed_but_counted(s3_client: Any, s3_bucket: str) -> None:
+    """No path names them as they are ('//double.png' would read as absolute; 'x/../y.webp' as 'y.webp'):
+    left out and counted by reason, those with a wanted name only, like a local folder's FIFOs."""
+    keys = ["ds//double.png", "ds/a//b.JPG", "ds/./a.png", "ds/x/../y.webp", "ds/..", "ds/./n.txt", "ds/ok.jpg"]
+    for key in [*keys, "ds/x/.hidden/../h.png"]:
+        s3_client.put_object(Bucket=s3_bucket, Key=key, Body=b"abc")
+    storage = S3Storage(s3_bucket, "ds", s3_client)
+    listing = storage.listing((".jpg", ".png", ".webp"))
+    assert (listing.paths, dict(listing.skipped)) == (["ok.jpg"], {"empty_part": 2, "dot_part": 2})
+    assert set(listing.skipped) <= set(SKIP_REASONS)
+    assert storage.listing().skipped == {"empty_part": 2, "dot_part": 4}
+    assert storage.list_prefix("") == ["ok.jpg"]
 
 
 def test_s3_write_read_exists_round_trip(s3_client: Any, s3_bucket: str) -> None:

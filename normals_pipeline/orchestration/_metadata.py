@@ -126,8 +126,6 @@ COLUMN_DESCRIPTIONS = {
     "error_message": "Human-readable detail (never the key).",
     "processed_at": "When the row was written (UTC).",
 }
-# Checks pandera can only name by their function: what they mean.
-_CHECK_NAMES = {"<lambda>": "does not start with /", "str_length(1, None)": "not empty"}
 
 
 def column_schema_metadata() -> dict[str, TableSchema]:
@@ -150,7 +148,7 @@ def column_schema_metadata() -> dict[str, TableSchema]:
             constraints=TableColumnConstraints(
                 nullable=column.constraints.nullable,
                 unique=column.constraints.unique,
-                other=[_CHECK_NAMES.get(text, text) for text in column.constraints.other],
+                other=list(column.constraints.other),
             ),
             tags=column.tags,
         )

@@ -18,6 +18,7 @@ from dagster import (
 
 from .. import manifest
 from .._errors import ApiUnreachable, ClipdropError
+from .._state import take_set_aside_warnings
 from ..enrich import Item, Progress, ShardResult, Throttle, current_items, enrich_shards
 from ..inventory import (
     inventory_shards,
@@ -96,10 +97,13 @@ def build_assets(
         skipped = skipped_entries(table)
         if skipped:
             reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(skipped.items()))
-            context.log.warning(f"entries skipped ({reasons}): only regular files with UTF-8 names are read")
+            context.log.warning(
+                f"entries skipped ({reasons}): only regular files with UTF-8 names, and S3 keys without an empty, "
+                "'.' or '..' part, are read"
+            )
         plan = settings.plan(dataset, output, table, shards)
         shortfall = settings.shortfall(plan)
-        for warning in [*plan.warnings, *([shortfall] if shortfall else [])]:
+        for warning in [*take_set_aside_warnings(), *plan.warnings, *([shortfall] if shortfall else [])]:
             context.log.warning(warning)
         return MaterializeResult(
             metadata={
@@ -138,6 +142,9 @@ def build_assets(
         dataset, output = storage.dataset(), storage.output()
         items = _items_by_shard(dataset, output, keys, shards)
         with clipdrop.get_client() as client:
+            claims = clipdrop.claim_store()
+            for warning in take_set_aside_warnings():  # a state file this process had to set aside to open
+                context.log.warning(warning)
             results = enrich_shards(
                 dataset,
                 output,
@@ -145,7 +152,7 @@ def build_assets(
                 [(key, items[key]) for key in keys],
                 concurrency=clipdrop.concurrency,
                 oversize=clipdrop.oversize,
-                claims=clipdrop.claim_store(),
+                claims=claims,
                 progress=_progress_relay(context),
                 notify=context.log.info,
                 on_shard=lambda key, result: _log_shard(context, key, result, len(items[key])),
