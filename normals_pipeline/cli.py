@@ -528,7 +528,7 @@ def _print_stopped(progress: Progress | None, elapsed: float) -> None:
     figures = _figures(progress.errors, progress.requests, progress.credits, progress.remaining)
     print(
         f"stopped after {elapsed:.1f} s: {progress.done} of {progress.total} images processed "
-        f"({progress.total - progress.done} not sent), {progress.enriched} enriched, {figures}",
+        f"({progress.total - progress.done} unfinished), {progress.enriched} enriched, {figures}",
         flush=True,
     )
 

@@ -113,7 +113,7 @@ def test_a_stopped_run_prints_its_summary_and_one_reason_and_no_shard_lines(
     assert not re.search(r"shard \d+", captured.out), captured.out
     [summary] = [line for line in captured.out.splitlines() if line.startswith("stopped after")]
     assert re.search(
-        r": 2 of 100 images processed \(98 not sent\), 2 enriched, errors: .*; \d+ requests, 2 credits consumed",
+        r": 2 of 100 images processed \(98 unfinished\), 2 enriched, errors: .*; \d+ requests, 2 credits consumed",
         summary,
     )
     [reason] = captured.err.strip().splitlines()
@@ -203,7 +203,7 @@ def test_the_first_sigterm_stops_a_run_whose_answers_trickle_and_keeps_what_they
         "normals-pipeline: stopped by SIGTERM; finished images kept (re-run to continue)"
     )
     assert re.search(
-        r"^stopped after [\d.]+ s: 4 of 6 images processed \(2 not sent\), 0 enriched, errors: interrupted: 4; "
+        r"^stopped after [\d.]+ s: 4 of 6 images processed \(2 unfinished\), 0 enriched, errors: interrupted: 4; "
         r"4 requests, 4 credits consumed",
         out,
         re.MULTILINE,
