@@ -6,7 +6,8 @@ The shape follows the decision a caller has to make, not the HTTP status:
     ├── ImageRejected      one image is bad: record its code, go on          (400, other 4xx, local checks)
     ├── InvalidResponse    the API answered 200 but the body is unusable     (charged; recorded, not retried)
     ├── NoAnswer           sent, but no answer in time: may be charged       (recorded, not retried)
-    │   └── ConnectionLost sent, then the connection broke before the answer
+    │   ├── ConnectionLost sent, then the connection broke before the answer
+    │   └── Interrupted    sent, then the run was stopped (SIGTERM, Ctrl-C) before the answer was whole
     ├── TransientError     retried with backoff, then recorded               (429, 5xx, connection, send timeout)
     │   ├── RateLimited
     │   ├── ServerError
@@ -61,10 +62,15 @@ class InvalidResponse(ClipdropError):
 
 
 class NoAnswer(ClipdropError):
-    """The image was sent but no answer came within the timeout. The API may have processed and charged
-    it, so it is not resent in this run: a retry could charge twice. The next run sends it again."""
+    """The image was sent but no whole answer came within the timeout. The API may have processed and charged
+    it, so it is not resent in this run: a retry could charge twice. The next run sends it again.
+    `credits_consumed`: what a 200 cut off by the deadline said it cost (None before any answer)."""
 
     error_code = "timeout"
+
+    def __init__(self, message: str, *, status: int | None = None, credits_consumed: Decimal | None = None) -> None:
+        super().__init__(message, status=status)
+        self.credits_consumed = credits_consumed
 
 
 class ConnectionLost(NoAnswer):
@@ -73,6 +79,14 @@ class ConnectionLost(NoAnswer):
     timeout: recorded, not resent in this run, sent again by the next."""
 
     error_code = "connection_lost"
+
+
+class Interrupted(NoAnswer):
+    """The run was stopped (SIGTERM, Ctrl-C) while the image's request was out, and its answer did not come
+    whole within the grace the stop gives: the exchange was ended. Like a timeout it may have been charged
+    (a 200 cut off says so and the row keeps that cost); the next run sends it again."""
+
+    error_code = "interrupted"
 
 
 class TransientError(ClipdropError):

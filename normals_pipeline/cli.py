@@ -81,6 +81,17 @@ def _credits(text: str) -> float:
     return value
 
 
+def _seconds(text: str) -> float:
+    """A finite number of seconds above 0: a deadline of 0 (or NaN) would end every request before its answer."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds above 0, got {text!r}")
+    return value
+
+
 def _api_url(text: str) -> str:
     """The resource's own rule, so the CLI and a YAML or UI configuration accept the same URLs."""
     from .orchestration.resources import check_api_url
@@ -158,6 +169,14 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-attempts", type=_count(), default=6, help="tries per image for 429, 5xx and network errors (default: 6)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="most time one request may take, from connecting to the answer's last byte; one still unanswered "
+        "then is recorded as `timeout` and sent again by the next run (default: 60)",
     )
     parser.add_argument(
         "--no-training-pairs",
@@ -470,6 +489,7 @@ def _run(args: argparse.Namespace, shards: int) -> int:
         credit_floor=args.credit_floor,
         run_budget=args.budget,
         max_attempts=args.max_attempts,
+        timeout_seconds=args.timeout,
         redis_url=args.redis_url,
         oversize=args.oversize,
     )
@@ -530,7 +550,7 @@ def _print_stopped(progress: Progress | None, elapsed: float) -> None:
     figures = _figures(progress.errors, progress.requests, progress.credits, progress.remaining)
     print(
         f"stopped after {elapsed:.1f} s: {progress.done} of {progress.total} images processed "
-        f"({progress.total - progress.done} not sent), {progress.enriched} enriched, {figures}",
+        f"({progress.total - progress.done} unfinished), {progress.enriched} enriched, {figures}",
         flush=True,
     )
 

@@ -1,19 +1,23 @@
 """The Clipdrop client: one image in, one normal map out, behind the rate and credit guards.
 
 Retries (429, 5xx, timeouts, connection errors) go through stamina; a 429's `Retry-After` is honoured
-and also pauses every other caller on the key. Nothing here knows about Dagster.
+and also pauses every other caller on the key. Each attempt has one deadline for the whole exchange, and a
+stopped run ends the exchanges still in flight (`_Exchange`). Nothing here knows about Dagster.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
+from typing import TYPE_CHECKING
 
 import httpx
 import stamina
@@ -24,6 +28,7 @@ from ._errors import (
     ClipdropError,
     ConnectionLost,
     ImageRejected,
+    Interrupted,
     InvalidApiKey,
     InvalidResponse,
     MissingApiKey,
@@ -36,6 +41,9 @@ from ._errors import (
 )
 from .guards import CREDITS_PER_CALL, CreditGuard, RateGuard
 
+if TYPE_CHECKING:
+    import httpcore
+
 DEFAULT_API_URL = "https://clipdrop-api.co"
 SURFACE_NORMALS_PATH = "/portrait-surface-normals/v1"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -46,6 +54,10 @@ LATENCY_WEIGHT = 0.2  # weight of each new answer in the moving average
 # retried about once a second for this long, then the run says so (after an answer, the retry policy's backoff).
 FIRST_CONTACT_GIVE_UP_S = 2.0
 FIRST_CONTACT_WAIT_S = 1.0
+# httpcore's `trace` extension events: a connection made for the exchange (its socket), and the request out
+# whole (its body written) or answered (the body's send failed, yet the server answered).
+_CONNECTED = frozenset({"connection.connect_tcp.complete", "connection.start_tls.complete"})
+_SENT = frozenset({"http11.send_request_body.complete", "http11.receive_response_headers.complete"})
 
 
 @dataclass(frozen=True)
@@ -123,6 +135,64 @@ def raise_for_status(response: httpx.Response) -> None:
     raise ImageRejected(f"image refused ({detail})", status=status, error_code=code)
 
 
+def _shut(sock: socket.socket) -> None:
+    """End every read or write blocked on `sock`, in any thread. The plain socket's `shutdown`, also for a TLS
+    socket: the TLS socket's own would drop its TLS state under a thread reading it."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:  # closed already
+        pass
+
+
+class _Exchange:
+    """One attempt's request and answer under one deadline: httpx's timeouts are per read, so an answer that
+    trickles in never trips them. At the deadline (or when the client aborts) the exchange's connection is shut
+    down, which ends a read blocked on it at once; `expired` then says why it broke off. `sent`: the request went
+    out whole (or was answered), so the server may have acted on it; counted as a request then."""
+
+    def __init__(self, client: ClipdropClient, seconds: float) -> None:
+        self.client = client
+        self.sent = False
+        self.expired = False
+        self._socket: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Exchange:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+    def trace(self, event: str, info: dict) -> None:
+        """httpcore's `trace` extension: called in the sending thread as the exchange goes."""
+        if event in _CONNECTED:
+            self.attach(info["return_value"])
+        elif event in _SENT and not self.sent:
+            self.sent = True
+            self.client._count_request()
+
+    def attach(self, stream: httpcore.NetworkStream) -> None:
+        """The connection in use: from the trace when it was made for this exchange, else (one kept alive) from
+        the answer. Shut at once if the deadline passed while it was not known yet."""
+        sock = stream.get_extra_info("socket")
+        if sock is None:
+            return
+        with self._lock:
+            self._socket, late = sock, self.expired
+        self.client._track(sock)
+        if late:
+            _shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired, sock = True, self._socket
+        if sock is not None:
+            _shut(sock)
+
+
 @dataclass
 class Tally:
     """What the client did: requests sent (every attempt that went out, retries included) and retries by
@@ -150,6 +220,7 @@ class ClipdropClient:
         self.rate_guard = rate_guard
         self.credit_guard = credit_guard or CreditGuard(state=rate_guard.state)
         self.retry = retry
+        self.timeout_s = timeout_s  # the deadline of each attempt's whole exchange
         self.tally = Tally()  # every caller's
         self.latency_s = INITIAL_LATENCY_S  # moving average of the time from sending to the answer's end
         self._count_lock = threading.Lock()
@@ -158,6 +229,9 @@ class ClipdropClient:
         self._given_up: ApiUnreachable | None = None  # set once the API was given up as never reached
         self._giving_up = threading.Event()  # wakes the workers waiting for a turn when it is
         self._counting = threading.local()  # the calling thread's `counting` block, if any
+        self._stopping = threading.Event()  # `stop_sending`: no request goes out any more
+        self._aborted = threading.Event()  # `abort`: exchanges in flight are ended too
+        self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()  # the connections made, for `abort`
         self._http = httpx.Client(
             base_url=self.base_url,
             headers={"x-api-key": api_key},
@@ -167,6 +241,28 @@ class ClipdropClient:
 
     def close(self) -> None:
         self._http.close()
+
+    def stop_sending(self) -> None:
+        """The run is stopping: no request goes out from now (a worker waiting for its turn wakes up and gives
+        it up, with no row); the exchanges in flight go on."""
+        self._stopping.set()
+        self._giving_up.set()  # wakes the workers waiting for a turn
+
+    def abort(self) -> None:
+        """`stop_sending`, and end the exchanges still in flight at once: their connections are shut, whatever
+        they wait for (a trickle, a hang, a connection kept alive), and each ends as `Interrupted`."""
+        self.stop_sending()
+        self._aborted.set()
+        with self._count_lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shut(sock)
+
+    def _track(self, sock: socket.socket) -> None:
+        with self._count_lock:
+            self._sockets.add(sock)
+        if self._aborted.is_set():  # made while `abort` went through the others
+            _shut(sock)
 
     def __enter__(self) -> ClipdropClient:
         return self
@@ -246,7 +342,9 @@ class ClipdropClient:
             self.rate_guard.finished(turn)
 
     def _raise_if_given_up(self) -> None:
-        """Another worker found the API unreachable: nothing is sent to learn it again."""
+        """The run is stopping, or another worker found the API unreachable: nothing more is sent."""
+        if self._stopping.is_set():
+            raise RunStopped("the run is stopping: not sent")
         if self._given_up is not None and not self._answered.is_set():
             raise self._given_up
 
@@ -255,10 +353,15 @@ class ClipdropClient:
         consumed: Decimal | None = None
         remaining: Decimal | None = None
         started = time.monotonic()
+        exchange = _Exchange(self, self.timeout_s)
+        files = {"image_file": (filename, image, content_type)}
         try:
-            with self._http.stream("POST", path, files={"image_file": (filename, image, content_type)}) as response:
+            with (
+                exchange,
+                self._http.stream("POST", path, files=files, extensions={"trace": exchange.trace}) as response,
+            ):
+                exchange.attach(response.extensions["network_stream"])
                 self._answered.set()
-                self._count_request()
                 remaining = parse_credits(response.headers.get("x-remaining-credits"))
                 if response.status_code != 200:
                     response.read()
@@ -266,32 +369,39 @@ class ClipdropClient:
                 # A success is charged even when the header is missing: assume the documented price.
                 reported = parse_credits(response.headers.get("x-credits-consumed"))
                 consumed = CREDITS_PER_CALL if reported is None else reported
-                body = self._read_body(response, consumed)
+                body = self._read_body(response, consumed, exchange)
             self._observe(time.monotonic() - started)
             return ApiResult(body, response.status_code, consumed, remaining)
         except RunStopped as error:  # 401, 403, 402: no later request on this key can succeed
             self.credit_guard.stop(error)
             raise
-        except httpx.ReadTimeout:
-            self._count_request()
-            raise NoAnswer("sent, but no answer within the timeout; it may have been charged") from None
-        except (httpx.ReadError, httpx.RemoteProtocolError) as error:  # the request was out: ambiguous
-            self._count_request()
-            raise ConnectionLost(
-                f"sent, then the connection broke before an answer ({type(error).__name__}); it may have been charged"
-            ) from None
-        except httpx.ConnectTimeout as error:
-            raise ApiUnreachable(_cause(error)) from None
-        except httpx.TimeoutException as error:  # write or pool timeout: the request never got out whole
-            raise ApiTimeout(f"could not send the image in time ({type(error).__name__})") from None
-        except httpx.TransportError as error:  # connect or write error: nothing the server could answer
-            raise ApiUnreachable(_cause(error)) from None
+        except httpx.TransportError as error:
+            raise self._broken_off(error, exchange) from None
         finally:
             self.credit_guard.settle(lease, consumed, remaining)
 
+    def _broken_off(self, error: httpx.TransportError, exchange: _Exchange) -> ClipdropError:
+        """What an exchange that broke off before its answer means: a request that did not go out whole is
+        safe to send again (unless the run is stopping); one that did may have been charged."""
+        if not exchange.sent:
+            if self._aborted.is_set():
+                return RunStopped("the run is stopping: not sent")
+            if isinstance(error, httpx.ConnectTimeout):
+                return ApiUnreachable(_cause(error))
+            if exchange.expired or isinstance(error, httpx.TimeoutException):  # write or pool timeout
+                return ApiTimeout(f"could not send the image in time ({type(error).__name__})")
+            return ApiUnreachable(_cause(error))  # connect or write error: nothing the server could answer
+        if self._aborted.is_set():
+            return Interrupted("sent, then the run was stopped before an answer; it may have been charged")
+        if exchange.expired or isinstance(error, httpx.ReadTimeout):
+            return NoAnswer(f"sent, but no answer within the {self.timeout_s:g} s timeout; it may have been charged")
+        return ConnectionLost(
+            f"sent, then the connection broke before an answer ({type(error).__name__}); it may have been charged"
+        )
+
     def _count_request(self) -> None:
-        """A request the server got whole (answered, or out and then unanswered): a connection refused or a
-        send that failed is not one."""
+        """A request sent: out whole (answered or not), or answered. A connection refused or a send that broke
+        off unanswered is not one. Counted as it goes out, so a request still waiting for its answer counts."""
         with self._count_lock:
             for tally in self._tallies():
                 tally.requests += 1
@@ -300,12 +410,23 @@ class ClipdropClient:
         with self._count_lock:
             self.latency_s += LATENCY_WEIGHT * (seconds - self.latency_s)
 
-    @staticmethod
-    def _read_body(response: httpx.Response, consumed: Decimal | None) -> bytes:
+    def _read_body(self, response: httpx.Response, consumed: Decimal | None, exchange: _Exchange) -> bytes:
         """Read a 200's body; a broken one is charged already, so it must not be retried."""
         try:
             body = response.read()
         except httpx.TransportError as error:
+            if self._aborted.is_set():
+                raise Interrupted(
+                    "the run was stopped while the answer (200) arrived; it is charged",
+                    status=200,
+                    credits_consumed=consumed,
+                ) from None
+            if exchange.expired or isinstance(error, httpx.ReadTimeout):
+                raise NoAnswer(
+                    f"the answer (200) was not whole within the {self.timeout_s:g} s timeout; it is charged",
+                    status=200,
+                    credits_consumed=consumed,
+                ) from None
             raise InvalidResponse(
                 f"response body cut off ({type(error).__name__})", status=200, credits_consumed=consumed
             ) from None

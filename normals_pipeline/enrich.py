@@ -52,6 +52,8 @@ _EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
 MAX_IN_FLIGHT = 64  # images in flight at most when the window follows the rate
 HEADROOM = 1.5  # Little's law gives what the rate needs on average; latency varies
 MAX_BYTES_IN_FLIGHT = 256 * 2**20  # image bytes held by the images in flight, when the window follows the rate
+PROGRESS_EVERY_S = 1.0  # where the run stands is reported at least this often, even while every answer is late
+STOP_GRACE_S = 5.0  # on an interrupt, answers on their way get this long before their exchanges are ended
 
 
 class _Halted(Exception):
@@ -71,7 +73,8 @@ class Item:
 class Progress:
     """Where a run stands, emitted as its images finish: what a live view or a log line shows. `done` and
     `total` count the images this run processes (those without a final row yet); `requests` every attempt
-    sent; `credits` what this run was charged; `remaining` the key's balance as last reported."""
+    sent, as it goes out (those waiting for their answer too); `credits` what this run was charged;
+    `remaining` the key's balance as last reported."""
 
     done: int = 0
     total: int = 0
@@ -312,6 +315,7 @@ class Enricher:
         tallies = [Tally() for _ in works]
         results: list[ShardResult | None] = [None] * len(works)
         status = Progress(total=len(todo))
+        sent_before = self.client.tally.requests  # the client is the run's: what it sent since is this run's
 
         def finish(index: int) -> None:
             work = works[index]
@@ -324,7 +328,10 @@ class Enricher:
         def report() -> None:
             if progress:
                 guard = self.client.credit_guard
-                progress(replace(status, remaining=guard.remaining, elapsed_s=time.monotonic() - started))
+                requests = self.client.tally.requests - sent_before
+                progress(
+                    replace(status, requests=requests, remaining=guard.remaining, elapsed_s=time.monotonic() - started)
+                )
 
         for index in range(len(works)):
             if not left[index]:
@@ -340,12 +347,12 @@ class Enricher:
                         index, item = queue.popleft()
                         waiting[pool.submit(self._process_and_journal, works[index], item)] = (index, item.size)
                         held += item.size
-                    finished, _ = wait(waiting, return_when=FIRST_COMPLETED)
+                    finished, _ = wait(waiting, timeout=PROGRESS_EVERY_S, return_when=FIRST_COMPLETED)
                     for future in finished:
                         index, size = waiting.pop(future)
                         held -= size
                         row, tally = future.result()
-                        status = self._count(status, row, tally)
+                        status = self._count(status, row)
                         _add(tallies[index], tally)
                         if row is not None:
                             rows[index].append(row)
@@ -354,12 +361,28 @@ class Enricher:
                             finish(index)
                     report()
             except BaseException:  # an interrupt (SIGTERM, Ctrl-C): send nothing more, journal what is in flight
-                self._stop.set()
+                self._interrupt(pool, waiting)
+                for future in waiting:
+                    if future.done() and not future.cancelled() and future.exception() is None:
+                        status = self._count(status, future.result()[0])
+                report()
                 raise
         return [result for result in results if result is not None]
 
-    def _count(self, status: Progress, row: dict | None, tally: Tally) -> Progress:
-        """`status` after one more finished image (None: the run stopped before it was sent)."""
+    def _interrupt(self, pool: ThreadPoolExecutor, in_flight: Iterable[Future]) -> None:
+        """Send nothing more; the answers on their way get `STOP_GRACE_S`, then the exchanges still in flight (a
+        trickle, a hang) are ended, their rows say `interrupted`, and the workers are done within moments."""
+        self._stop.set()
+        self.client.stop_sending()
+        try:
+            wait(in_flight, timeout=STOP_GRACE_S)
+        finally:  # a second interrupt cuts the grace short
+            self.client.abort()
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _count(self, status: Progress, row: dict | None) -> Progress:
+        """`status` after one more finished image (None: the run stopped before it was sent); `requests` are
+        counted as they go out (see `run_shards`)."""
         errors = dict(status.errors)
         code = row["error_code"] if row is not None else None
         if code:
@@ -369,7 +392,6 @@ class Enricher:
             done=status.done + (row is not None),  # an image the stop kept from being sent is not done
             enriched=status.enriched + (row is not None and not code),
             errors=errors,
-            requests=status.requests + tally.requests,
             credits=status.credits + (Decimal(str(self._charged_now[row["path"]])) if row is not None else 0),
         )
 

@@ -1,7 +1,8 @@
-"""Shared fixtures: real servers on loopback (the emulator, moto's S3, Redis)."""
+"""Shared fixtures: real servers on loopback (the emulator, a fault server, moto's S3, Redis)."""
 
 import pytest
 from _emulator_fixtures import *  # noqa: F401,F403
+from _fault_servers import *  # noqa: F401,F403
 from _s3_fixtures import *  # noqa: F401,F403
 from _service_fixtures import *  # noqa: F401,F403
 

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandera.pandas as pandera
@@ -47,6 +48,20 @@ def test_run_prints_a_summary_and_exits_0(dataset, tmp_path, emulator, monkeypat
     assert run(dataset, tmp_path / "out", emulator.url) == 0
     out = capsys.readouterr().out
     assert "4 images, 4 enriched, errors: none; 4 requests, 4 credits consumed, 996 remaining" in out
+
+
+def test_an_answer_that_trickles_ends_at_the_timeout_and_the_summary_counts_what_was_sent(
+    dataset, tmp_path, fault_server, monkeypatch, capsys
+):
+    """200, then one byte every 0.3 s: `--timeout` is one deadline for each request's whole exchange."""
+    server = fault_server("trickle", interval=0.3)
+    monkeypatch.setenv("CLIPDROP_API_KEY", "test-key")
+    started = time.monotonic()
+    assert run(dataset, tmp_path / "out", server.url, "--timeout", "1", "--no-training-pairs") == 0
+    assert time.monotonic() - started < 120  # ends, not after the ~300 s each body would take
+    out = capsys.readouterr().out
+    assert "4 images, 0 enriched, errors: timeout: 4; 4 requests, 4 credits consumed" in out, out
+    assert server.requests == server.charged == len(server.charged_by_content) == 4  # each sent once
 
 
 def test_missing_key_is_one_line_and_exit_2(dataset, tmp_path, emulator, monkeypatch, capsys):
@@ -95,6 +110,9 @@ def assert_one_line(out: str, err: str, *expected: str) -> str:
         ("--rpm", "0", "at least 1"),
         ("--concurrency", "0", "at least 1"),
         ("--max-attempts", "1.5", "whole number"),
+        ("--timeout", "0", "above 0"),
+        ("--timeout", "nan", "finite"),
+        ("--timeout", "soon", "number of seconds"),
         ("--shards", "10001", "between 1 and 10000"),
         ("--api-url", "not-a-url", "http:// or https://"),
         ("--api-url", "ftp://x", "http:// or https://"),

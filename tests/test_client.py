@@ -1,6 +1,8 @@
 """The client against the emulator over real HTTP on loopback."""
 
 import io
+import time
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
 import pytest
@@ -14,11 +16,14 @@ from normals_pipeline import (
     InvalidApiKey,
     InvalidResponse,
     MissingApiKey,
+    NoAnswer,
     OutOfCredits,
     RateGuard,
     RetryPolicy,
+    RunStopped,
     ServerError,
 )
+from normals_pipeline._errors import Interrupted
 from normals_pipeline.client import DEFAULT_COOLDOWN_S, parse_credits
 from normals_pipeline.emulator import Faults
 
@@ -170,3 +175,67 @@ def test_after_an_answer_a_lost_connection_gets_the_whole_retry_policy(emulator_
         with pytest.raises(ApiUnreachable):
             client.surface_normals(jpeg(), "image.jpg", "image/jpeg")
     assert client.retries_by_code["connection_error"] == FAST_RETRY.attempts  # each attempt's failure is counted
+
+
+def test_an_answer_that_trickles_ends_as_a_charged_timeout_at_the_deadline(fault_server):
+    """httpx's timeouts are per read: a 200 trickling one byte at a time would never trip them. One deadline
+    covers the whole exchange; the 200 said what it cost, so the error keeps it, and it is not retried."""
+    server = fault_server("trickle", interval=0.2)
+    started = time.monotonic()
+    with make_client(server.url, timeout_s=1.0) as client, pytest.raises(NoAnswer) as raised:
+        client.surface_normals(jpeg(), "image.jpg", "image/jpeg")
+    assert time.monotonic() - started < 15  # not the ~200 s the body would take
+    assert raised.value.error_code == "timeout" and raised.value.status == 200
+    assert raised.value.credits_consumed == 1 == server.charged
+    assert server.requests == 1 == client.tally.requests and not client.retries_by_code
+
+
+def test_a_request_waiting_for_its_answer_counts_as_sent_and_abort_ends_it_at_once(fault_server):
+    server = fault_server("silent")
+    with make_client(server.url, timeout_s=600) as client:
+        with ThreadPoolExecutor(1) as pool:
+            call = pool.submit(client.surface_normals, jpeg(), "image.jpg", "image/jpeg")
+            wait_for(lambda: client.tally.requests == 1)  # counted as it went out, with no answer yet
+            assert not call.done()
+            client.abort()
+            with pytest.raises(Interrupted) as raised:
+                call.result(timeout=15)
+    assert raised.value.credits_consumed is None  # no answer: it may have cost, nobody knows what
+    assert server.requests == 1 and not client.retries_by_code
+
+
+def test_abort_cuts_a_trickling_200_and_keeps_its_cost(fault_server):
+    server = fault_server("trickle", interval=0.5)
+    with make_client(server.url, timeout_s=600) as client:
+        with ThreadPoolExecutor(1) as pool:
+            call = pool.submit(client.surface_normals, jpeg(), "image.jpg", "image/jpeg")
+            wait_for(lambda: server.charged == 1)
+            client.abort()
+            with pytest.raises(Interrupted) as raised:
+                call.result(timeout=15)
+    assert raised.value.error_code == "interrupted" and raised.value.credits_consumed == 1
+
+
+def test_after_stop_sending_nothing_goes_out(emulator):
+    with make_client(emulator.url) as client:
+        client.stop_sending()
+        with pytest.raises(RunStopped):
+            client.surface_normals(jpeg(), "image.jpg", "image/jpeg")
+    assert emulator.stats()["requests"] == 0 == client.tally.requests
+
+
+def test_every_attempt_is_a_request_and_a_refused_connection_is_none(emulator_factory):
+    emulator = emulator_factory(faults=Faults(error_rate=1.0))
+    with make_client(emulator.url) as client, pytest.raises(ServerError):
+        client.surface_normals(jpeg(), "image.jpg", "image/jpeg")
+    assert client.tally.requests == FAST_RETRY.attempts == emulator.stats()["requests"]
+    with make_client("http://127.0.0.1:9") as refused, pytest.raises(ApiUnreachable):
+        refused.surface_normals(jpeg(), "image.jpg", "image/jpeg")
+    assert refused.tally.requests == 0
+
+
+def wait_for(condition, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "not within the bound"
+        time.sleep(0.02)

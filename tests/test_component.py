@@ -42,6 +42,7 @@ DEFAULTS = {
     "concurrency": None,
     "credit_floor": 0.0,
     "run_budget": None,
+    "timeout_seconds": 60.0,
     "redis_url": None,
     "oversize": "downscale",
     "group": "normals",

@@ -2,6 +2,7 @@
 is lost and none is charged twice. The README's fault matrix points at these tests."""
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
 import pytest
@@ -134,3 +135,58 @@ def test_a_refused_key_stops_at_the_first_answer(key, code, emulator, dataset, t
         result = Enricher(storage, LocalStorage(tmp_path / "out"), client, concurrency=4).run(items, empty_manifest())
     assert result.stopped.error_code == code and result.new_rows == 0
     assert emulator.stats()["requests"] == 1  # paced: the refusal lands before a second request is due
+
+
+def test_an_answer_that_trickles_ends_as_a_timeout_row_with_its_cost_and_the_run_ends(fault_server, dataset, tmp_path):
+    """200 with a Content-Length, then one byte at a time: httpx's per-read timeouts never trip, the exchange's
+    deadline does. Each image is sent once in the run, and its row keeps what the 200 said it cost."""
+    server = fault_server("trickle", interval=0.3)
+    progress = []
+    storage, items = dataset
+    client = ClipdropClient("test-key", base_url=server.url, rate_guard=RateGuard(100_000), retry=FAST, timeout_s=1.0)
+    started = time.monotonic()
+    with client:
+        result = Enricher(storage, LocalStorage(tmp_path / "out"), client, concurrency=4).run(
+            items, empty_manifest(), progress=progress.append
+        )
+    assert time.monotonic() - started < 60  # ends, not after the ~300 s each body would take
+    assert (result.manifest["error_code"] == "timeout").all() and result.stopped is None
+    assert set(server.charged_by_content.values()) == {1}  # each content charged once: none resent in the run
+    assert recorded(result) == server.charged == len(server.charged_by_content)
+    assert result.requests == server.requests == progress[-1].requests == IMAGES
+
+
+def test_every_attempt_is_counted_as_a_request(emulator_factory, dataset, tmp_path):
+    """500s are retried: each attempt is a request, in the shard's figures and in the progress."""
+    emulator = emulator_factory(faults=Faults(error_rate=1.0))
+    storage, items = dataset
+    retry = RetryPolicy(attempts=3, timeout_s=30, wait_initial_s=0.01, wait_max_s=0.05, wait_jitter_s=0.0)
+    client = ClipdropClient("test-key", base_url=emulator.url, rate_guard=RateGuard(100_000), retry=retry)
+    progress = []
+    with client:
+        result = Enricher(storage, LocalStorage(tmp_path / "out"), client, concurrency=4).run(
+            items, empty_manifest(), progress=progress.append
+        )
+    assert result.errors == {"server_error": IMAGES}
+    assert result.requests == progress[-1].requests == emulator.stats()["requests"] == IMAGES * 3
+
+
+def test_requests_waiting_for_their_answer_are_counted_as_sent_and_abort_ends_them(fault_server, dataset, tmp_path):
+    """A server that never answers: the progress counts the requests as they go out, with no image done; once
+    the run is aborted they end at once as `interrupted` rows (sent, maybe charged) and nothing more is sent."""
+    server = fault_server("silent")
+    storage, items = dataset
+    client = ClipdropClient("test-key", base_url=server.url, rate_guard=RateGuard(100_000), retry=FAST, timeout_s=600)
+    progress = []
+    with client, ThreadPoolExecutor(1) as pool:
+        enricher = Enricher(storage, LocalStorage(tmp_path / "out"), client, concurrency=4)
+        run = pool.submit(enricher.run, items, empty_manifest(), progress=progress.append)
+        deadline = time.monotonic() + 15
+        while not (progress and progress[-1].requests == 4):
+            assert time.monotonic() < deadline and not run.done()
+            time.sleep(0.05)
+        assert progress[-1].done == 0 and server.requests == 4
+        client.abort()
+        result = run.result(timeout=15)
+    assert (result.manifest["error_code"] == "interrupted").all() and len(result.manifest) == 4
+    assert result.requests == server.requests == progress[-1].requests == 4  # nothing sent after the abort

@@ -2,6 +2,7 @@
 without one, and what a stopped (or SIGTERMed) run prints."""
 
 import io
+import json
 import os
 import pty
 import re
@@ -112,7 +113,7 @@ def test_a_stopped_run_prints_its_summary_and_one_reason_and_no_shard_lines(
     assert not re.search(r"shard \d+", captured.out), captured.out
     [summary] = [line for line in captured.out.splitlines() if line.startswith("stopped after")]
     assert re.search(
-        r": 2 of 100 images processed \(98 not sent\), 2 enriched, errors: .*; \d+ requests, 2 credits consumed",
+        r": 2 of 100 images processed \(98 unfinished\), 2 enriched, errors: .*; \d+ requests, 2 credits consumed",
         summary,
     )
     [reason] = captured.err.strip().splitlines()
@@ -179,3 +180,40 @@ def test_credits_are_plain_numbers_and_local_uris_are_paths_to_paste():
         "could not write '/tmp/out put/manifest/partition=00/manifest.parquet' (disk full); s3://b/k"
     )
     assert shell_paths("file:///data/enriched/partition%3D01.") == "/data/enriched/partition=01."
+
+
+def test_the_first_sigterm_stops_a_run_whose_answers_trickle_and_keeps_what_they_cost(tmp_path, fault_server):
+    """Answers trickling in (200, then a byte every 2 s) under a long --timeout: one SIGTERM ends the run within
+    seconds (the answers on their way get a short grace, then their exchanges are cut); each cut 200 keeps a row
+    with its cost, and the stop line counts the requests sent."""
+    server = fault_server("trickle", interval=2.0)
+    make_portraits(tmp_path / "in", 6)
+    output = tmp_path / "out"
+    env = {**os.environ, "CLIPDROP_API_KEY": "test-key"}
+    args = arguments(tmp_path / "in", output, server.url, "--rpm", "100000", "--concurrency", "4", "--timeout", "600")
+    process = subprocess.Popen(
+        [CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while server.charged < 4:  # four 200s trickling
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        signalled = time.monotonic()
+        os.kill(process.pid, signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert time.monotonic() - signalled < 15
+    assert process.returncode == 1 and err.strip() == (
+        "normals-pipeline: stopped by SIGTERM; finished images kept (re-run to continue)"
+    )
+    assert re.search(
+        r"^stopped after [\d.]+ s: 4 of 6 images processed \(2 unfinished\), 0 enriched, errors: interrupted: 4; "
+        r"4 requests, 4 credits consumed",
+        out,
+        re.MULTILINE,
+    ), out
+    rows = [json.loads(path.read_text()) for path in (output / "journal").rglob("*.json")]
+    assert [row["error_code"] for row in rows] == ["interrupted"] * 4
+    assert sum(row["credits_consumed"] for row in rows) == server.charged == server.requests == 4

@@ -49,6 +49,7 @@ def normals_definitions(
     concurrency: int | None = None,
     credit_floor: float = 0.0,
     run_budget: float | None = None,
+    timeout_seconds: float = 60.0,
     redis_url: str | None = None,
     oversize: Literal["downscale", "refuse"] = "downscale",
     key_prefix: str | Sequence[str] | None = None,
@@ -77,6 +78,7 @@ def normals_definitions(
         concurrency=concurrency,
         credit_floor=credit_floor,
         run_budget=run_budget,
+        timeout_seconds=timeout_seconds,
         redis_url=redis_url,
         oversize=oversize,
     )

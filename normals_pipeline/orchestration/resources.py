@@ -48,7 +48,13 @@ class ClipdropResource(ConfigurableResource):
     )
     credit_floor: float = Field(default=0.0, ge=0, description="Stop sending before the balance would drop below this.")
     run_budget: float | None = Field(default=None, ge=0, description="Most credits one run may spend; none: no limit.")
-    timeout_seconds: float = Field(default=60.0, gt=0, description="Per-request timeout.")
+    timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Most seconds one request may take, from connecting to the answer's last byte (one deadline, "
+        "not per read); an answer not whole by then is recorded as `timeout` and sent again by the next run.",
+    )
     max_attempts: int = Field(
         default=6, ge=1, description="Tries per image for 429, 5xx, timeouts and connection errors."
     )

@@ -196,6 +196,11 @@ class SurfaceNormalsComponent(dg.Component, dg.Model, dg.Resolvable):
     run_budget: Annotated[
         Annotated[float, Field(ge=0)] | None, _doc("Most credits one run may spend; null: no limit.", 500.0)
     ] = None
+    timeout_seconds: Annotated[
+        float,
+        Field(gt=0, allow_inf_nan=False),
+        _doc("Most seconds one request may take, connecting to the answer's last byte; then it is a timeout.", 120.0),
+    ] = 60.0
     redis_url: Annotated[
         str | None,
         _doc(
@@ -296,6 +301,7 @@ class SurfaceNormalsComponent(dg.Component, dg.Model, dg.Resolvable):
             concurrency=self.concurrency,
             credit_floor=self.credit_floor,
             run_budget=self.run_budget,
+            timeout_seconds=self.timeout_seconds,
             redis_url=self.redis_url,
             oversize=self.oversize,
             key_prefix=self.key_prefix,
