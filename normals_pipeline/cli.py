@@ -513,6 +513,7 @@ def _run(args: argparse.Namespace, shards: int) -> int:
                 default_instance(),
                 progress=lambda key, metadata: _print_shard(view, metadata),
                 on_progress=view.update,
+                warn=lambda message: view.print(f"warning: {shell_paths(message)}"),
                 verbose=args.verbose,
                 shards_per_run=args.shards_per_run,
             )

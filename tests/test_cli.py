@@ -50,6 +50,14 @@ def test_run_prints_a_summary_and_exits_0(dataset, tmp_path, emulator, monkeypat
     assert "4 images, 4 enriched, errors: none; 4 requests, 4 credits consumed, 996 remaining" in out
 
 
+def test_the_inventorys_warnings_reach_the_console(dataset, tmp_path, emulator, monkeypatch, capsys):
+    os.mkfifo(dataset / "pipe.png")  # listed by name, never read: the inventory skips it and says so
+    monkeypatch.setenv("CLIPDROP_API_KEY", "test-key")
+    assert run(dataset, tmp_path / "out", emulator.url) == 0
+    out = capsys.readouterr().out
+    assert out.count("warning: entries skipped (fifo: 1)") == 1
+
+
 def test_an_answer_that_trickles_ends_at_the_timeout_and_the_summary_counts_what_was_sent(
     dataset, tmp_path, fault_server, monkeypatch, capsys
 ):

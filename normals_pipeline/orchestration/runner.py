@@ -6,6 +6,7 @@ assets, resources and checks.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import Counter
 from collections.abc import Callable
@@ -174,12 +175,14 @@ def run_pipeline(
     progress: Callable[[str, dict], None] = lambda key, metadata: None,
     *,
     on_progress: Callable[[Progress], None] = lambda progress: None,
+    warn: Callable[[str], None] = lambda message: None,
     verbose: bool = False,
     shards_per_run: int | None = None,
 ) -> RunSummary:
     """Materialize the inventory, then the shards: one run over all of them (one stream of work), or runs
     of `shards_per_run` in turn. Raise `RunFailed` at the first stop. `progress` hears of each shard as it
-    finishes, `on_progress` where the whole command stands as images finish (runs after the first add up).
+    finishes, `on_progress` where the whole command stands as images finish (runs after the first add up),
+    `warn` each warning of the inventory step (entries skipped, files set aside, a plan that will not fit).
 
     A shard whose manifest fails its check stops the run too (`CheckFailed`): such a failure comes from
     the code or the data, not from one image, so the next shards would most likely fail it as well.
@@ -189,6 +192,8 @@ def run_pipeline(
     inventory = defs.resolve_job_def(INVENTORY_JOB).execute_in_process(
         instance=instance, raise_on_error=False, run_config=logs
     )
+    for message in [] if verbose else _warnings(instance, inventory.run_id):  # verbose: on the console already
+        warn(message)
     if not inventory.success:
         raise RunFailed(_failure_message(inventory)[0], started=False)
     shard_job = defs.resolve_job_def(SHARD_JOB)
@@ -224,6 +229,15 @@ def run_pipeline(
             for metadata in _materializations(result, TRAINING_PAIRS).values():
                 summary.training.add(metadata)
     return summary
+
+
+def _warnings(instance: DagsterInstance, run_id: str) -> list[str]:
+    """What the run's steps logged at WARNING or above: the quiet console shows none of it."""
+    return [
+        entry.user_message
+        for entry in instance.all_logs(run_id)
+        if not entry.is_dagster_event and entry.level >= logging.WARNING
+    ]
 
 
 def _builds(job, asset: str) -> bool:
