@@ -64,11 +64,12 @@ def take(output: Storage, store: ClaimStore, notify: Callable[[str], None] = lam
             output.write_bytes(_path(generation), _record(me, now), "application/json")
             return Lease(output, store, generation)
         if output.create_if_absent(_path(generation + 1), _record(me, now), "application/json"):
-            if generation and (record is None or record["state"] != me.id):
-                notify(_taken_over(output, generation, record, now))
-            for old in _generations(output):
-                if old <= generation:
-                    output.delete(_path(old))
+            if generation:
+                if record is None or record["state"] != me.id:
+                    notify(_taken_over(output, generation, record, now))
+                for old in _generations(output):
+                    if old <= generation:
+                        output.delete(_path(old))
             return Lease(output, store, generation + 1)
         # another run created that generation first: look again
 
@@ -101,11 +102,13 @@ class Lease:
         while not self._closed.wait(LEASE_TTL_S / 3):
             try:
                 generation, record = _newest(self.output)
+                me = self.store.identity()
                 if generation > self.generation:
-                    self._lose(record)
-                    return
-                lease = _record(self.store.identity(), time.time())
-                self.output.write_bytes(_path(self.generation), lease, "application/json")
+                    if record is None or record["state"] != me.id:
+                        self._lose(record)
+                        return
+                    self.generation = generation  # a process of this state took it after a lapse: still ours
+                self.output.write_bytes(_path(self.generation), _record(me, time.time()), "application/json")
             except Exception:  # a storage or state hiccup: the next beat tries again, well within the TTL
                 continue
 

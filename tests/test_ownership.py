@@ -114,6 +114,20 @@ def test_a_run_whose_lease_was_taken_over_is_stopped(tmp_path, monkeypatch):
     assert isinstance(errors[0], OutputTaken) and str(tmp_path / "host-b") in str(errors[0])
 
 
+def test_a_lease_renewed_again_by_its_own_state_after_a_lapse_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(ownership, "LEASE_TTL_S", 0.3)
+    output, state = LocalStorage(tmp_path / "out"), SQLiteClaims(tmp_path / "state")
+    lease = ownership.take(output, state)
+    errors: list[Exception] = []
+    lease.on_lost(errors.append)
+    output.create_if_absent("owner/lease-00000002.json", ownership._record(state.identity(), time.time()))
+    deadline = time.monotonic() + 15
+    while lease.generation != 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lease.close()
+    assert lease.generation == 2 and errors == []
+
+
 def enrich(folder: Path, output: Storage, url: str, state: Path, notify=lambda message: None):
     dataset = LocalStorage(folder)
     items = current_items(dataset, take_inventory(dataset, 1))
