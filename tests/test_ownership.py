@@ -152,13 +152,16 @@ def test_a_later_run_from_another_state_takes_over_and_charges_nothing_twice(tmp
     assert len(heard) == 1 and "takes the output over" in heard[0]
 
 
-def two_runs_with_their_own_state(tmp_path: Path, output_uri: str, url: str) -> list[tuple[int, str, str]]:
-    """Two `normals-pipeline run`s started at once on one output, each with its own NORMALS_STATE_DIR and no Redis
-    (two hosts)."""
+def two_runs_with_their_own_state(
+    tmp_path: Path, output_uri: str, url: str, redis_url: str | None = None
+) -> list[tuple[int, str, str]]:
+    """Two `normals-pipeline run`s started at once on one output, each with its own NORMALS_STATE_DIR (two hosts),
+    and no Redis unless `redis_url`."""
     runs = []
     for host in ("a", "b"):
         env = {**os.environ, "CLIPDROP_API_KEY": "test-key", "NORMALS_STATE_DIR": str(tmp_path / f"host-{host}")}
         env.pop("NORMALS_REDIS_URL", None)
+        env.update({"NORMALS_REDIS_URL": redis_url} if redis_url else {})
         args = [CLI, "run", "--dataset", str(tmp_path / "in"), "--output", output_uri, "--api-url", url]
         args += ["--rpm", "100000", "--shards", "2"]
         runs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -197,3 +200,16 @@ def test_a_run_from_another_host_after_the_last_one_ended_takes_over_with_a_warn
     warnings = [line for line in done.stdout.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "old-host:/home/me" in warnings[0] and "takes the output over" in warnings[0]
     assert Decimal(emulator.stats()["charged"]) == 4
+
+
+def test_two_hosts_sharing_one_redis_both_run_on_one_output_and_charge_each_content_once(
+    tmp_path, emulator_factory, redis_url
+):
+    emulator = emulator_factory(latency=0.3)
+    make_portraits(tmp_path / "in", 30)
+
+    results = two_runs_with_their_own_state(tmp_path, str(tmp_path / "out"), emulator.url, redis_url)
+
+    assert [code for code, _, _ in results] == [0, 0], results
+    stats = emulator.stats()
+    assert stats["charged_twice"] == 0 and Decimal(stats["charged"]) == len(stats["charged_by_content"]) == 30
