@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from decimal import Decimal
 from pathlib import Path
 
@@ -153,13 +154,13 @@ def test_a_later_run_from_another_state_takes_over_and_charges_nothing_twice(tmp
 
 
 def two_runs_with_their_own_state(
-    tmp_path: Path, output_uri: str, url: str, redis_url: str | None = None
+    tmp_path: Path, output_uri: str, url: str, key: str, redis_url: str | None = None
 ) -> list[tuple[int, str, str]]:
     """Two `normals-pipeline run`s started at once on one output, each with its own NORMALS_STATE_DIR (two hosts),
     and no Redis unless `redis_url`."""
     runs = []
     for host in ("a", "b"):
-        env = {**os.environ, "CLIPDROP_API_KEY": "test-key", "NORMALS_STATE_DIR": str(tmp_path / f"host-{host}")}
+        env = {**os.environ, "CLIPDROP_API_KEY": key, "NORMALS_STATE_DIR": str(tmp_path / f"host-{host}")}
         env.pop("NORMALS_REDIS_URL", None)
         env.update({"NORMALS_REDIS_URL": redis_url} if redis_url else {})
         args = [CLI, "run", "--dataset", str(tmp_path / "in"), "--output", output_uri, "--api-url", url]
@@ -172,11 +173,12 @@ def two_runs_with_their_own_state(
 def test_two_hosts_with_their_own_state_on_one_output_charge_each_content_once(
     tmp_path, emulator_factory, where, request
 ):
-    emulator = emulator_factory(latency=0.3)
+    key = f"key-{uuid.uuid4().hex}"
+    emulator = emulator_factory(keys={key: Decimal(1000)}, latency=0.3)
     make_portraits(tmp_path / "in", 30)
     uri = str(tmp_path / "out") if where == "local" else f"s3://{request.getfixturevalue('s3_bucket')}/out"
 
-    results = two_runs_with_their_own_state(tmp_path, uri, emulator.url)
+    results = two_runs_with_their_own_state(tmp_path, uri, emulator.url, key)
 
     stats = emulator.stats()
     assert stats["charged_twice"] == 0 and Decimal(stats["charged"]) == len(stats["charged_by_content"]) == 30
@@ -205,10 +207,11 @@ def test_a_run_from_another_host_after_the_last_one_ended_takes_over_with_a_warn
 def test_two_hosts_sharing_one_redis_both_run_on_one_output_and_charge_each_content_once(
     tmp_path, emulator_factory, redis_url
 ):
-    emulator = emulator_factory(latency=0.3)
+    key = f"key-{uuid.uuid4().hex}"  # its own rate and balance in the shared Redis, whatever other tests left there
+    emulator = emulator_factory(keys={key: Decimal(1000)}, latency=0.3)
     make_portraits(tmp_path / "in", 30)
 
-    results = two_runs_with_their_own_state(tmp_path, str(tmp_path / "out"), emulator.url, redis_url)
+    results = two_runs_with_their_own_state(tmp_path, str(tmp_path / "out"), emulator.url, key, redis_url)
 
     assert [code for code, _, _ in results] == [0, 0], results
     stats = emulator.stats()
