@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, NamedTuple, Protocol, TypeVar
 
 import stamina
 from filelock import FileLock
@@ -227,6 +229,7 @@ _CLAIMS_SCHEMA = """
 PRAGMA synchronous=NORMAL;
 CREATE TABLE IF NOT EXISTS claims (name TEXT PRIMARY KEY, owner TEXT, expires REAL);
 CREATE TABLE IF NOT EXISTS rebuilt (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS identity (id INTEGER PRIMARY KEY CHECK (id = 1), value TEXT NOT NULL);
 """
 # A claims file rebuilt after it could not be read grants nothing for one claim lifetime: a claim the lost file
 # held (a request in flight in another process) lapses by then, or its map is stored and reused.
@@ -653,6 +656,13 @@ class RedisState:
         self._redis.delete(self._keys["balance"])
 
 
+class StateIdentity(NamedTuple):
+    """Which claim store this is: processes with the same `id` see each other's claims (see `ownership`)."""
+
+    id: str  # random, made once by the store's first user
+    where: str  # for messages: the host and folder, or the Redis server; never a credential
+
+
 class ClaimStore(Protocol):
     """Named claims with an owner and an expiry, seen by every process that shares the store: one sender
     per content, one writer per shard. A claim of a killed process lapses once its holder stops renewing."""
@@ -661,6 +671,10 @@ class ClaimStore(Protocol):
     def renew(self, names: list[str], owner: str, ttl_s: float) -> None: ...
     def release(self, name: str, owner: str) -> None: ...
     def held(self, name: str) -> bool: ...  # a live claim by anyone: a read, for the plan
+    def identity(self) -> StateIdentity: ...
+
+
+_PROCESS_TOKEN = uuid.uuid4().hex[:12]  # with the pid: a forked child is another process, with other claims
 
 
 class MemoryClaims:
@@ -694,12 +708,19 @@ class MemoryClaims:
         with self._lock:
             return self._claims.get(name, ("", 0.0))[1] > time.time()
 
+    def identity(self) -> StateIdentity:
+        """This process: its claims are its own. (Two stores in one process are not told apart; a caller that
+        runs two at once on one output should share one.)"""
+        pid = os.getpid()
+        return StateIdentity(f"memory-{_PROCESS_TOKEN}-{pid}", f"the memory of process {pid} on {socket.gethostname()}")
+
 
 class SQLiteClaims:
     """Claims in one SQLite file on this host (`claims.sqlite` in the state folder)."""
 
     def __init__(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
+        self._folder = folder.absolute()
         # synchronous=NORMAL: a claim outlives a crashed process, not a power cut
         lost = "claims wait one claim lifetime, until any the old file held have lapsed"
         self._db = open_sqlite(folder / "claims.sqlite", _CLAIMS_SCHEMA, lost=lost, rebuild=_CLAIMS_REBUILT)
@@ -732,6 +753,14 @@ class SQLiteClaims:
             row = self._db.execute("SELECT 1 FROM claims WHERE name = ? AND expires > ?", (name, time.time()))
             return row.fetchone() is not None
 
+    def identity(self) -> StateIdentity:
+        """Kept in the claims' own file: a file rebuilt from scratch is another store, with none of the claims."""
+        with self._lock:
+            if (row := self._db.execute("SELECT value FROM identity").fetchone()) is None:
+                self._db.execute("INSERT OR IGNORE INTO identity VALUES (1, ?)", (uuid.uuid4().hex,))
+                row = self._db.execute("SELECT value FROM identity").fetchone()
+        return StateIdentity(row[0], f"{socket.gethostname()}:{self._folder}")
+
 
 # KEYS: the claim. ARGV: owner, ttl_ms. Take it if free or ours (SET NX would refuse our own renewal).
 _REDIS_CLAIM = """
@@ -749,6 +778,9 @@ for _, key in ipairs(KEYS) do
 end
 return 1
 """
+
+
+_STATE_ID_KEY = "normals:state-id"
 
 
 class RedisClaims:
@@ -773,3 +805,14 @@ class RedisClaims:
 
     def held(self, name: str) -> bool:
         return bool(self._redis.exists(f"normals:claim:{name}"))
+
+    def identity(self) -> StateIdentity:
+        """One id per Redis database, made by whichever process asks first (SET NX): every host sharing it agrees.
+        Read each time, so a flushed or restarted Redis is a new store, as its claims are gone."""
+        pipe = self._redis.pipeline()
+        pipe.set(_STATE_ID_KEY, uuid.uuid4().hex, nx=True)
+        pipe.get(_STATE_ID_KEY)
+        value = pipe.execute()[1]
+        server = self._redis.connection_pool.connection_kwargs
+        place = server.get("path") or f"{server.get('host')}:{server.get('port')}"
+        return StateIdentity(value.decode(), f"Redis at {place}, database {server.get('db', 0)}")

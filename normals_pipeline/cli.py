@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from .enrich import Progress
     from .live import PlainView
     from .orchestration.runner import RunSummary, TrainingSummary
+    from .ownership import Lease
     from .plan import Figures, Plan
     from .storage import Storage
 
@@ -300,6 +301,26 @@ def check_locations(dataset_uri: str, output_uri: str, writable: bool = True) ->
         _check_writable(output.root, output_uri)
 
 
+def hold_output(output_uri: str, redis_url: str | None) -> Lease | None:
+    """This command's lease on the output (see `ownership`), held through the run so a run of another state
+    is refused here, with one line, even when both start at once; the run's own lease joins it. An output or
+    state that cannot be read now is left to the run (None), which says why."""
+    from .guards import claim_store
+    from .live import shell_paths
+    from .ownership import OutputInUse, take
+    from .storage import open_storage
+
+    def warn(line: str) -> None:
+        print(f"warning: {shell_paths(line)}", flush=True)
+
+    try:
+        return take(open_storage(output_uri), claim_store(redis_url), warn)
+    except OutputInUse as error:
+        raise CannotStart(shell_paths(str(error))) from None
+    except Exception:
+        return None
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Check what can be checked up front (exit 2 with one line), then run through the Dagster definitions."""
     if not os.environ.get("CLIPDROP_API_KEY"):
@@ -315,8 +336,13 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", flush=True)
     if args.refresh_balance:
         _refresh_balance(os.environ["CLIPDROP_API_KEY"], args.redis_url)
-    with _console(args.verbose):
-        return _run(args, shards)
+    lease = hold_output(args.output, args.redis_url)
+    try:
+        with _console(args.verbose):
+            return _run(args, shards)
+    finally:
+        if lease is not None:
+            lease.close()
 
 
 def plan_command(args: argparse.Namespace) -> int:

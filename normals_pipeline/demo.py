@@ -19,6 +19,7 @@ from PIL import Image
 
 from .emulator import Emulator, EmulatorConfig
 from .enrich import normal_map_path
+from .guards import key_fingerprint
 from .manifest import PARTITIONING
 from .synthetic import contact_sheet, make_portraits
 from .training import PARQUET_DIR
@@ -108,7 +109,10 @@ def run_demo(workdir: Path, images: int, fresh: bool = False) -> int:
         raise CannotStart(str(error)) from None
     config = EmulatorConfig(keys={DEMO_KEY: Decimal(100)}, rpm=60, latency=0.3)
     state = workdir / STATE
-    shutil.rmtree(state, ignore_errors=True)  # this emulator starts with 100 credits: forget what the last one said
+    # This emulator starts with 100 credits: forget the key's balance and rate from the last one. The claims stay:
+    # their store's id is what the output records as its owner (see `ownership`), so a demo re-run at once may go.
+    for known in state.glob(f"{key_fingerprint(DEMO_KEY)}.*"):
+        known.unlink()
     environment = _environment(CLIPDROP_API_KEY=DEMO_KEY, NORMALS_STATE_DIR=str(state))
     with Emulator(config) as emulator, environment:
         print(f"emulator: {emulator.url} (key {DEMO_KEY}, 100 credits, 60 requests/min)\n")

@@ -27,7 +27,7 @@ from decimal import Decimal
 import pandas as pd
 import pyarrow as pa
 
-from . import manifest
+from . import manifest, ownership
 from ._errors import ApiUnreachable, ClipdropError, ImageRejected, ManifestNotWritten, MapNotStored, RunStopped
 from ._state import ClaimStore
 from .client import ApiResult, ClipdropClient, Tally
@@ -530,9 +530,11 @@ def enrich_shards(
     work done. Claims are taken in key order, so two ranged runs cannot wait on each other in a circle.
     `claims`: the store every process on the output shares (default: this process only)."""
     guard = ClaimGuard(claims, claim_namespace(output))
+    lease = ownership.take(output, guard.store, notify)  # refuses a run of another state: it would charge twice
     try:
         works = [_open_shard(guard, output, key, items, notify) for key, items in sorted(shards)]
         enricher = Enricher(dataset, output, client, concurrency, oversize=oversize, claims=guard)
+        lease.on_lost(enricher._halt)
 
         def done(work: ShardWork, result: ShardResult) -> None:
             try:
@@ -551,6 +553,7 @@ def enrich_shards(
         results = enricher.run_shards(works, on_done=done, progress=progress)
     finally:
         guard.close()
+        lease.close()
     return {work.key: result for work, result in zip(works, results)}
 
 

@@ -104,6 +104,7 @@ class Storage(Protocol):
     def stat(self, path: str) -> FileEntry: ...
     def read_bytes(self, path: str) -> bytes: ...
     def write_bytes(self, path: str, data: bytes, content_type: str | None = None) -> None: ...
+    def create_if_absent(self, path: str, data: bytes, content_type: str | None = None) -> bool: ...
     def exists(self, path: str) -> bool: ...
     def uri_for(self, path: str) -> str: ...
     def list_prefix(self, prefix: str) -> list[str]: ...
@@ -194,6 +195,30 @@ class LocalStorage:
     def write_bytes(self, path: str, data: bytes, content_type: str | None = None) -> None:
         """Write via a temp file + rename so readers never see a partial file."""
         target = self._join(path)
+        tmp = self._staged(path, target, data)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def create_if_absent(self, path: str, data: bytes, content_type: str | None = None) -> bool:
+        """Write `path` only if nothing is there; False if something was. Of writers racing on any hosts one
+        wins: a hard link of a complete temp file is atomic (local file systems, NFS) and, unlike an `O_EXCL`
+        create followed by the write, never shows a reader a file still being written."""
+        target = self._join(path)
+        tmp = self._staged(path, target, data)
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        return True
+
+    def _staged(self, path: str, target: str, data: bytes) -> str:
+        """`data` in a complete, synced temp file beside `target` (a hidden name no listing shows)."""
         parent = os.path.dirname(target)
         if not self._inside(os.path.realpath(parent)):
             raise PermissionError(f"refusing to write {path!r}: its folder resolves outside {self.uri}")
@@ -205,11 +230,11 @@ class LocalStorage:
                 f.flush()
                 os.fchmod(f.fileno(), _FILE_MODE)
                 os.fsync(f.fileno())
-            os.replace(tmp, target)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+        return tmp
 
     def exists(self, path: str) -> bool:
         try:
@@ -371,6 +396,18 @@ class S3Storage:
         """One PUT: S3 never exposes a partially written object."""
         extra = {"ContentType": content_type} if content_type else {}
         self.client.put_object(Bucket=self.bucket, Key=self._key(path), Body=data, **extra)
+
+    def create_if_absent(self, path: str, data: bytes, content_type: str | None = None) -> bool:
+        """One conditional PUT (`If-None-Match: *`): S3 stores it only if the key is absent, so of writers
+        racing one wins. False if the key was there, or another conditional write to it was under way (409)."""
+        extra = {"ContentType": content_type} if content_type else {}
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(path), Body=data, IfNoneMatch="*", **extra)
+        except ClientError as err:
+            if _error_code(err) in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
+        return True
 
     def exists(self, path: str) -> bool:
         try:

@@ -42,6 +42,17 @@ def test_an_unrenewed_claim_lapses_and_a_renewed_one_does_not(store):
     assert not store.claim(kept, "b", 30)
 
 
+def test_stores_that_share_claims_share_an_identity_and_no_others_do(tmp_path, redis_url):
+    first, again, other = SQLiteClaims(tmp_path / "a"), SQLiteClaims(tmp_path / "a"), SQLiteClaims(tmp_path / "b")
+    assert first.identity() == again.identity() and first.identity().id != other.identity().id
+    assert first.identity().where.endswith(f":{tmp_path / 'a'}")
+    # every host on one Redis: one id; where names the server, never the URL's password
+    with_password = redis_url.replace("redis://", "redis://default:s3cret@")
+    assert RedisClaims(redis_url).identity() == RedisClaims(with_password).identity()
+    assert "s3cret" not in RedisClaims(with_password).identity().where
+    assert MemoryClaims().identity() == MemoryClaims().identity()  # one process: its sequential runs agree
+
+
 def test_a_waiter_returns_as_soon_as_the_holders_work_is_there():
     store = MemoryClaims()
     holder, waiter = ClaimGuard(store, "out"), ClaimGuard(store, "out")

@@ -7,6 +7,7 @@ import os
 import pickle
 import socket
 import stat
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -319,6 +320,38 @@ def test_failed_write_cleans_up_temp_file(root: Path) -> None:
     with pytest.raises(OSError):
         LocalStorage(root).write_bytes("target", b"data")
     assert os.listdir(root) == ["target"]
+
+
+def test_create_if_absent_writes_once_whole_and_leaves_no_temp_files(root: Path) -> None:
+    storage = LocalStorage(root)
+    assert storage.create_if_absent("owner/lease.json", b"first")
+    assert not storage.create_if_absent("owner/lease.json", b"second")
+    assert storage.read_bytes("owner/lease.json") == b"first" and os.listdir(root / "owner") == ["lease.json"]
+
+
+def test_of_writers_racing_to_create_one_file_one_wins(root: Path) -> None:
+    storage, start, won = LocalStorage(root), threading.Barrier(8), []
+
+    def race(index: int) -> None:
+        start.wait()
+        if storage.create_if_absent("lease.json", str(index).encode()):
+            won.append(index)
+
+    threads = [threading.Thread(target=race, args=(index,)) for index in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(won) == 1 and storage.read_bytes("lease.json") == str(won[0]).encode()
+    assert os.listdir(root) == ["lease.json"]
+
+
+def test_s3_create_if_absent_is_a_conditional_put(s3_client: Any, s3_bucket: str) -> None:
+    storage = S3Storage(s3_bucket, "out", s3_client)
+    assert storage.create_if_absent("owner/lease.json", b"first", "application/json")
+    assert not storage.create_if_absent("owner/lease.json", b"second")
+    assert storage.read_bytes("owner/lease.json") == b"first"
+    assert s3_client.head_object(Bucket=s3_bucket, Key="out/owner/lease.json")["ContentType"] == "application/json"
 
 
 def test_write_through_symlinked_dir_out_of_root_is_refused(root: Path, tmp_path: Path) -> None:
