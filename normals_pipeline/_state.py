@@ -229,7 +229,6 @@ _CLAIMS_SCHEMA = """
 PRAGMA synchronous=NORMAL;
 CREATE TABLE IF NOT EXISTS claims (name TEXT PRIMARY KEY, owner TEXT, expires REAL);
 CREATE TABLE IF NOT EXISTS rebuilt (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS identity (id INTEGER PRIMARY KEY CHECK (id = 1), value TEXT NOT NULL);
 """
 # A claims file rebuilt after it could not be read grants nothing for one claim lifetime: a claim the lost file
 # held (a request in flight in another process) lapses by then, or its map is stored and reused.
@@ -715,6 +714,27 @@ class MemoryClaims:
         return StateIdentity(f"memory-{_PROCESS_TOKEN}-{pid}", f"the memory of process {pid} on {socket.gethostname()}")
 
 
+def _folder_id(folder: Path) -> str:
+    """The folder's id, made once: written whole to a temporary file, then linked into place, so processes
+    starting together agree on one and none reads it half written. An unreadable one is made anew (another
+    store: the safe direction)."""
+    path = folder / "state-id"
+    with contextlib.suppress(FileNotFoundError):
+        if len(found := path.read_text(errors="replace").strip()) == 32:
+            return found
+    staged = folder / f".state-id.{uuid.uuid4().hex}"
+    staged.write_text(uuid.uuid4().hex)
+    try:
+        os.link(staged, path)
+    except FileExistsError:
+        if len(found := path.read_text(errors="replace").strip()) == 32:
+            return found
+        os.replace(staged, path)
+    finally:
+        staged.unlink(missing_ok=True)
+    return path.read_text().strip()
+
+
 class SQLiteClaims:
     """Claims in one SQLite file on this host (`claims.sqlite` in the state folder)."""
 
@@ -754,12 +774,10 @@ class SQLiteClaims:
             return row.fetchone() is not None
 
     def identity(self) -> StateIdentity:
-        """Kept in the claims' own file: a file rebuilt from scratch is another store, with none of the claims."""
-        with self._lock:
-            if (row := self._db.execute("SELECT value FROM identity").fetchone()) is None:
-                self._db.execute("INSERT OR IGNORE INTO identity VALUES (1, ?)", (uuid.uuid4().hex,))
-                row = self._db.execute("SELECT value FROM identity").fetchone()
-        return StateIdentity(row[0], f"{socket.gethostname()}:{self._folder}")
+        """Kept in a file of its own (`state-id`), not in the claims': a claims file set aside and rebuilt is
+        the same store to the output's lease (the rebuilt file's wait covers the claims it lost), so a run on
+        a repaired state is not refused by the lease of its own last run."""
+        return StateIdentity(_folder_id(self._folder), f"{socket.gethostname()}:{self._folder}")
 
 
 # KEYS: the claim. ARGV: owner, ttl_ms. Take it if free or ours (SET NX would refuse our own renewal).

@@ -457,10 +457,14 @@ def _filled_state(folder: Path) -> None:
 def test_a_state_file_sqlite_cannot_read_is_set_aside_with_one_warning_and_rebuilt(tmp_path, name, damage):
     _filled_state(tmp_path)
     _state.take_set_aside_warnings()
+    opened = SQLiteClaims(tmp_path)
+    before = opened.identity()
+    opened._db.close()
     damage(tmp_path / name)
     damaged = (tmp_path / name).read_bytes()
 
     state, claims = SQLiteState(tmp_path, "key"), SQLiteClaims(tmp_path)
+    assert claims.identity() == before  # the same store to the output's lease: its own last run does not refuse it
 
     [warning] = _state.take_set_aside_warnings()
     [kept] = (tmp_path / "quarantine").iterdir()
