@@ -7,11 +7,12 @@ and also pauses every other caller on the key. Nothing here knows about Dagster.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 
@@ -32,6 +33,7 @@ from ._errors import (
     RateLimited,
     RunStopped,
     ServerError,
+    StateUnavailable,
     TransientError,
 )
 from .guards import CREDITS_PER_CALL, CreditGuard, RateGuard
@@ -238,12 +240,15 @@ class ClipdropClient:
 
     def _send_once(self, path: str, image: bytes, filename: str, content_type: str) -> ApiResult:
         self._raise_if_given_up()
-        turn = self.rate_guard.acquire(self._giving_up)
+        with _shared_state():
+            turn = self.rate_guard.acquire(self._giving_up)
+        result: ApiResult | None = None
         try:
             self._raise_if_given_up()  # decided while this worker waited for its turn
-            return self._send_in_turn(path, image, filename, content_type)
+            result = self._send_in_turn(path, image, filename, content_type)
+            return result
         finally:
-            self.rate_guard.finished(turn)
+            _after_exchange(lambda: self.rate_guard.finished(turn), result)
 
     def _raise_if_given_up(self) -> None:
         """Another worker found the API unreachable: nothing is sent to learn it again."""
@@ -251,9 +256,11 @@ class ClipdropClient:
             raise self._given_up
 
     def _send_in_turn(self, path: str, image: bytes, filename: str, content_type: str) -> ApiResult:
-        lease = self.credit_guard.reserve()  # after the wait for a slot, so a stop during the wait is seen
+        with _shared_state():
+            lease = self.credit_guard.reserve()  # after the wait for a slot, so a stop during the wait is seen
         consumed: Decimal | None = None
         remaining: Decimal | None = None
+        result: ApiResult | None = None
         started = time.monotonic()
         try:
             with self._http.stream("POST", path, files={"image_file": (filename, image, content_type)}) as response:
@@ -268,7 +275,8 @@ class ClipdropClient:
                 consumed = CREDITS_PER_CALL if reported is None else reported
                 body = self._read_body(response, consumed)
             self._observe(time.monotonic() - started)
-            return ApiResult(body, response.status_code, consumed, remaining)
+            result = ApiResult(body, response.status_code, consumed, remaining)
+            return result
         except RunStopped as error:  # 401, 403, 402: no later request on this key can succeed
             self.credit_guard.stop(error)
             raise
@@ -287,7 +295,7 @@ class ClipdropClient:
         except httpx.TransportError as error:  # connect or write error: nothing the server could answer
             raise ApiUnreachable(_cause(error)) from None
         finally:
-            self.credit_guard.settle(lease, consumed, remaining)
+            _after_exchange(lambda: self.credit_guard.settle(lease, consumed, remaining), result)
 
     def _count_request(self) -> None:
         """A request the server got whole (answered, or out and then unanswered): a connection refused or a
@@ -312,6 +320,31 @@ class ClipdropClient:
         if not body.startswith(JPEG_MAGIC):
             raise InvalidResponse("response body is not a JPEG", status=200, credits_consumed=consumed)
         return body
+
+
+@contextmanager
+def _shared_state(answer: ApiResult | ClipdropError | None = None) -> Iterator[None]:
+    """Around the guards' calls: what they raise other than a `ClipdropError` is the shared state failing
+    (Redis gone, a SQLite file unusable), raised as `StateUnavailable` carrying the exchange's `answer`."""
+    try:
+        yield
+    except ClipdropError:
+        raise
+    except Exception as error:
+        raise StateUnavailable(error, answer) from error
+
+
+def _after_exchange(bookkeeping: Callable[[], object], result: ApiResult | None) -> None:
+    """The guards' bookkeeping in an exchange's `finally`. The answer arrived before it, so a state that fails
+    here must not discard it: the paid `result`, or the error the exchange is raising (its row), goes on in
+    `StateUnavailable` for the caller to keep."""
+    ending = sys.exception() if result is None else None  # no result: the exchange is raising
+    if isinstance(ending, StateUnavailable):
+        with suppress(Exception):  # the same outage, already raised with the answer: keep that one
+            bookkeeping()
+        return
+    with _shared_state(result or (ending if isinstance(ending, ClipdropError) else None)):
+        bookkeeping()
 
 
 __all__ = [

@@ -6,8 +6,8 @@ column `partition` as the string the Dagster UI shows (`"01"`; plain `partitioni
 
 While a shard runs, each finished row is also written at once to its own small file in
 `<output>/journal/partition=<key>/` (or, when the output refuses the write, in a spool folder on this
-host), so a run killed at any moment loses only the requests in flight: the next run folds the journal
-into the manifest, then clears it.
+host, `spool_for`, where refused normal maps wait too), so a run killed at any moment loses only the
+requests in flight: the next run folds the journal into the manifest, then clears it.
 
 Reading is where corruption is met: a manifest or journal file that cannot be parsed is moved to
 `<output>/quarantine/` (kept, never deleted), named in a warning, and the shard is rebuilt from what is
@@ -196,8 +196,9 @@ def _journal_dir(partition_key: str) -> str:
     return f"{JOURNAL_DIR}/partition={partition_key}"
 
 
-def _spool(output: Storage) -> LocalStorage:
-    """This host's fallback for journal rows the output refused, one folder per output."""
+def spool_for(output: Storage) -> LocalStorage:
+    """This host's fallback for what was paid and the output refused (journal rows, normal maps), one folder
+    per output under `NORMALS_STATE_DIR/spool/`, holding them at the paths the output would have."""
     return LocalStorage(default_state_dir() / "spool" / hashlib.sha256(output.uri.encode()).hexdigest()[:16])
 
 
@@ -209,7 +210,7 @@ class Journal:
     def __init__(self, output: Storage, partition_key: str, spool: Storage | None = None) -> None:
         self.output = output
         self.folder = _journal_dir(partition_key)
-        self.spool = spool or _spool(output)
+        self.spool = spool or spool_for(output)
 
     def write(self, row: dict) -> None:
         name = f"{self.folder}/{hashlib.sha256(row['path'].encode()).hexdigest()[:32]}.json"
