@@ -177,7 +177,7 @@ class ShardWork:
     key: str
     items: list[Item]
     previous: pd.DataFrame
-    journal: Callable[[dict], None] | None = None
+    journal: Callable[[dict, float], None] | None = None  # a finished row and what this run paid for it
     costs_lost: bool = False  # part of its record was unreadable (see `Enricher.run`)
     warnings: list[str] = field(default_factory=list)
 
@@ -285,7 +285,7 @@ class Enricher:
         output: Storage,
         client: ClipdropClient,
         concurrency: int | None = 4,
-        journal: Callable[[dict], None] | None = None,
+        journal: Callable[[dict, float], None] | None = None,
         oversize: Oversize = "downscale",
         claims: ClaimGuard | None = None,
         spool: Storage | None = None,
@@ -294,7 +294,7 @@ class Enricher:
         self.output = output
         self.client = client
         self.window = InFlightWindow(client, max(1, concurrency) if concurrency else None)
-        self.journal = journal  # called with each finished row, from the worker that made it
+        self.journal = journal  # called with each finished row and its cost, from the worker that made it
         self.oversize = oversize
         self.claims = claims or ClaimGuard(None, claim_namespace(output))
         self.spool = spool or manifest.spool_for(output)  # paid maps the output refused wait here
@@ -435,7 +435,7 @@ class Enricher:
             self._charged_now[item.path] = 0.0 if math.isnan(charged) else charged
             row["credits_consumed"] = charged + self._spent_before.get(item.path, 0.0)  # unknown stays unknown
             if work.journal is not None:
-                work.journal(row)
+                work.journal(row, charged)
         return row, tally
 
     def _process(self, item: Item, costs_lost: bool = False) -> dict | None:
@@ -597,15 +597,28 @@ def enrich_shards(
     clear its journal and call `on_shard`. The shards' claims make this run their only writer: another
     run of one of them (a re-launch, an overlapping schedule, another host) waits for it, then finds the
     work done. Claims are taken in key order, so two ranged runs cannot wait on each other in a circle.
+    Should a claim be lost all the same (Redis restarted or evicting, a holder paused past the TTL), the
+    manifest is committed with every journaled row folded in (`manifest.commit_shard`): it still adds up.
     `claims`: the store every process on the output shares (default: this process only)."""
     guard = ClaimGuard(claims, claim_namespace(output))
     try:
-        works = [_open_shard(guard, output, key, items, notify) for key, items in sorted(shards)]
+        opened = [_open_shard(guard, output, key, items, notify) for key, items in sorted(shards)]
+        works = [work for work, _, _ in opened]
+        records = {work.key: (journal, state) for work, journal, state in opened}
         enricher = Enricher(dataset, output, client, concurrency, oversize=oversize, claims=guard)
 
         def done(work: ShardWork, result: ShardResult) -> None:
+            journal, state = records[work.key]
+            current = {item.path for item in work.items}
+
+            def in_dataset(rows: pd.DataFrame) -> pd.DataFrame:
+                return rows[rows["path"].isin(current)].sort_values("path", ignore_index=True)
+
             try:
-                result.manifest_uri = manifest.write_manifest(output, work.key, result.manifest)
+                result.manifest, result.manifest_uri, warnings = manifest.commit_shard(
+                    output, journal, work.key, state, result.manifest, in_dataset
+                )
+                result.warnings = [*result.warnings, *warnings]
             except Exception as error:  # its rows stay journaled: stop, the output is failing
                 unwritten = ManifestNotWritten(
                     f"could not write {output.uri_for(manifest.partition_path(work.key))} ({_cause(error)}); "
@@ -615,8 +628,6 @@ def enrich_shards(
                 if not isinstance(result.stopped, MapNotStored):
                     result.stopped = unwritten
                 enricher._halt(unwritten)
-            else:
-                manifest.Journal(output, work.key).clear()
             try:
                 guard.release(f"shard-{work.key}")
             except Exception as error:  # the claims' store failing: the claim lapses within its TTL
@@ -632,14 +643,14 @@ def enrich_shards(
 
 def _open_shard(
     guard: ClaimGuard, output: Storage, key: str, items: list[Item], notify: Callable[[str], None]
-) -> ShardWork:
+) -> tuple[ShardWork, manifest.Journal, manifest.ShardState]:
     try:
         guard.acquire(f"shard-{key}", waiting=lambda: notify(f"shard {key} is being enriched by another run: waiting"))
     except Exception as error:  # the claims' store failing before anything was sent
         raise StateUnavailable(error) from error
     journal = manifest.Journal(output, key)
     state = manifest.load_shard(output, journal, key)
-    return ShardWork(key, items, state.previous, journal.write, bool(state.warnings), state.warnings)
+    return ShardWork(key, items, state.previous, journal.write, bool(state.warnings), state.warnings), journal, state
 
 
 def enrich_shard(

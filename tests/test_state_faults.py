@@ -3,8 +3,6 @@ Every answer that arrived is kept (its map stored, its row with its cost), the r
 a re-run with a fresh Redis charges nothing again."""
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -13,7 +11,6 @@ from decimal import Decimal
 from pathlib import Path
 
 import pyarrow.dataset as ds
-import pytest
 
 from normals_pipeline import manifest
 from normals_pipeline.enrich import normal_map_path
@@ -22,43 +19,6 @@ from normals_pipeline.synthetic import make_portraits
 
 IMAGES = 40
 CLI = str(Path(sys.executable).with_name("normals-pipeline"))
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture
-def redis_server():
-    """Start a throwaway `redis-server` on loopback (no persistence); returns its URL and process."""
-    import redis
-
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    started: list[subprocess.Popen] = []
-
-    def start() -> tuple[str, subprocess.Popen]:
-        port = _free_port()
-        args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        started.append(server)
-        url = f"redis://127.0.0.1:{port}/0"
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                redis.Redis.from_url(url).ping()
-                return url, server
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    yield start
-    for server in started:
-        server.kill()
-        server.wait()
 
 
 def run(dataset: Path, output: Path, api_url: str, redis_url: str) -> subprocess.CompletedProcess:
