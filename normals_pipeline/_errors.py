@@ -18,8 +18,9 @@ The shape follows the decision a caller has to make, not the HTTP status:
         ├── InvalidApiKey
         ├── OutOfCredits
         ├── CreditLimitReached
-        ├── MapNotStored   a paid answer could not be stored: recorded with its cost, then stop
-        └── ManifestNotWritten  the shard's manifest could not be written: its rows stay in the journal
+        ├── MapNotStored   a paid answer could not be stored: kept in the spool, recorded with its cost, then stop
+        ├── ManifestNotWritten  the shard's manifest could not be written: its rows stay in the journal
+        └── StateUnavailable    the shared state (Redis, SQLite) failed: the answer in hand is kept, then stop
 
 Messages never contain the API key: they are built from the status and the server's JSON only.
 """
@@ -27,6 +28,10 @@ Messages never contain the API key: they are built from the status and the serve
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .client import ApiResult
 
 
 class ClipdropError(Exception):
@@ -157,3 +162,18 @@ class ManifestNotWritten(RunStopped):
     """The shard's manifest could not be written; its rows stay journaled for the next run."""
 
     error_code = "manifest_not_written"
+
+
+class StateUnavailable(RunStopped):
+    """The shared state (the key's rate and credits, the claims: Redis or the SQLite files) failed, so
+    nothing more can be sent safely. `answer` is what the exchange in hand brought (a paid `ApiResult`, or
+    the error its row records; None if nothing was sent): the caller keeps it before stopping."""
+
+    error_code = "state_unavailable"
+
+    def __init__(self, cause: Exception, answer: ApiResult | ClipdropError | None = None) -> None:
+        super().__init__(
+            f"the shared state (rate, credits, claims) failed ({type(cause).__name__}: {cause}); "
+            "sending stopped and every answer that arrived is stored: bring it back, then re-run"
+        )
+        self.answer = answer

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING
@@ -37,6 +38,7 @@ from ._errors import (
     RateLimited,
     RunStopped,
     ServerError,
+    StateUnavailable,
     TransientError,
 )
 from .guards import CREDITS_PER_CALL, CreditGuard, RateGuard
@@ -334,12 +336,15 @@ class ClipdropClient:
 
     def _send_once(self, path: str, image: bytes, filename: str, content_type: str) -> ApiResult:
         self._raise_if_given_up()
-        turn = self.rate_guard.acquire(self._giving_up)
+        with _shared_state():
+            turn = self.rate_guard.acquire(self._giving_up)
+        result: ApiResult | None = None
         try:
             self._raise_if_given_up()  # decided while this worker waited for its turn
-            return self._send_in_turn(path, image, filename, content_type)
+            result = self._send_in_turn(path, image, filename, content_type)
+            return result
         finally:
-            self.rate_guard.finished(turn)
+            _after_exchange(lambda: self.rate_guard.finished(turn), result)
 
     def _raise_if_given_up(self) -> None:
         """The run is stopping, or another worker found the API unreachable: nothing more is sent."""
@@ -349,9 +354,11 @@ class ClipdropClient:
             raise self._given_up
 
     def _send_in_turn(self, path: str, image: bytes, filename: str, content_type: str) -> ApiResult:
-        lease = self.credit_guard.reserve()  # after the wait for a slot, so a stop during the wait is seen
+        with _shared_state():
+            lease = self.credit_guard.reserve()  # after the wait for a slot, so a stop during the wait is seen
         consumed: Decimal | None = None
         remaining: Decimal | None = None
+        result: ApiResult | None = None
         started = time.monotonic()
         exchange = _Exchange(self, self.timeout_s)
         files = {"image_file": (filename, image, content_type)}
@@ -371,14 +378,15 @@ class ClipdropClient:
                 consumed = CREDITS_PER_CALL if reported is None else reported
                 body = self._read_body(response, consumed, exchange)
             self._observe(time.monotonic() - started)
-            return ApiResult(body, response.status_code, consumed, remaining)
+            result = ApiResult(body, response.status_code, consumed, remaining)
+            return result
         except RunStopped as error:  # 401, 403, 402: no later request on this key can succeed
             self.credit_guard.stop(error)
             raise
         except httpx.TransportError as error:
             raise self._broken_off(error, exchange) from None
         finally:
-            self.credit_guard.settle(lease, consumed, remaining)
+            _after_exchange(lambda: self.credit_guard.settle(lease, consumed, remaining), result)
 
     def _broken_off(self, error: httpx.TransportError, exchange: _Exchange) -> ClipdropError:
         """What an exchange that broke off before its answer means: a request that did not go out whole is
@@ -433,6 +441,31 @@ class ClipdropClient:
         if not body.startswith(JPEG_MAGIC):
             raise InvalidResponse("response body is not a JPEG", status=200, credits_consumed=consumed)
         return body
+
+
+@contextmanager
+def _shared_state(answer: ApiResult | ClipdropError | None = None) -> Iterator[None]:
+    """Around the guards' calls: what they raise other than a `ClipdropError` is the shared state failing
+    (Redis gone, a SQLite file unusable), raised as `StateUnavailable` carrying the exchange's `answer`."""
+    try:
+        yield
+    except ClipdropError:
+        raise
+    except Exception as error:
+        raise StateUnavailable(error, answer) from error
+
+
+def _after_exchange(bookkeeping: Callable[[], object], result: ApiResult | None) -> None:
+    """The guards' bookkeeping in an exchange's `finally`. The answer arrived before it, so a state that fails
+    here must not discard it: the paid `result`, or the error the exchange is raising (its row), goes on in
+    `StateUnavailable` for the caller to keep."""
+    ending = sys.exception() if result is None else None  # no result: the exchange is raising
+    if isinstance(ending, StateUnavailable):
+        with suppress(Exception):  # the same outage, already raised with the answer: keep that one
+            bookkeeping()
+        return
+    with _shared_state(result or (ending if isinstance(ending, ClipdropError) else None)):
+        bookkeeping()
 
 
 __all__ = [

@@ -20,6 +20,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -28,7 +29,18 @@ import pandas as pd
 import pyarrow as pa
 
 from . import manifest, ownership
-from ._errors import ApiUnreachable, ClipdropError, ImageRejected, ManifestNotWritten, MapNotStored, RunStopped
+from ._errors import (
+    ApiUnreachable,
+    ClipdropError,
+    ImageRejected,
+    InvalidResponse,
+    ManifestNotWritten,
+    MapNotStored,
+    NoAnswer,
+    RunStopped,
+    StateUnavailable,
+    TransientError,
+)
 from ._state import ClaimStore
 from .client import ApiResult, ClipdropClient, Tally
 from .guards import ClaimGuard, slot_interval_s
@@ -58,6 +70,17 @@ STOP_GRACE_S = 5.0  # on an interrupt, answers on their way get this long before
 
 class _Halted(Exception):
     """The run stopped before this image was sent."""
+
+
+class _SameOutcome(ClipdropError):
+    """A duplicate of a content whose request ended earlier in this run without a usable answer that may
+    have cost (a timeout, a dropped connection, a broken body): its row says the same, with no request and
+    no cost of its own, since resending it would be the retry the run refuses."""
+
+    def __init__(self, ended: ClipdropError) -> None:
+        super().__init__(f"not sent: the same content's request ended so in this run ({ended.message})")
+        self.status = ended.status
+        self.error_code = ended.error_code
 
 
 @dataclass(frozen=True)
@@ -157,7 +180,7 @@ class ShardWork:
     key: str
     items: list[Item]
     previous: pd.DataFrame
-    journal: Callable[[dict], None] | None = None
+    journal: Callable[[dict, float], None] | None = None  # a finished row and what this run paid for it
     costs_lost: bool = False  # part of its record was unreadable (see `Enricher.run`)
     warnings: list[str] = field(default_factory=list)
 
@@ -265,20 +288,23 @@ class Enricher:
         output: Storage,
         client: ClipdropClient,
         concurrency: int | None = 4,
-        journal: Callable[[dict], None] | None = None,
+        journal: Callable[[dict, float], None] | None = None,
         oversize: Oversize = "downscale",
         claims: ClaimGuard | None = None,
+        spool: Storage | None = None,
     ) -> None:
         self.dataset = dataset
         self.output = output
         self.client = client
         self.window = InFlightWindow(client, max(1, concurrency) if concurrency else None)
-        self.journal = journal  # called with each finished row, from the worker that made it
+        self.journal = journal  # called with each finished row and its cost, from the worker that made it
         self.oversize = oversize
         self.claims = claims or ClaimGuard(None, claim_namespace(output))
+        self.spool = spool or manifest.spool_for(output)  # paid maps the output refused wait here
         self._stop = threading.Event()
         self._stopped: Exception | None = None
         self._hash_locks: dict[str, threading.Lock] = {}
+        self._ended: dict[str, ClipdropError] = {}  # contents whose request may have cost, with no usable answer
         self._spent_before: dict[str, float] = {}
         self._charged_now: dict[str, float] = {}  # what this run paid per path, before earlier costs are added
         self._locks_guard = threading.Lock()
@@ -327,11 +353,8 @@ class Enricher:
 
         def report() -> None:
             if progress:
-                guard = self.client.credit_guard
-                requests = self.client.tally.requests - sent_before
-                progress(
-                    replace(status, requests=requests, remaining=guard.remaining, elapsed_s=time.monotonic() - started)
-                )
+                requests, elapsed = self.client.tally.requests - sent_before, time.monotonic() - started
+                progress(replace(status, requests=requests, remaining=self._remaining(), elapsed_s=elapsed))
 
         for index in range(len(works)):
             if not left[index]:
@@ -403,18 +426,25 @@ class Enricher:
         kept = previous[previous["path"].isin(current) & ~previous["path"].isin(new["path"])]
         merged = pd.concat([kept, new], ignore_index=True) if len(kept) else new
         merged = merged.sort_values("path", ignore_index=True)
-        guard = self.client.credit_guard
         return ShardResult(
             manifest=merged,
             new_rows=len(rows),
             requests=tally.requests,
             credits_consumed=sum((Decimal(str(self._charged_now[row["path"]])) for row in rows), Decimal(0)),
-            remaining_credits=guard.remaining,
+            remaining_credits=self._remaining(),
             elapsed_s=elapsed,
             errors=Counter(row["error_code"] for row in rows if row["error_code"]),
             retries=Counter(tally.retries),
             stopped=self._stopped,
         )
+
+    def _remaining(self) -> Decimal | None:
+        """The key's balance as last reported; unknown when the shared state cannot say (the run is then
+        stopping on `StateUnavailable` already)."""
+        try:
+            return self.client.credit_guard.remaining
+        except Exception:  # noqa: BLE001 - a figure to show, never a reason to lose the rows
+            return None
 
     def _process_and_journal(self, work: ShardWork, item: Item) -> tuple[dict | None, Tally]:
         """The image's row (journaled) and what it sent."""
@@ -425,7 +455,7 @@ class Enricher:
             self._charged_now[item.path] = 0.0 if math.isnan(charged) else charged
             row["credits_consumed"] = charged + self._spent_before.get(item.path, 0.0)  # unknown stays unknown
             if work.journal is not None:
-                work.journal(row)
+                work.journal(row, charged)
         return row, tally
 
     def _process(self, item: Item, costs_lost: bool = False) -> dict | None:
@@ -443,6 +473,9 @@ class Enricher:
         except MapNotStored as error:  # paid for: the row is the receipt, then stop
             self._halt(error)
             return _row(item, digest, prepared, error=error)
+        except StateUnavailable as error:  # what arrived is kept (the map stored already), then stop
+            self._halt(error)
+            return self._answer_row(item, digest, prepared, error.answer)
         except (RunStopped, ApiUnreachable) as error:
             self._halt(error)
             return None
@@ -457,38 +490,94 @@ class Enricher:
         return row
 
     def _normal_map(self, digest: str, data: bytes, content_type: str) -> tuple[str, ApiResult | None]:
-        """The map's URI, calling the API only if no map for these bytes is stored yet. Threads of this
-        process wait on a lock, other processes on the content's claim; either way the waiter then finds
-        the map and reuses it (or, if the holder failed, sends it itself)."""
+        """The map's URI, calling the API only if no map for these bytes is stored, nor waiting in this host's
+        spool, yet. Threads of this process wait on a lock, other processes on the content's claim; either
+        way the waiter then finds the map and reuses it. If the holder's request ended without a usable
+        answer that may have cost, this run's waiters get the same outcome without a request; if it failed
+        before anything could cost (a 5xx, the run stopping), a waiter sends it itself."""
         path = normal_map_path(digest)
         uri = self.output.uri_for(path)
         if self.output.exists(path):
             return uri, None
         with self._lock_for(digest):
-            if not self.claims.acquire(digest, lambda: self._stop.is_set() or self.output.exists(path)):
+            if digest in self._ended:
+                raise _SameOutcome(self._ended[digest])
+            if not self._claim(digest, lambda: self._stop.is_set() or self.output.exists(path)):
                 if self._stop.is_set() and not self.output.exists(path):
                     raise _Halted
                 return uri, None
             try:
                 if self.output.exists(path):  # stored between the first look and the claim
                     return uri, None
+                if self.spool.exists(path):  # paid by an earlier run whose output refused it: no request
+                    self._store(path, uri, self.spool.read_bytes(path))
+                    self.spool.delete(path)
+                    return uri, None
                 if self._stop.is_set():
                     raise _Halted
-                result = self.client.surface_normals(data, f"image.{_EXTENSIONS[content_type]}", content_type)
-                self._store(path, uri, result)
+                result = self._send(digest, path, uri, data, content_type)
             finally:
-                self.claims.release(digest)
+                self._release(digest)
         return uri, result
 
-    def _store(self, path: str, uri: str, result: ApiResult) -> None:
+    def _send(self, digest: str, path: str, uri: str, data: bytes, content_type: str) -> ApiResult:
+        """One request and its map stored, before anything else can fail."""
         try:
-            self.output.write_bytes(path, result.content, content_type="image/jpeg")
+            result = self.client.surface_normals(data, f"image.{_EXTENSIONS[content_type]}", content_type)
+        except (NoAnswer, InvalidResponse) as error:  # may have cost: not resent in this run, duplicates included
+            self._ended[digest] = error
+            raise
+        except StateUnavailable as error:  # the state failed after the answer arrived: keep the answer
+            if isinstance(error.answer, ApiResult):
+                self._store(path, uri, error.answer.content, error.answer.credits_consumed)
+            elif isinstance(error.answer, (NoAnswer, InvalidResponse)):
+                self._ended[digest] = error.answer
+            raise
+        self._store(path, uri, result.content, result.credits_consumed)
+        return result
+
+    def _store(self, path: str, uri: str, content: bytes, credits: Decimal | None = None) -> None:
+        """Write a paid map (`credits`: what it cost, None when paid earlier); if the output refuses it, keep
+        it in this host's spool, where the next run finds it before sending."""
+        try:
+            self.output.write_bytes(path, content, content_type="image/jpeg")
         except Exception as error:  # disk full, permission, S3 refusal: the answer is paid for all the same
+            try:
+                self.spool.write_bytes(path, content, content_type="image/jpeg")
+            except Exception as spool_error:  # noqa: BLE001 - said in the message, the cost still recorded
+                kept = f"this host's spool refused it too ({_cause(spool_error)}): the next run buys it again"
+            else:
+                kept = f"paid maps wait in {self.spool.uri_for(NORMALS_DIR)}, stored by the next run with no request"
             raise MapNotStored(
-                f"could not store the normal map at {uri} ({_cause(error)}); its cost is recorded "
-                "(map_not_stored): free space or fix permissions, then re-run",
-                credits_consumed=result.credits_consumed,
+                f"could not store the normal map at {uri} ({_cause(error)}); its cost is recorded (map_not_stored) "
+                f"and {kept}: free space or fix permissions, then re-run",
+                credits_consumed=credits,
             ) from None
+
+    def _claim(self, digest: str, done: Callable[[], bool]) -> bool:
+        try:
+            return self.claims.acquire(digest, done)
+        except Exception as error:  # the claims' store (Redis, SQLite) failing: nothing was sent
+            raise StateUnavailable(error) from error
+
+    def _release(self, digest: str) -> None:
+        """A claim the store cannot release lapses by itself within its TTL; the run stops on the outage,
+        keeping what this image brought."""
+        try:
+            self.claims.release(digest)
+        except Exception as error:  # noqa: BLE001 - said as the run's stop
+            self._halt(StateUnavailable(error))
+
+    def _answer_row(
+        self, item: Item, digest: str, prepared: PreparedImage, answer: ApiResult | ClipdropError | None
+    ) -> dict | None:
+        """The row of what an exchange brought before the state failed: a stored map, an error that costs or
+        ends the image (a timeout, a broken body, a refusal); None if nothing happened the next run cannot redo."""
+        if isinstance(answer, ApiResult):
+            return _row(item, digest, prepared, uri=self.output.uri_for(normal_map_path(digest)), result=answer)
+        if isinstance(answer, ClipdropError) and not isinstance(answer, (TransientError, RunStopped)):
+            return _row(item, digest, prepared, error=answer)
+        return None
 
     def _lock_for(self, digest: str) -> threading.Lock:
         """Duplicates in flight at once wait for the first, then reuse its map."""
@@ -528,42 +617,63 @@ def enrich_shards(
     clear its journal and call `on_shard`. The shards' claims make this run their only writer: another
     run of one of them (a re-launch, an overlapping schedule, another host) waits for it, then finds the
     work done. Claims are taken in key order, so two ranged runs cannot wait on each other in a circle.
+    Should a claim be lost all the same (Redis restarted or evicting, a holder paused past the TTL), the
+    manifest is committed with every journaled row folded in (`manifest.commit_shard`): it still adds up.
     `claims`: the store every process on the output shares (default: this process only)."""
     guard = ClaimGuard(claims, claim_namespace(output))
     lease = ownership.take(output, guard.store, notify)  # refuses a run of another state: it would charge twice
     try:
-        works = [_open_shard(guard, output, key, items, notify) for key, items in sorted(shards)]
+        opened = [_open_shard(guard, output, key, items, notify) for key, items in sorted(shards)]
+        works = [work for work, _, _ in opened]
+        records = {work.key: (journal, state) for work, journal, state in opened}
         enricher = Enricher(dataset, output, client, concurrency, oversize=oversize, claims=guard)
         lease.on_lost(enricher._halt)
 
         def done(work: ShardWork, result: ShardResult) -> None:
+            journal, state = records[work.key]
+            current = {item.path for item in work.items}
+
+            def in_dataset(rows: pd.DataFrame) -> pd.DataFrame:
+                return rows[rows["path"].isin(current)].sort_values("path", ignore_index=True)
+
             try:
-                result.manifest_uri = manifest.write_manifest(output, work.key, result.manifest)
+                result.manifest, result.manifest_uri, warnings = manifest.commit_shard(
+                    output, journal, work.key, state, result.manifest, in_dataset
+                )
+                result.warnings = [*result.warnings, *warnings]
             except Exception as error:  # its rows stay journaled: stop, the output is failing
-                result.stopped = ManifestNotWritten(
+                unwritten = ManifestNotWritten(
                     f"could not write {output.uri_for(manifest.partition_path(work.key))} ({_cause(error)}); "
                     "its rows are kept in the journal and the next run folds them in"
                 )
-                enricher._halt(result.stopped)
-            else:
-                manifest.Journal(output, work.key).clear()
-            guard.release(f"shard-{work.key}")
+                # The output refused a map first: that stop says the same and where the paid maps wait.
+                if not isinstance(result.stopped, MapNotStored):
+                    result.stopped = unwritten
+                enricher._halt(unwritten)
+            try:
+                guard.release(f"shard-{work.key}")
+            except Exception as error:  # the claims' store failing: the claim lapses within its TTL
+                enricher._halt(StateUnavailable(error))
             on_shard(work.key, result)
 
         results = enricher.run_shards(works, on_done=done, progress=progress)
     finally:
-        guard.close()
+        with suppress(Exception):  # what is still held lapses within the claims' TTL; the rows are written
+            guard.close()
         lease.close()
     return {work.key: result for work, result in zip(works, results)}
 
 
 def _open_shard(
     guard: ClaimGuard, output: Storage, key: str, items: list[Item], notify: Callable[[str], None]
-) -> ShardWork:
-    guard.acquire(f"shard-{key}", waiting=lambda: notify(f"shard {key} is being enriched by another run: waiting"))
+) -> tuple[ShardWork, manifest.Journal, manifest.ShardState]:
+    try:
+        guard.acquire(f"shard-{key}", waiting=lambda: notify(f"shard {key} is being enriched by another run: waiting"))
+    except Exception as error:  # the claims' store failing before anything was sent
+        raise StateUnavailable(error) from error
     journal = manifest.Journal(output, key)
     state = manifest.load_shard(output, journal, key)
-    return ShardWork(key, items, state.previous, journal.write, bool(state.warnings), state.warnings)
+    return ShardWork(key, items, state.previous, journal.write, bool(state.warnings), state.warnings), journal, state
 
 
 def enrich_shard(

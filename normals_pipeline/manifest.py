@@ -6,8 +6,8 @@ column `partition` as the string the Dagster UI shows (`"01"`; plain `partitioni
 
 While a shard runs, each finished row is also written at once to its own small file in
 `<output>/journal/partition=<key>/` (or, when the output refuses the write, in a spool folder on this
-host), so a run killed at any moment loses only the requests in flight: the next run folds the journal
-into the manifest, then clears it.
+host, `spool_for`, where refused normal maps wait too), so a run killed at any moment loses only the
+requests in flight: the next run folds the journal into the manifest, then clears it.
 
 Reading is where corruption is met: a manifest or journal file that cannot be parsed is moved to
 `<output>/quarantine/` (kept, never deleted), named in a warning, and the shard is rebuilt from what is
@@ -19,6 +19,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
+import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,6 +40,7 @@ MANIFEST_FILE = "manifest.parquet"
 JOURNAL_DIR = "journal"
 QUARANTINE_DIR = "quarantine"
 LAYOUT_PATH = "layout.json"
+HELD_KEY = b"normals_pipeline.journal_held"  # see `Held`
 # The hive key is the shard's partition key, a string ("01"): readers infer digits as int32 unless told.
 PARTITIONING = pads.partitioning(pa.schema([("partition", pa.string())]), flavor="hive")
 
@@ -132,9 +136,31 @@ def validate(df: pd.DataFrame) -> pd.DataFrame:
     return MANIFEST_SCHEMA.validate(df, lazy=True)
 
 
-def write_manifest(output: Storage, partition_key: str, df: pd.DataFrame) -> str:
-    """Write one shard's manifest atomically; returns its URI."""
+@dataclass(frozen=True)
+class Held:
+    """The journal files a manifest holds already (all of `writers`', and those named in `files`), recorded in
+    its Parquet metadata: folding skips them, so whether they were cleared after the write or not (a crash, a
+    second writer reading in between), no row's cost is counted twice."""
+
+    writers: frozenset[str] = frozenset()
+    files: frozenset[str] = frozenset()
+
+    def __contains__(self, path: object) -> bool:
+        return isinstance(path, str) and (path in self.files or _writer(path) in self.writers)
+
+
+def _writer(path: str) -> str | None:
+    """`<hash>.<writer>.json` -> the writer; None for a row journaled before writers were named."""
+    parts = path.rsplit("/", 1)[-1].split(".")
+    return parts[1] if len(parts) == 3 else None
+
+
+def write_manifest(output: Storage, partition_key: str, df: pd.DataFrame, held: Held | None = None) -> str:
+    """Write one shard's manifest atomically; returns its URI. `held`: the journal files it holds."""
     table = pa.Table.from_pandas(df[COLUMNS], schema=ARROW_SCHEMA, preserve_index=False)
+    if held is not None:
+        mark = json.dumps({"writers": sorted(held.writers), "files": sorted(held.files)}).encode()
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), HELD_KEY: mark})
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     path = partition_path(partition_key)
@@ -176,15 +202,25 @@ def read_manifest(
     """One shard's manifest, or an empty one if the shard was never materialized. An unreadable file is
     quarantined (its warning appended to `warnings`) and read as empty, so it never blocks a shard;
     `set_aside=False` (a reader that writes nothing) leaves it in place and only warns."""
+    return _read_manifest(output, partition_key, warnings, set_aside)[0]
+
+
+def _read_manifest(
+    output: Storage, partition_key: str, warnings: list[str] | None, set_aside: bool
+) -> tuple[pd.DataFrame, Held]:
     path = partition_path(partition_key)
     if not output.exists(path):
-        return empty_manifest()
+        return empty_manifest(), Held()
     try:
-        table = pq.read_table(io.BytesIO(output.read_bytes(path)), schema=ARROW_SCHEMA)
+        data = output.read_bytes(path)
+        table = pq.read_table(io.BytesIO(data), schema=ARROW_SCHEMA)
+        mark = (pq.read_metadata(io.BytesIO(data)).metadata or {}).get(HELD_KEY)
     except (pa.ArrowException, ValueError) as error:
         _warn(warnings, (quarantine if set_aside else left_in_place)(output, path, error))
-        return empty_manifest()
-    return table.to_pandas(types_mapper=_PANDAS_TYPES.get)
+        return empty_manifest(), Held()
+    held = json.loads(mark) if mark else {}
+    frame = table.to_pandas(types_mapper=_PANDAS_TYPES.get)
+    return frame, Held(frozenset(held.get("writers", ())), frozenset(held.get("files", ())))
 
 
 def _warn(warnings: list[str] | None, message: str) -> None:
@@ -197,77 +233,161 @@ def _journal_dir(partition_key: str) -> str:
     return f"{JOURNAL_DIR}/partition={partition_key}"
 
 
-def _spool(output: Storage) -> LocalStorage:
-    """This host's fallback for journal rows the output refused, one folder per output."""
+def spool_for(output: Storage) -> LocalStorage:
+    """This host's fallback for what was paid and the output refused (journal rows, normal maps), one folder
+    per output under `NORMALS_STATE_DIR/spool/`, holding them at the paths the output would have."""
     return LocalStorage(default_state_dir() / "spool" / hashlib.sha256(output.uri.encode()).hexdigest()[:16])
 
 
+JournalFile = tuple[str, str]  # ("output" or "spool", path)
+COMMIT_TRIES = 5
+
+
 class Journal:
-    """Finished rows of one shard, each made durable at once in its own file (one per image path, so
-    rewriting is harmless). A row is a receipt for what was paid: if the output refuses it (disk full,
-    permission), it goes to a spool folder on this host instead, and reading folds both in."""
+    """Finished rows of one shard, each made durable at once in its own file: one per image path and writer
+    (this object), so two writers of one shard never overwrite each other's receipts. A row carries what its
+    writer paid (`charged`), which folding adds to what the path had cost: when a lost claim lets two runs
+    write one shard, the rows of both count and the manifest still adds up to the bill. A row is a receipt
+    for what was paid: if the output refuses it (disk full, permission), it goes to a spool folder on this
+    host instead, and reading folds both in."""
 
     def __init__(self, output: Storage, partition_key: str, spool: Storage | None = None) -> None:
         self.output = output
         self.folder = _journal_dir(partition_key)
-        self.spool = spool or _spool(output)
+        self.spool = spool or spool_for(output)
+        self.writer = uuid.uuid4().hex[:12]
+        self.written: set[JournalFile] = set()
+        self._lock = threading.Lock()  # rows are written by the workers
 
-    def write(self, row: dict) -> None:
-        name = f"{self.folder}/{hashlib.sha256(row['path'].encode()).hexdigest()[:32]}.json"
-        payload = json.dumps({**row, "processed_at": row["processed_at"].isoformat()}).encode()
+    def write(self, row: dict, charged: float | None = None) -> None:
+        """`charged`: what this writer paid for the row (NaN: unknown); None: the row's `credits_consumed`
+        is all the path has cost (a row rebuilt from a manifest)."""
+        name = f"{self.folder}/{hashlib.sha256(row['path'].encode()).hexdigest()[:32]}.{self.writer}.json"
+        record = {**row, "processed_at": row["processed_at"].isoformat()}
+        if charged is not None:
+            record["charged"] = charged
+        payload = json.dumps(record).encode()
         try:
             self.output.write_bytes(name, payload, "application/json")
+            where = "output"
         except Exception:  # noqa: BLE001 - any refusal of the output: the receipt must land somewhere
             self.spool.write_bytes(name, payload, "application/json")
+            where = "spool"
+        with self._lock:
+            self.written.add((where, name))
 
-    def read(self, warnings: list[str], *, set_aside: bool = True) -> pd.DataFrame:
-        """Rows a previous run finished but did not get to write into the manifest; unreadable files are
-        quarantined with a warning (`set_aside=False`: left in place, with a warning)."""
-        rows = []
-        for store in (self.output, self.spool):
+    def entries(
+        self, warnings: list[str], *, set_aside: bool = True, held: Held = Held()
+    ) -> tuple[list[dict], set[JournalFile]]:
+        """Every journaled row the manifest does not hold already (`held`), with its `charged` if it has one,
+        and the files there are; unreadable files are quarantined with a warning (`set_aside=False`: left in
+        place, with a warning)."""
+        rows, files = [], set()
+        for where, store in self._stores():
             for path in store.list_prefix(self.folder):
+                if path in held:
+                    files.add((where, path))
+                    continue
                 try:
                     row = json.loads(store.read_bytes(path))
                     rows.append({**row, "processed_at": datetime.fromisoformat(row["processed_at"])})
+                except FileNotFoundError:  # folded into the manifest by another writer since the listing
+                    continue
                 except (ValueError, KeyError, TypeError) as error:
                     warnings.append((quarantine if set_aside else left_in_place)(store, path, error))
-        return _latest(to_frame(rows))
+                else:
+                    files.add((where, path))
+        return rows, files
 
-    def clear(self) -> None:
-        """Called once the manifest holds every journaled row."""
-        for store in (self.output, self.spool):
-            for path in store.list_prefix(self.folder):
-                store.delete(path)
+    def files(self) -> set[JournalFile]:
+        return {(where, path) for where, store in self._stores() for path in store.list_prefix(self.folder)}
+
+    def clear(self, files: set[JournalFile] | None = None) -> None:
+        """Delete `files` (default: every one), once the manifest holds their rows."""
+        stores = dict(self._stores())
+        for where, path in self.files() if files is None else files:
+            stores[where].delete(path)
+
+    def _stores(self) -> list[tuple[str, Storage]]:
+        return [("output", self.output), ("spool", self.spool)]
 
 
-def _latest(journal: pd.DataFrame) -> pd.DataFrame:
-    """One row per path (the output's and the spool's may both hold one): the latest."""
-    if journal.empty or journal["path"].is_unique:
-        return journal
-    return journal.sort_values("processed_at").drop_duplicates("path", keep="last").reset_index(drop=True)
-
-
-def with_journal(previous: pd.DataFrame, journal: pd.DataFrame) -> pd.DataFrame:
-    """The manifest as it would be had the last run finished: journaled rows replace older ones."""
-    if journal.empty:
+def with_journal(previous: pd.DataFrame, entries: list[dict]) -> pd.DataFrame:
+    """The manifest as it would be had the last runs finished: journaled rows, oldest first, replace their
+    path's row and add what they were `charged` to what the path had cost (unknown stays unknown); a row
+    without `charged` (rebuilt from a manifest) brings its whole cost instead."""
+    if not entries:
         return previous
+    spent = dict(zip(previous["path"], previous["credits_consumed"]))
+    latest: dict[str, dict] = {}
+    for entry in sorted(entries, key=lambda row: row["processed_at"]):
+        row = {column: entry.get(column) for column in COLUMNS}
+        row["credits_consumed"] = math.nan if row["credits_consumed"] is None else float(row["credits_consumed"])
+        if "charged" in entry:
+            charged = math.nan if entry["charged"] is None else float(entry["charged"])
+            row["credits_consumed"] = spent.get(row["path"], 0.0) + charged
+        spent[row["path"]] = row["credits_consumed"]
+        latest[row["path"]] = row
+    journal = to_frame(list(latest.values()))
     kept = previous[~previous["path"].isin(journal["path"])]
-    return pd.concat([kept, journal], ignore_index=True) if len(kept) else journal.reset_index(drop=True)
+    return pd.concat([kept, journal], ignore_index=True) if len(kept) else journal
 
 
 @dataclass
 class ShardState:
-    """What is known of a shard before a run: its rows, and what had to be set aside to read them."""
+    """What is known of a shard before a run: its rows, what had to be set aside to read them, the journal
+    files folded in and the manifest's version then (to tell, when writing, whether another writer came)."""
 
     previous: pd.DataFrame
     warnings: list[str] = field(default_factory=list)
+    folded: set[JournalFile] = field(default_factory=set)
+    version: str | None = None
 
 
 def load_shard(output: Storage, journal: Journal, partition_key: str, *, set_aside: bool = True) -> ShardState:
     """`set_aside=False`: read only (the plan), unreadable files are left where they are."""
     warnings: list[str] = []
-    previous = read_manifest(output, partition_key, warnings, set_aside=set_aside)
-    return ShardState(with_journal(previous, journal.read(warnings, set_aside=set_aside)), warnings)
+    version = _version(output, partition_key)  # before the read: a write after it shows as another writer's
+    previous, held = _read_manifest(output, partition_key, warnings, set_aside)
+    if warnings and set_aside:  # the manifest was unreadable and moved to quarantine
+        version = None
+    entries, folded = journal.entries(warnings, set_aside=set_aside, held=held)
+    return ShardState(with_journal(previous, entries), warnings, folded, version)
+
+
+def commit_shard(
+    output: Storage,
+    journal: Journal,
+    partition_key: str,
+    state: ShardState,
+    built: pd.DataFrame,
+    current: Callable[[pd.DataFrame], pd.DataFrame],
+) -> tuple[pd.DataFrame, str, list[str]]:
+    """Write a shard's manifest, then clear the journal files it holds; returns what was written, its URI
+    and warnings. `built`: the manifest from `state` (read at the start) and this writer's rows. If another
+    writer came meanwhile (a claim lost: a Redis restart or eviction, a holder paused past the claim's TTL),
+    the shard is read again, every journaled row folded in, ours included, so no receipt is dropped;
+    `current` keeps the rows of images still in the dataset."""
+    warnings: list[str] = []
+    for attempt in range(COMMIT_TRIES):
+        if _version(output, partition_key) == state.version and not journal.files() - state.folded - journal.written:
+            others = frozenset(path for _, path in state.folded if _writer(path) != journal.writer)
+            uri = write_manifest(output, partition_key, built, Held(frozenset({journal.writer}), others))
+            journal.clear(state.folded | journal.written)
+            if attempt:
+                warnings.append(f"shard {partition_key} was also written by another run meanwhile: all rows kept")
+            return built, uri, warnings
+        state = load_shard(output, journal, partition_key)
+        built = current(state.previous)
+        warnings += state.warnings
+    raise RuntimeError(f"another run keeps writing shard {partition_key} (its rows stay journaled)")
+
+
+def _version(output: Storage, partition_key: str) -> str | None:
+    try:
+        return output.stat(partition_path(partition_key)).version
+    except FileNotFoundError:
+        return None
 
 
 class LayoutMismatch(ValueError):

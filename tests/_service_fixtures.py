@@ -4,12 +4,16 @@ REQUIRE_SERVICES=1."""
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
-__all__ = ["amqp_url", "postgres_url", "redis_url"]
+__all__ = ["amqp_url", "postgres_url", "redis_server", "redis_url"]
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -97,3 +101,41 @@ def amqp_url() -> str:
 
 def unique_key() -> str:
     return f"test-key-{uuid.uuid4().hex}"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def redis_server() -> Iterator[Callable[[], tuple[str, subprocess.Popen]]]:
+    """Start throwaway `redis-server`s on loopback (no persistence), each its URL and process: a test may kill
+    one, or delete its keys, without touching anyone else's state. Killed at teardown."""
+    import redis
+
+    if shutil.which("redis-server") is None:
+        _unavailable("redis-server", "not installed")
+    started: list[subprocess.Popen] = []
+
+    def start() -> tuple[str, subprocess.Popen]:
+        port = _free_port()
+        args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started.append(server)
+        url = f"redis://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis.from_url(url).ping()
+                return url, server
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    yield start
+    for server in started:
+        server.kill()
+        server.wait()

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -134,3 +135,33 @@ def test_two_shards_sharing_contents_run_at_once_by_dagster_charge_each_content_
     assert stats["charged_twice"] == 0 and Decimal(stats["charged"]) == len(sources)
     assert len(table) == 2 * len(sources) and table["error_code"].isna().all()
     assert Decimal(str(table["credits_consumed"].sum())) == Decimal(stats["charged"])
+
+
+@pytest.mark.parametrize("lost_at", [0.25, 0.5, 0.75])
+def test_two_runs_on_one_output_add_up_to_the_bill_when_the_claims_vanish(
+    tmp_path, emulator_factory, redis_server, lost_at
+):
+    """Two runs on one output with Redis, whose claims all vanish mid-run (an eviction, a FLUSHALL, a failover to
+    a replica that lagged, a test's teardown on a shared Redis): both runs then write the same shards, and may
+    send a content both. Every journaled row and its cost is folded in, so the manifest still adds up to the bill."""
+    import redis
+
+    emulator = emulator_factory(latency=0.2)
+    make_portraits(tmp_path / "in", 60)
+    url, _ = redis_server()
+    env = {**os.environ, "CLIPDROP_API_KEY": "test-key"}
+    args = [CLI, "run", "--dataset", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--api-url"]
+    args += [emulator.url, "--rpm", "100000", "--shards", "4", "--concurrency", "4", "--redis-url", url]
+    runs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"]
+    while Decimal(emulator.stats()["charged"]) < 60 * lost_at and all(run.poll() is None for run in runs):
+        time.sleep(0.01)
+    state = redis.Redis.from_url(url)
+    state.delete(*state.keys("normals:claim:*") or ["none"])
+    results = [(run.wait(timeout=180), *run.communicate()) for run in runs]
+
+    assert [code for code, _, _ in results] == [0, 0], results
+    stats = emulator.stats()
+    table = read_manifest(tmp_path / "out")
+    assert len(table) == 60 and table["path"].is_unique and table["error_code"].isna().all()
+    assert Decimal(str(table["credits_consumed"].sum())) == Decimal(stats["charged"])  # double charges included
+    assert not list((tmp_path / "out" / "journal").rglob("*.json"))

@@ -1,6 +1,7 @@
 """The fault matrix: each fault the emulator injects has one defined outcome, and in every case no image
 is lost and none is charged twice. The README's fault matrix points at these tests."""
 
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
@@ -190,3 +191,26 @@ def test_requests_waiting_for_their_answer_are_counted_as_sent_and_abort_ends_th
         result = run.result(timeout=15)
     assert (result.manifest["error_code"] == "interrupted").all() and len(result.manifest) == 4
     assert result.requests == server.requests == progress[-1].requests == 4  # nothing sent after the abort
+
+
+@pytest.mark.parametrize("fault", ["reset_rate", "drop_rate"], ids=["reset-uncharged", "dropped-after-charge"])
+def test_an_ambiguous_end_is_final_in_the_run_for_every_duplicate_of_the_content(fault, emulator_factory, tmp_path):
+    """Each content under three names, in flight together: when its request's connection breaks, the
+    duplicates waiting on it get the same row without a request, so no content is sent twice in the run."""
+    emulator = emulator_factory(latency=0.2, faults=Faults(**{fault: 0.4, "seed": 5}))
+    sources = make_portraits(tmp_path / "portraits", IMAGES)
+    for copy in range(3):
+        for source in sources:
+            target = tmp_path / "in" / f"copy{copy}" / source.relative_to(tmp_path / "portraits")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, target)
+    storage = LocalStorage(tmp_path / "in")
+    result, _ = enrich(emulator, (storage, current_items(storage, take_inventory(storage, 1))), tmp_path)
+
+    stats = settled(emulator)
+    table = result.manifest
+    assert len(table) == 3 * IMAGES and (table["error_code"] == "connection_lost").sum() >= 3
+    assert stats["requests"] == IMAGES  # one request per content, whatever its fate
+    assert stats["charged_twice"] == 0 and set(stats["charged_by_content"].values()) <= {1}
+    assert (table.groupby("content_hash")["error_code"].nunique(dropna=False) == 1).all()  # one outcome a content
+    assert recorded(result) == Decimal(stats["charged"]) - stats["by_status"].get("dropped", 0)  # drops: unknown

@@ -81,9 +81,39 @@ def test_journal_rows_the_output_refuses_go_to_the_spool_and_are_read_back(tmp_p
     row = _row(Item("a.jpg", 3, "v"), "0" * 64, uri=None)
     journal.write(row)
     assert spool.list_prefix("journal")
-    assert journal.read([])["path"].tolist() == ["a.jpg"]
+    rows, _ = journal.entries([])
+    assert [row["path"] for row in rows] == ["a.jpg"]
     journal.clear()
     assert not spool.list_prefix("journal")
+
+
+def _paid_row(path: str, credits: float) -> dict:
+    row = _row(Item(path, 3, "v"), "0" * 64, uri="file:///out/normals/00/x.jpg")
+    return {**row, "credits_consumed": credits}
+
+
+def test_two_writers_rows_for_one_path_both_count(tmp_path):
+    """A lost claim let two runs write one shard: one paid for the content, the other found its map stored."""
+    output, spool = LocalStorage(tmp_path / "out"), LocalStorage(tmp_path / "spool")
+    payer, reuser = (manifest.Journal(output, "00", spool=spool) for _ in "ab")
+    payer.write(_paid_row("a.jpg", 1.0), 1.0)
+    reuser.write(_paid_row("a.jpg", 0.0), 0.0)  # later: its fields win, the cost is added
+    state = manifest.load_shard(output, manifest.Journal(output, "00", spool=spool), "00")
+    assert state.previous["credits_consumed"].tolist() == [1.0] and len(state.folded) == 2
+
+
+def test_rows_a_manifest_holds_are_not_counted_again_when_their_journal_outlives_it(tmp_path, monkeypatch):
+    """Killed between writing the manifest and clearing the journal: the next fold skips what it holds."""
+    output, spool = LocalStorage(tmp_path / "out"), LocalStorage(tmp_path / "spool")
+    journal = manifest.Journal(output, "00", spool=spool)
+    state = manifest.load_shard(output, journal, "00")
+    journal.write(_paid_row("a.jpg", 1.0), 1.0)
+    monkeypatch.setattr(journal, "clear", lambda files=None: None)  # the crash
+    built = manifest.with_journal(state.previous, [{**_paid_row("a.jpg", 1.0), "charged": 1.0}])
+    manifest.commit_shard(output, journal, "00", state, built, lambda frame: frame)
+    assert output.list_prefix("journal")
+    again = manifest.load_shard(output, manifest.Journal(output, "00", spool=spool), "00")
+    assert again.previous["credits_consumed"].tolist() == [1.0] and again.folded  # cleared by the next commit
 
 
 def test_another_shard_count_on_an_enriched_output_is_refused_then_resharded(enriched, emulator, capsys):
