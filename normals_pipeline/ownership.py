@@ -126,7 +126,9 @@ class Lease:
 
 
 def _verdict(record: dict | None, me: StateIdentity, now: float) -> Literal["join", "refuse", "take"]:
-    if record is None or record["expires_at"] <= now:
+    """A live lease of another id at this store's own place is a store that was reset since (Redis restarted
+    empty): the claims it guarded are gone with it, so it holds nothing back and is taken over."""
+    if record is None or record["expires_at"] <= now or record["where"] == me.where and record["state"] != me.id:
         return "take"
     return "join" if record["state"] == me.id else "refuse"
 
@@ -182,6 +184,7 @@ def _taken_over(output: Storage, generation: int, record: dict | None, now: floa
         return f"{output.uri_for(_path(generation))} was unreadable: replaced by this run's lease"
     return (
         f"{output.uri} was last enriched by a run that keeps its claims elsewhere ({record['where']}, "
-        f"{now - record['renewed_at']:.0f} s ago); its hold has lapsed and this run takes the output over. "
+        f"{now - record['renewed_at']:.0f} s ago); its hold has lapsed (or that state was reset) and this run "
+        "takes the output over. "
         f"Runs at once on one output must share one state ({_SHARE})"
     )

@@ -112,15 +112,16 @@ def _free_port() -> int:
 @pytest.fixture
 def redis_server() -> Iterator[Callable[[], tuple[str, subprocess.Popen]]]:
     """Start throwaway `redis-server`s on loopback (no persistence), each its URL and process: a test may kill
-    one, or delete its keys, without touching anyone else's state. Killed at teardown."""
+    one, or delete its keys, without touching anyone else's state; `port` restarts one where it was (empty).
+    Killed at teardown."""
     import redis
 
     if shutil.which("redis-server") is None:
         _unavailable("redis-server", "not installed")
     started: list[subprocess.Popen] = []
 
-    def start() -> tuple[str, subprocess.Popen]:
-        port = _free_port()
+    def start(port: int | None = None) -> tuple[str, subprocess.Popen]:
+        port = port or _free_port()
         args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         started.append(server)

@@ -69,6 +69,22 @@ def test_a_lapsed_lease_of_another_state_is_taken_over_with_one_warning(output, 
     assert len(heard) == 1 and str(tmp_path / "host-a") in heard[0] and "takes the output over" in heard[0]
 
 
+def test_a_live_lease_of_a_store_reset_at_the_same_place_is_taken_over(output, tmp_path):
+    """Redis restarted empty (or a state folder's id lost): the old id's claims are gone with it, so its lease
+    holds nothing back; a store elsewhere is still refused."""
+    first = ownership.take(output, SQLiteClaims(tmp_path / "host-a"))
+    first.close()
+    (tmp_path / "host-a" / "state-id").unlink()  # the same place, a new id
+    heard: list[str] = []
+
+    lease = ownership.take(output, SQLiteClaims(tmp_path / "host-a"), heard.append)
+    lease.close()
+
+    assert lease.generation == 2 and len(heard) == 1 and "or that state was reset" in heard[0]
+    with pytest.raises(OutputInUse):
+        ownership.take(output, SQLiteClaims(tmp_path / "host-b"))
+
+
 def test_an_unreadable_lease_is_replaced_with_a_warning(output, tmp_path):
     output.write_bytes("owner/lease-00000007.json", b"{not json")
     heard: list[str] = []

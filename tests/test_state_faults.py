@@ -67,7 +67,7 @@ def test_redis_killed_mid_run_stops_it_and_keeps_every_answer_that_arrived(tmp_p
         out.exists(normal_map_path(digest)) or spool.exists(normal_map_path(digest)) for digest in paid["content_hash"]
     )
 
-    fresh, _ = redis_server()
+    fresh, _ = redis_server(int(url.rsplit(":", 1)[1].split("/")[0]))  # restarted where it was, empty
     assert run(tmp_path / "in", output, emulator.url, fresh).returncode == 0
     stats = emulator.stats()
     assert stats["requests"] - first["requests"] == IMAGES - len(first["charged_by_content"])
