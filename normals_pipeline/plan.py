@@ -181,13 +181,16 @@ def _looks(
     pool: ThreadPoolExecutor, dataset: Storage, output: Storage, items: list[Item], oversize: Oversize
 ) -> Iterator[tuple[str, bool] | None]:
     """Each pending file as the run would meet it, in order, a chunk at a time: None if the local checks
-    refuse it, else its content hash and whether a map of that content is stored."""
+    refuse it, else its content hash and whether a map of that content is stored (or waits in this host's
+    spool, paid for: the run stores it with no request)."""
+    spool = manifest.spool_for(output)
 
     def look(item: Item) -> tuple[str, bool] | None:
         checked = read_and_check(dataset, item, oversize)
         if checked.prepared is None or checked.digest is None:
             return None
-        return checked.digest, output.exists(normal_map_path(checked.digest))
+        path = normal_map_path(checked.digest)
+        return checked.digest, output.exists(path) or spool.exists(path)
 
     for start in range(0, len(items), CHUNK):
         yield from pool.map(look, items[start : start + CHUNK])

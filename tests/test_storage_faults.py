@@ -99,6 +99,11 @@ def test_a_read_only_normals_folder_keeps_every_paid_row(tmp_path, emulator, mou
     first = emulator.stats()
     assert Decimal(str(table["credits_consumed"].sum())) == Decimal(first["charged"])
     assert len(spooled_maps(output)) == len(paid)
+    capsys.readouterr()
+    plan_args = ["--dataset", str(tmp_path / "in"), "--output", str(output), "--shards", "1", "--json"]
+    main(["plan", *plan_args])
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["credits_needed"] == 8 - Decimal(first["charged"])  # the spooled maps cost nothing more
 
     subprocess.run(["umount", "-l", str(output / "normals")], check=True)
     assert run(tmp_path / "in", output, emulator.url) == 0
