@@ -355,6 +355,7 @@ class Enricher:
                     report()
             except BaseException:  # an interrupt (SIGTERM, Ctrl-C): send nothing more, journal what is in flight
                 self._stop.set()
+                self.client.stop()  # workers waiting for a turn (rate, pause, breaker) end without sending
                 raise
         return [result for result in results if result is not None]
 
