@@ -150,14 +150,16 @@ def lowered(learned: Learned | None, limit: int, sent_at: float, observed: int, 
     A turn taken before the last lowering is ignored: that lowering answered it (the requests in flight when
     the first 429 came back meet the same full window). Otherwise the server had its limit's worth in its window
     when this one arrived, so the least lowering the 429 supports is to what was sent then (whatever share
-    other programs took of the rest). A 429 at a learned rate that was not a step up means that rate itself was
-    refused (a fixed window, or another program sending more): then at least a quarter less. Never under half
-    in one step: a stray 429 is not a new limit. A step up that met a 429 doubles the hold before the next."""
+    other programs took of the rest). `observed` leaves out the requests still in flight: taken before this one
+    but sent late (a busy host), they may have arrived after it. A 429 at a learned rate that was not a step up
+    means that rate itself was refused (a fixed window, or another program sending more): then at least a tenth
+    less. Never under half in one step: a stray 429 is not a new limit. A step up that met a 429 doubles the
+    hold before the next."""
     learned = live(learned, now)
     if learned is not None and sent_at < learned.since:
         return learned
     current = limit if learned is None else min(limit, learned.rpm)
-    cut = 1 if learned is None or learned.probing else max(1, current // 4)
+    cut = 1 if learned is None or learned.probing else max(1, current // 10)
     rpm = max((current + 1) // 2, min(observed, current - cut))
     if learned is None:
         hold = FIRST_HOLD_S
@@ -313,7 +315,8 @@ class MemoryState:
         with self._lock:
             now = time.time()
             sent_at = self._sent.get(token, now)
-            observed = sum(sent_at - window_s <= at <= sent_at for t, at in self._sent.items() if t != token)
+            answered = (at for t, at in self._sent.items() if t != token and t not in self._turns)
+            observed = sum(sent_at - window_s <= at <= sent_at for at in answered)
             self._learned = lowered(self._learned, limit, sent_at, observed, now)
             return effective_rate(self._learned, limit, now)
 
@@ -527,7 +530,8 @@ class SQLiteState:
             row = db.execute("SELECT at FROM sent WHERE id = ?", (token,)).fetchone()
             sent_at = row[0] if row else now
             observed = db.execute(
-                "SELECT count(*) FROM sent WHERE at >= ? AND at <= ? AND id != ?", (sent_at - window_s, sent_at, token)
+                "SELECT count(*) FROM sent WHERE at >= ? AND at <= ? AND id != ? AND id NOT IN (SELECT id FROM turns)",
+                (sent_at - window_s, sent_at, token),
             ).fetchone()[0]
             learned = lowered(_read_learned(db), limit, sent_at, observed, now)
             _write_learned(db, learned)
@@ -803,6 +807,24 @@ return ARGV[3]
 """
 
 
+# KEYS: sent, turns. ARGV: token, window (ms). For `lowered`: when the token's turn was taken (ms; now if unknown),
+# and how many other turns were taken in the window up to it and are no longer in flight.
+_REDIS_OBSERVED = """
+local sent_at = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if sent_at then
+  sent_at = tonumber(sent_at)
+else
+  local t = redis.call('TIME')
+  sent_at = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local observed = 0
+for _, other in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], sent_at - tonumber(ARGV[2]), sent_at)) do
+  if other ~= ARGV[1] and not redis.call('ZSCORE', KEYS[2], other) then observed = observed + 1 end
+end
+return {string.format('%.0f', sent_at), observed}
+"""
+
+
 def _seconds(redis_time: tuple[int, int]) -> float:
     """Redis `TIME` as seconds."""
     return int(redis_time[0]) + int(redis_time[1]) / 1e6
@@ -825,6 +847,7 @@ class RedisState:
         self._take_turn = self._redis.register_script(_REDIS_TAKE_TURN)
         self._end_turn = self._redis.register_script(_REDIS_END_TURN)
         self._breaker_turn = self._redis.register_script(_REDIS_BREAKER_TURN)
+        self._observed = self._redis.register_script(_REDIS_OBSERVED)
         self._window_ms = 60_000  # the last take_turn's window: how long end_turn keeps an answer
 
     def bucket(self, rates: list[Rate]) -> AbstractBucket:
@@ -853,17 +876,13 @@ class RedisState:
 
         def work(pipe: Any) -> int:
             now = _seconds(pipe.time())
-            score = pipe.zscore(sent, token)
-            sent_at = score / 1000 if score is not None else now
-            observed = pipe.zcount(sent, round((sent_at - window_s) * 1000), round(sent_at * 1000)) - (
-                score is not None
-            )
-            learned = lowered(self._read_learned(pipe), limit, sent_at, observed, now)
+            sent_ms, observed = self._observed(keys=[sent, self._keys["turns"]], args=[token, round(window_s * 1000)])
+            learned = lowered(self._read_learned(pipe), limit, int(sent_ms) / 1000, int(observed), now)
             pipe.multi()
             self._write_learned(pipe, learned, now)
             return effective_rate(learned, limit, now)
 
-        return self._redis.transaction(work, self._keys["learned"], sent, value_from_callable=True)
+        return self._redis.transaction(work, self._keys["learned"], value_from_callable=True)
 
     def announce_rate(self, rpm: int, limit: int) -> None:
         def work(pipe: Any) -> None:

@@ -243,18 +243,14 @@ class ClipdropClient:
         raise AssertionError("unreachable")
 
     def _backoff(self, error: Exception) -> bool | float:
-        """stamina hook: retry transient errors; a 429 pauses the whole key, then waits its turn; a 5xx is
-        retried at once, since the key's breaker holds every sender through an outage (and `acquire` waits)."""
+        """stamina hook: retry transient errors. After a 429 or a 5xx the retry goes straight back to the rate
+        guard, which holds it (where a stop ends the wait) through the key's pause or its breaker."""
         if not isinstance(error, TransientError):
             return False
         with self._count_lock:  # workers retry concurrently
             for tally in self._tallies():
                 tally.retries[error.error_code] += 1
-        if isinstance(error, RateLimited):
-            pause = error.retry_after if error.retry_after is not None else DEFAULT_COOLDOWN_S
-            self.rate_guard.cooldown(pause)
-            return pause
-        if isinstance(error, ServerError):
+        if isinstance(error, RateLimited | ServerError):
             return 0.0
         if isinstance(error, ApiUnreachable) and not self._answered.is_set():
             return self._first_contact_wait(error)
@@ -287,6 +283,8 @@ class ClipdropClient:
             return result
         except Exception as error:
             outcome = _outcome(error)
+            if isinstance(error, RateLimited):  # pause the key first: the sends behind this one stop at once
+                self.rate_guard.cooldown(DEFAULT_COOLDOWN_S if error.retry_after is None else error.retry_after)
             raise
         finally:
             self.rate_guard.finished(turn, outcome, self.retry.wait_initial_s, self.retry.wait_max_s)
