@@ -143,7 +143,7 @@ def effective_rate(learned: Learned | None, limit: int, now: float) -> int:
     return limit if learned is None else min(limit, learned.rpm)
 
 
-def lowered(learned: Learned | None, limit: int, sent_at: float, observed: int, now: float) -> Learned | None:
+def lowered(learned: Learned | None, limit: int, sent_at: float, observed: int, now: float) -> Learned:
     """The key's rate after a 429 on a turn taken at `sent_at`, when `observed` requests were sent on the key in
     the window before it (every process's, from the shared log of sends).
 
