@@ -1,6 +1,6 @@
 """Run the benchmark figures, print a table, write bench/results/<date>-<host>.json.
 
-python -m bench                       # every figure (what `make bench` runs, ~10 min on 2 cores)
+python -m bench                       # every figure (what `make bench` runs, ~12–13 min on 2 cores)
 python -m bench --only rate-3000      # one figure (repeatable, or comma-separated; `throughput`: every rate-*)
 python -m bench --quick               # small sizes: a smoke run of the harness, not a measurement
 """
