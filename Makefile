@@ -48,7 +48,7 @@ ui-test: $(UI_STAMP)
 emulator: $(STAMP)
 	$(BIN)/normals-pipeline emulator
 
-# The benchmark figures of bench/README.md (~10 min on 2 cores); writes bench/results/<date>-<host>.json.
+# The benchmark figures of bench/README.md (~12–13 min on 2 cores); writes bench/results/<date>-<host>.json.
 bench: $(STAMP)
 	$(BIN)/python -m bench
 

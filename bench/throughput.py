@@ -1,4 +1,5 @@
-"""Figures 1 and 2: how close `normals-pipeline run` gets to the key's rate limit, and whether it stays under.
+"""Figures 1, 2 and 8: how close `normals-pipeline run` gets to the key's rate limit, and whether it stays under
+(figure 8: when it is set at twice the real limit, and must learn the real one from the API's 429s).
 
 The figure is successes per second ÷ the limit, with the seconds counted from the emulator's first
 request to its last answer (the emulator's own clock). The emulator runs in this process, in strict
@@ -128,5 +129,37 @@ def concurrent_runs(cfg: Any, workdir: Path) -> dict[str, Any]:
             "runs": [run.raw() for run in runs],
             "emulator_stats": {k: v for k, v in stats.items() if k != "charged_by_content"},
             "timeline": timeline,
+        },
+    }
+
+
+def learning_run(cfg: Any, workdir: Path) -> dict[str, Any]:
+    """Figure 8: one default `normals-pipeline run --rpm 2R` on a key limited to R: what it sends, ÷ R."""
+    real, configured, images = cfg.learn_rpm, 2 * cfg.learn_rpm, cfg.learn_images
+    latency, jitter = cfg.latency, cfg.latency_jitter
+    make_small_jpegs(workdir / "dataset", images, seed=8, size=cfg.rate_image_size)
+    key = fresh_key("learning")
+    with RecordingEmulator(keys={key: None}, rpm=real, latency=latency, latency_jitter=jitter) as emulator:
+        run = CliRun(workdir / "dataset", workdir / "output", emulator.url, key, configured)
+        run.start().wait()
+        stats, timeline = emulator.stats(), emulator.timeline.summary(latency)
+    figure = rate_figure(stats, timeline, real)
+    complete = run.returncode == 0 and run.enriched == images
+    passed = complete and figure["ratio"] >= cfg.target_learning and figure["status_429"] <= cfg.learn_max_429
+    return {
+        "measured": figure["ratio"],
+        "passed": passed,
+        "naive": None,
+        "note": f"{images} imgs at --rpm {configured}; 429s {figure['status_429']} (<= {cfg.learn_max_429}), "
+        f"max/60s {figure['max_in_any_60s']}/{real}"
+        + ("" if complete else f" (INCOMPLETE: exit {run.returncode}, {run.enriched} of {images} enriched)"),
+        "raw": {
+            "emulator": {"rpm": real, "latency_s": latency, "latency_jitter_s": jitter, "window": "sliding"},
+            "configured_rpm": configured,
+            "images": images,
+            "pipeline": figure,
+            "pipeline_run": run.raw(),
+            "pipeline_emulator_stats": {k: v for k, v in stats.items() if k != "charged_by_content"},
+            "pipeline_timeline": timeline,
         },
     }

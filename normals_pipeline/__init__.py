@@ -8,6 +8,7 @@ The Dagster layer lives in `normals_pipeline.orchestration`.
 """
 
 from ._errors import (
+    ApiDown,
     ApiTimeout,
     ApiUnreachable,
     ClipdropError,
@@ -36,6 +37,7 @@ __all__ = [
     "MANIFEST_SCHEMA",
     "ApiResult",
     "ApiTimeout",
+    "ApiDown",
     "ApiUnreachable",
     "ClipdropClient",
     "ClipdropError",

@@ -18,6 +18,7 @@ The shape follows the decision a caller has to make, not the HTTP status:
         ├── InvalidApiKey
         ├── OutOfCredits
         ├── CreditLimitReached
+        ├── ApiDown        only 5xx for longer than the retry policy's timeout (the key's breaker gave up)
         ├── MapNotStored   a paid answer could not be stored: kept in the spool, recorded with its cost, then stop
         ├── ManifestNotWritten  the shard's manifest could not be written: its rows stay in the journal
         └── StateUnavailable    the shared state (Redis, SQLite) failed: the answer in hand is kept, then stop
@@ -145,6 +146,13 @@ class CreditLimitReached(RunStopped):
     """A guard stopped sending before the credit floor or the run budget was crossed."""
 
     error_code = "credit_limit"
+
+
+class ApiDown(RunStopped):
+    """The API answered nothing but server errors while every sender on the key waited at its breaker (one probe
+    at a time) for longer than the retry policy allows: the images left were not sent, the next run sends them."""
+
+    error_code = "api_down"
 
 
 class MapNotStored(RunStopped):

@@ -3,7 +3,9 @@
 Three interchangeable stores, each holding per key: the pacing schedule (the next slot's time, see
 `schedule_slot`), the rate bucket (pyrate-limiter), a cooldown after a 429, the last balance the API
 reported, leases for requests in flight (a lease expires on its own, so a killed process cannot
-hold credits forever), and the key's turns: requests in flight and when the last minute's were answered:
+hold credits forever), the key's turns (requests in flight and when the last minute's were answered, and
+when each was sent), the rate the key has shown it takes when that is under the configured one (`Learned`,
+from 429s), and the breaker that holds every sender while the API answers only 5xx (`Breaker`):
 
 - `MemoryState`: one process (tests, scripts);
 - `SQLiteState`: every process on one host, with no configuration (a file per key, named by a hash);
@@ -20,7 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -46,8 +48,13 @@ class Reservation:
 class KeyState(Protocol):
     def bucket(self, rates: list[Rate]) -> AbstractBucket: ...
     def take_turn(self, token: str, limit: int, window_s: float, ttl_s: float) -> float: ...
-    def end_turn(self, token: str, used: bool = True) -> None: ...
-    def next_slot(self, interval_s: float, tolerance_s: float, spacing_s: float = 0.0) -> float: ...
+    def end_turn(self, token: str, used: bool = True, answered: bool = False) -> None: ...
+    def next_slot(self, interval_s: float, tolerance_s: float, spacing_s: float = 0.0, rpm: int = 0) -> float: ...
+    def lower_rate(self, token: str, limit: int, window_s: float) -> int: ...
+    def announce_rate(self, rpm: int, limit: int) -> None: ...
+    def learned_rate(self) -> int | None: ...
+    def breaker_turn(self, token: str, probe_ttl_s: float) -> float: ...
+    def server_failed(self, token: str, counts: bool, after: int, open_s: float, max_open_s: float) -> None: ...
     def cooldown_left(self) -> float: ...
     def cool_down(self, seconds: float) -> None: ...
     def reserve(self, lease: str, floor: Decimal, cost: Decimal, ttl_s: float) -> Reservation: ...
@@ -110,6 +117,126 @@ def schedule_slot(
     return max(slot, now, last + spacing_s), slot + interval_s
 
 
+# The key's learned rate. The configured rate is an upper bound, not a fact: a 429 on a turn the schedule gave
+# means the key takes less (a wrong setting, or another program on the key).
+FIRST_HOLD_S = 300.0  # a lowered rate is held this long before its first step up: a step too far costs a 429
+MAX_HOLD_S = 3600.0  # the hold doubles after each step that met a 429, up to this
+LEARNED_TTL_S = 6 * 3600.0  # a learned rate with no 429 for this long is forgotten (the plan may have changed)
+BUSY_SHARE = 0.9  # a minute with at least this share of the rate sent is a test of it; an idle one is not
+STEP_SHARE = 20  # a step up is a twentieth of the configured rate (at least 1)
+
+
+@dataclass(frozen=True)
+class Learned:
+    """The key's rate when a 429 showed the configured one is too high; shared like the schedule."""
+
+    rpm: int
+    since: float  # when it was last lowered (or announced): a 429 on a turn taken before is answered already
+    raise_at: float  # no step up before this; then one per busy minute without a 429
+    hold_s: float  # how long this lowering is held before the first step up
+    probing: bool = False  # stepped up since the last 429: a 429 now says the step was one too many
+
+
+def live(learned: Learned | None, now: float) -> Learned | None:
+    """The learned rate, unless it has lapsed (no 429 for `LEARNED_TTL_S`)."""
+    return learned if learned is not None and now < learned.since + LEARNED_TTL_S else None
+
+
+def effective_rate(learned: Learned | None, limit: int, now: float) -> int:
+    """The rate to keep to: the configured `limit`, or what the key has shown it takes if that is less."""
+    learned = live(learned, now)
+    return limit if learned is None else min(limit, learned.rpm)
+
+
+def lowered(learned: Learned | None, limit: int, sent_at: float, observed: int, now: float) -> Learned:
+    """The key's rate after a 429 on a turn taken at `sent_at`, when `observed` requests were sent on the key in
+    the window before it (every process's, from the shared log of sends).
+
+    A turn taken before the last lowering is ignored: that lowering answered it (the requests in flight when
+    the first 429 came back meet the same full window). Otherwise the server had its limit's worth in its window
+    when this one arrived, so the least lowering the 429 supports is to what was sent then (whatever share
+    other programs took of the rest). `observed` leaves out the requests still in flight: taken before this one
+    but sent late (a busy host), they may have arrived after it. A 429 at a learned rate that was not a step up
+    means that rate itself was refused (a fixed window, or another program sending more): then at least a tenth
+    less. Never under half in one step: a stray 429 is not a new limit. A step up that met a 429 doubles the
+    hold before the next."""
+    learned = live(learned, now)
+    if learned is not None and sent_at < learned.since:
+        return learned
+    current = limit if learned is None else min(limit, learned.rpm)
+    cut = 1 if learned is None or learned.probing else max(1, current // 10)
+    rpm = max((current + 1) // 2, min(observed, current - cut))
+    if learned is None:
+        hold = FIRST_HOLD_S
+    else:
+        hold = min(MAX_HOLD_S, learned.hold_s * 2) if learned.probing else learned.hold_s
+    return Learned(max(1, rpm), now, now + hold, hold)
+
+
+def raised(learned: Learned | None, limit: int, busy: Callable[[], int], now: float, window_s: float) -> Learned | None:
+    """The learned rate a step higher (a twentieth of `limit`), once its hold is over and the last window was
+    busy (`busy()`: the requests sent in it) with no 429 since the last step; forgotten at `limit`."""
+    learned = live(learned, now)
+    if learned is None or now < learned.raise_at or busy() < BUSY_SHARE * min(limit, learned.rpm):
+        return learned
+    rpm = min(limit, learned.rpm) + max(1, limit // STEP_SHARE)
+    return None if rpm >= limit else replace(learned, rpm=rpm, raise_at=now + window_s, probing=True)
+
+
+def announced(rpm: int, limit: int, now: float) -> Learned | None:
+    """The rate the API's headers state: believed at once, and not probed above for the longest hold."""
+    return None if rpm >= limit else Learned(max(1, rpm), now, now + MAX_HOLD_S, MAX_HOLD_S)
+
+
+def stretch(learned: Learned | None, rpm: int, now: float) -> float:
+    """How much farther apart the schedule's slots are at the learned rate than at `rpm` (1: not at all)."""
+    return rpm / effective_rate(learned, rpm, now) if rpm else 1.0
+
+
+BREAKER_POLL_S = 0.2  # how often a sender held by the breaker looks whether the probe has answered
+
+
+@dataclass(frozen=True)
+class Breaker:
+    """Consecutive 5xx on the key, and once there were enough, the pause that holds every sender."""
+
+    failures: int = 0
+    open_until: float = 0.0  # 0: closed
+    open_for: float = 0.0  # the current pause: doubled by each probe that fails
+    probe: str = ""  # the turn sent to find out whether the API is back, once the pause is over
+    probe_until: float = 0.0  # a probe whose sender died is given up then
+
+
+def breaker_failed(
+    breaker: Breaker, token: str, counts: bool, now: float, after: int, open_s: float, max_open_s: float
+) -> Breaker:
+    """The breaker after the request of `token` failed: a 5xx (`counts`) or no answer at all. The `after`-th
+    5xx in a row opens it for `open_s`; a failed probe reopens it for twice as long (at most `max_open_s`);
+    requests in flight when it opened change nothing."""
+    if breaker.open_until:
+        if breaker.probe != token:
+            return breaker
+        pause = min(max_open_s, breaker.open_for * 2)
+        return Breaker(breaker.failures + 1, now + pause, pause)
+    if not counts:
+        return breaker
+    if breaker.failures + 1 >= after:
+        return Breaker(breaker.failures + 1, now + open_s, open_s)
+    return replace(breaker, failures=breaker.failures + 1)
+
+
+def breaker_turn(breaker: Breaker, token: str, now: float, probe_ttl_s: float) -> tuple[float, Breaker]:
+    """(0, …) if `token` may send: the breaker is closed, or its pause is over and `token` is the one probe;
+    else (how long to wait, …)."""
+    if not breaker.open_until:
+        return 0.0, breaker
+    if now < breaker.open_until:
+        return breaker.open_until - now, breaker
+    if breaker.probe in ("", token) or now >= breaker.probe_until:
+        return 0.0, replace(breaker, probe=token, probe_until=now + probe_ttl_s)
+    return BREAKER_POLL_S, breaker
+
+
 class _StampedAtPut:
     """Stamp each attempt with the bucket's clock. pyrate-limiter's blocking wait advances an item's
     timestamp by the time it meant to sleep; a late wake-up then records a send earlier than it happened,
@@ -140,6 +267,9 @@ class MemoryState:
         self._leases: dict[str, float] = {}
         self._turns: dict[str, float] = {}  # token -> when the turn lapses if never ended
         self._answered: dict[str, float] = {}  # token -> when it was answered
+        self._sent: dict[str, float] = {}  # token -> when its turn was taken, for a window and a turn's life
+        self._learned: Learned | None = None
+        self._breaker = Breaker()
 
     def bucket(self, rates: list[Rate]) -> AbstractBucket:
         return _InMemoryBucket(rates)
@@ -150,25 +280,67 @@ class MemoryState:
             self._answered.update({t: lapse for t, lapse in self._turns.items() if lapse <= now})
             self._turns = {t: lapse for t, lapse in self._turns.items() if lapse > now}
             self._answered = {t: at for t, at in self._answered.items() if at > now - window_s}
+            self._sent = {t: at for t, at in self._sent.items() if at > now - window_s - ttl_s}
+            sent = self._sent.values()
+            self._learned = raised(self._learned, limit, lambda: sum(at > now - window_s for at in sent), now, window_s)
+            rate = effective_rate(self._learned, limit, now)
             answered = self._answered.values()
-            wait = turn_wait(len(self._turns), len(answered), lambda i: sorted(answered)[i], now, limit, window_s)
+            wait = turn_wait(len(self._turns), len(answered), lambda i: sorted(answered)[i], now, rate, window_s)
             if wait == 0:
                 self._turns[token] = now + ttl_s
+                self._sent[token] = now
             return wait
 
-    def end_turn(self, token: str, used: bool = True) -> None:
+    def end_turn(self, token: str, used: bool = True, answered: bool = False) -> None:
         with self._lock:
             self._turns.pop(token, None)
             if used:
                 self._answered[token] = time.time()
+            else:
+                self._sent.pop(token, None)
+                if self._breaker.probe == token:  # a probe never sent: the next sender probes
+                    self._breaker = replace(self._breaker, probe="")
+            if answered:
+                self._breaker = Breaker()
 
-    def next_slot(self, interval_s: float, tolerance_s: float, spacing_s: float = 0.0) -> float:
-        """Take the next slot on the schedule; returns how long to wait for it (seconds, >= 0)."""
+    def next_slot(self, interval_s: float, tolerance_s: float, spacing_s: float = 0.0, rpm: int = 0) -> float:
+        """Take the next slot on the schedule; returns how long to wait for it (seconds, >= 0). `rpm`: the
+        configured rate `interval_s` is for; under a learned lower rate, the slots are farther apart."""
         with self._lock:
             now = time.time()
-            send, self._tat = schedule_slot(self._tat, self._last_send, now, interval_s, tolerance_s, spacing_s)
+            scale = stretch(self._learned, rpm, now)
+            send, self._tat = schedule_slot(
+                self._tat, self._last_send, now, interval_s * scale, tolerance_s, spacing_s * scale
+            )
             self._last_send = send
             return send - now
+
+    def lower_rate(self, token: str, limit: int, window_s: float) -> int:
+        """A 429 on `token`'s turn: lower the key's rate (see `lowered`); returns the rate now."""
+        with self._lock:
+            now = time.time()
+            sent_at = self._sent.get(token, now)
+            answered = (at for t, at in self._sent.items() if t != token and t not in self._turns)
+            observed = sum(sent_at - window_s <= at <= sent_at for at in answered)
+            self._learned = lowered(self._learned, limit, sent_at, observed, now)
+            return effective_rate(self._learned, limit, now)
+
+    def announce_rate(self, rpm: int, limit: int) -> None:
+        with self._lock:
+            self._learned = announced(rpm, limit, time.time())
+
+    def learned_rate(self) -> int | None:
+        learned = live(self._learned, time.time())
+        return learned.rpm if learned else None
+
+    def breaker_turn(self, token: str, probe_ttl_s: float) -> float:
+        with self._lock:
+            wait, self._breaker = breaker_turn(self._breaker, token, time.time(), probe_ttl_s)
+            return wait
+
+    def server_failed(self, token: str, counts: bool, after: int, open_s: float, max_open_s: float) -> None:
+        with self._lock:
+            self._breaker = breaker_failed(self._breaker, token, counts, time.time(), after, open_s, max_open_s)
 
     def cooldown_left(self) -> float:
         return max(0.0, self._cooldown_until - time.time())
@@ -222,6 +394,12 @@ CREATE TABLE IF NOT EXISTS pace (id INTEGER PRIMARY KEY CHECK (id = 1), tat REAL
 CREATE TABLE IF NOT EXISTS turns (id TEXT PRIMARY KEY, lapses REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS answered (id TEXT PRIMARY KEY, at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS answered_at ON answered (at);
+CREATE TABLE IF NOT EXISTS sent (id TEXT PRIMARY KEY, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS sent_at ON sent (at);
+CREATE TABLE IF NOT EXISTS learned (id INTEGER PRIMARY KEY CHECK (id = 1), rpm INTEGER NOT NULL, since REAL NOT NULL,
+    raise_at REAL NOT NULL, hold_s REAL NOT NULL, probing INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS breaker (id INTEGER PRIMARY KEY CHECK (id = 1), failures INTEGER NOT NULL,
+    open_until REAL NOT NULL, open_for REAL NOT NULL, probe TEXT NOT NULL, probe_until REAL NOT NULL);
 """
 
 
@@ -327,6 +505,32 @@ def default_state_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "normals-pipeline"
 
 
+def _read_learned(db: sqlite3.Connection) -> Learned | None:
+    row = db.execute("SELECT rpm, since, raise_at, hold_s, probing FROM learned").fetchone()
+    return Learned(row[0], row[1], row[2], row[3], bool(row[4])) if row else None
+
+
+def _write_learned(db: sqlite3.Connection, learned: Learned | None) -> None:
+    db.execute("DELETE FROM learned")
+    if learned is not None:
+        db.execute(
+            "INSERT INTO learned VALUES (1, ?, ?, ?, ?, ?)",
+            (learned.rpm, learned.since, learned.raise_at, learned.hold_s, int(learned.probing)),
+        )
+
+
+def _read_breaker(db: sqlite3.Connection) -> Breaker:
+    row = db.execute("SELECT failures, open_until, open_for, probe, probe_until FROM breaker").fetchone()
+    return Breaker(*row) if row else Breaker()
+
+
+def _write_breaker(db: sqlite3.Connection, breaker: Breaker) -> None:
+    db.execute(
+        "INSERT OR REPLACE INTO breaker VALUES (1, ?, ?, ?, ?, ?)",
+        (breaker.failures, breaker.open_until, breaker.open_for, breaker.probe, breaker.probe_until),
+    )
+
+
 class SQLiteState:
     """State in SQLite files under `folder`, named by the key's fingerprint; SQLite's own locking makes
     each read-modify-write atomic across processes, pyrate-limiter's file lock guards the bucket."""
@@ -347,37 +551,96 @@ class SQLiteState:
             db.execute("INSERT OR REPLACE INTO answered SELECT id, lapses FROM turns WHERE lapses <= ?", (now,))
             db.execute("DELETE FROM turns WHERE lapses <= ?", (now,))
             db.execute("DELETE FROM answered WHERE at <= ?", (now - window_s,))
+            db.execute("DELETE FROM sent WHERE at <= ?", (now - window_s - ttl_s,))
+
+            def busy() -> int:
+                return db.execute("SELECT count(*) FROM sent WHERE at > ?", (now - window_s,)).fetchone()[0]
+
+            learned = _read_learned(db)
+            if (now_learned := raised(learned, limit, busy, now, window_s)) != learned:
+                _write_learned(db, now_learned)
+            rate = effective_rate(now_learned, limit, now)
             in_flight = db.execute("SELECT count(*) FROM turns").fetchone()[0]
             answered = db.execute("SELECT count(*) FROM answered").fetchone()[0]
 
             def oldest(index: int) -> float:
                 return db.execute("SELECT at FROM answered ORDER BY at LIMIT 1 OFFSET ?", (index,)).fetchone()[0]
 
-            wait = turn_wait(in_flight, answered, oldest, now, limit, window_s)
+            wait = turn_wait(in_flight, answered, oldest, now, rate, window_s)
             if wait == 0:
                 db.execute("INSERT INTO turns VALUES (?, ?)", (token, now + ttl_s))
+                db.execute("INSERT OR REPLACE INTO sent VALUES (?, ?)", (token, now))
             return wait
 
         return self._transaction(work)
 
-    def end_turn(self, token: str, used: bool = True) -> None:
+    def end_turn(self, token: str, used: bool = True, answered: bool = False) -> None:
         def work(db: sqlite3.Connection, now: float) -> None:
             db.execute("DELETE FROM turns WHERE id = ?", (token,))
             if used:
                 db.execute("INSERT OR REPLACE INTO answered VALUES (?, ?)", (token, now))
+            else:
+                db.execute("DELETE FROM sent WHERE id = ?", (token,))
+                db.execute("UPDATE breaker SET probe = '' WHERE probe = ?", (token,))  # never sent: another probes
+            if answered:
+                db.execute("DELETE FROM breaker")
 
         self._transaction(work)
 
-    def next_slot(self, interval_s: float, tolerance_s: float, spacing_s: float = 0.0) -> float:
-        """Take the next slot on the schedule; returns how long to wait for it (seconds, >= 0)."""
+    def next_slot(self, interval_s: float, tolerance_s: float, spacing_s: float = 0.0, rpm: int = 0) -> float:
+        """Take the next slot on the schedule; returns how long to wait for it (seconds, >= 0). `rpm`: the
+        configured rate `interval_s` is for; under a learned lower rate, the slots are farther apart."""
 
         def work(db: sqlite3.Connection, now: float) -> float:
+            scale = stretch(_read_learned(db), rpm, now)
             tat, last = db.execute("SELECT tat, last FROM pace").fetchone() or (0.0, 0.0)
-            send, tat = schedule_slot(tat, last, now, interval_s, tolerance_s, spacing_s)
+            send, tat = schedule_slot(tat, last, now, interval_s * scale, tolerance_s, spacing_s * scale)
             db.execute("INSERT OR REPLACE INTO pace VALUES (1, ?, ?)", (tat, send))
             return send - now
 
         return self._transaction(work)
+
+    def lower_rate(self, token: str, limit: int, window_s: float) -> int:
+        """A 429 on `token`'s turn: lower the key's rate (see `lowered`); returns the rate now."""
+
+        def work(db: sqlite3.Connection, now: float) -> int:
+            row = db.execute("SELECT at FROM sent WHERE id = ?", (token,)).fetchone()
+            sent_at = row[0] if row else now
+            observed = db.execute(
+                "SELECT count(*) FROM sent WHERE at >= ? AND at <= ? AND id != ? AND id NOT IN (SELECT id FROM turns)",
+                (sent_at - window_s, sent_at, token),
+            ).fetchone()[0]
+            learned = lowered(_read_learned(db), limit, sent_at, observed, now)
+            _write_learned(db, learned)
+            return effective_rate(learned, limit, now)
+
+        return self._transaction(work)
+
+    def announce_rate(self, rpm: int, limit: int) -> None:
+        self._transaction(lambda db, now: _write_learned(db, announced(rpm, limit, now)))
+
+    def learned_rate(self) -> int | None:
+        with self._lock:
+            learned = live(_read_learned(self._db), time.time())
+        return learned.rpm if learned else None
+
+    def breaker_turn(self, token: str, probe_ttl_s: float) -> float:
+        with self._lock:  # a read first: the breaker is closed nearly always, and then nothing is written
+            if not self._db.execute("SELECT 1 FROM breaker WHERE open_until > 0").fetchone():
+                return 0.0
+
+        def work(db: sqlite3.Connection, now: float) -> float:
+            wait, breaker = breaker_turn(_read_breaker(db), token, now, probe_ttl_s)
+            _write_breaker(db, breaker)
+            return wait
+
+        return self._transaction(work)
+
+    def server_failed(self, token: str, counts: bool, after: int, open_s: float, max_open_s: float) -> None:
+        def work(db: sqlite3.Connection, now: float) -> None:
+            _write_breaker(db, breaker_failed(_read_breaker(db), token, counts, now, after, open_s, max_open_s))
+
+        self._transaction(work)
 
     def _transaction(self, work: Callable[[sqlite3.Connection, float], T]) -> T:
         """Run `work(db, now)` as one write transaction: other processes wait for it (BEGIN IMMEDIATE)."""
@@ -525,23 +788,30 @@ return math.max(0, current - now)
 """
 )
 
-# KEYS: pace. ARGV: interval, tolerance, spacing (microseconds). `schedule_slot` on the Redis server's
-# clock, in microseconds; returns the microseconds to wait. The schedule lapses a minute after its last slot.
+# KEYS: pace, learned. ARGV: interval, tolerance, spacing (microseconds), configured rpm. `schedule_slot` on the
+# Redis server's clock, in microseconds, with the slots farther apart under a learned lower rate (`stretch`);
+# returns the microseconds to wait. The schedule lapses a minute after its last slot.
 _REDIS_NEXT_SLOT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval, spacing, rpm = tonumber(ARGV[1]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local learned = tonumber(redis.call('HGET', KEYS[2], 'rpm') or '0')
+if rpm > 0 and learned > 0 and learned < rpm then
+  interval, spacing = interval * rpm / learned, spacing * rpm / learned
+end
 local pace = redis.call('HMGET', KEYS[1], 'tat', 'last')
 local slot = math.max(tonumber(pace[1] or '0'), now - tonumber(ARGV[2]))
-local send = math.max(slot, now, tonumber(pace[2] or '0') + tonumber(ARGV[3]))
-local tat = slot + tonumber(ARGV[1])
+local send = math.max(slot, now, tonumber(pace[2] or '0') + spacing)
+local tat = slot + interval
 redis.call('HSET', KEYS[1], 'tat', string.format('%.0f', tat), 'last', string.format('%.0f', send))
 redis.call('PEXPIRE', KEYS[1], math.floor(math.max(0, tat - now, send - now) / 1000) + 60000)
-return send - now
+return string.format('%.0f', send - now)
 """
 
 
-# KEYS: turns, answered (sorted sets: lapse time, answer time; ms on the Redis server's clock).
-# ARGV: token, limit, window, ttl (ms), poll (ms). `turn_wait` on the server: returns 0 (taken) or ms to wait.
+# KEYS: turns, answered, sent (sorted sets: lapse time, answer time, turn time; ms on the Redis server's clock),
+# learned. ARGV: token, limit, window, ttl (ms), poll (ms), busy share, step share. `raised` (the learned rate
+# lapses by itself: its key expires), then `turn_wait` at the effective rate: returns 0 (taken) or ms to wait.
 _REDIS_TAKE_TURN = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -550,10 +820,27 @@ local lapsed = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES')
 for i = 1, #lapsed, 2 do redis.call('ZADD', KEYS[2], lapsed[i + 1], lapsed[i]) end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - window - ttl)
+local learned = redis.call('HMGET', KEYS[4], 'rpm', 'raise_at')
+if learned[1] then
+  local rpm = math.min(limit, tonumber(learned[1]))
+  if now / 1000 >= tonumber(learned[2])
+      and redis.call('ZCOUNT', KEYS[3], '(' .. (now - window), '+inf') >= tonumber(ARGV[6]) * rpm then
+    rpm = rpm + math.max(1, math.floor(limit / tonumber(ARGV[7])))
+    if rpm >= limit then
+      redis.call('DEL', KEYS[4])
+    else
+      redis.call('HSET', KEYS[4], 'rpm', rpm, 'raise_at', string.format('%.3f', (now + window) / 1000), 'probing', 1)
+    end
+  end
+  limit = math.min(limit, rpm)
+end
 local in_flight, answered = redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2])
 if in_flight + answered < limit then
   redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
   redis.call('PEXPIRE', KEYS[1], ttl + window)
+  redis.call('ZADD', KEYS[3], now, ARGV[1])
+  redis.call('PEXPIRE', KEYS[3], ttl + window)
   return 0
 end
 local excess = in_flight + answered - limit
@@ -564,7 +851,8 @@ end
 return tonumber(ARGV[5])
 """
 
-# KEYS: turns, answered. ARGV: token, used (1/0), window (ms). A used turn is logged as answered now.
+# KEYS: turns, answered, sent, breaker. ARGV: token, used (1/0), window (ms), answered (1/0). A used turn is logged
+# as answered now; a void one leaves the log of sends, and the probe if it held it; an answer closes the breaker.
 _REDIS_END_TURN = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -572,8 +860,51 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 if ARGV[2] == '1' then
   redis.call('ZADD', KEYS[2], now, ARGV[1])
   redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[3]))
+else
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  if redis.call('HGET', KEYS[4], 'probe') == ARGV[1] then redis.call('HSET', KEYS[4], 'probe', '') end
 end
+if ARGV[4] == '1' then redis.call('DEL', KEYS[4]) end
 """
+
+# KEYS: breaker. ARGV: token, probe ttl (s), poll (s). `breaker_turn` on the Redis server's clock (seconds):
+# returns the seconds to wait, as text ('0': go).
+_REDIS_BREAKER_TURN = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local b = redis.call('HMGET', KEYS[1], 'open_until', 'probe', 'probe_until')
+local open_until = tonumber(b[1] or '0')
+if open_until == 0 then return '0' end
+if now < open_until then return string.format('%.6f', open_until - now) end
+if (b[2] or '') == '' or b[2] == ARGV[1] or now >= tonumber(b[3] or '0') then
+  redis.call('HSET', KEYS[1], 'probe', ARGV[1], 'probe_until', string.format('%.6f', now + tonumber(ARGV[2])))
+  return '0'
+end
+return ARGV[3]
+"""
+
+
+# KEYS: sent, turns. ARGV: token, window (ms). For `lowered`: when the token's turn was taken (ms; now if unknown),
+# and how many other turns were taken in the window up to it and are no longer in flight.
+_REDIS_OBSERVED = """
+local sent_at = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if sent_at then
+  sent_at = tonumber(sent_at)
+else
+  local t = redis.call('TIME')
+  sent_at = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local observed = 0
+for _, other in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], sent_at - tonumber(ARGV[2]), sent_at)) do
+  if other ~= ARGV[1] and not redis.call('ZSCORE', KEYS[2], other) then observed = observed + 1 end
+end
+return {string.format('%.0f', sent_at), observed}
+"""
+
+
+def _seconds(redis_time: tuple[int, int]) -> float:
+    """Redis `TIME` as seconds."""
+    return int(redis_time[0]) + int(redis_time[1]) / 1e6
 
 
 class RedisState:
@@ -584,33 +915,102 @@ class RedisState:
 
         self._redis: Any = redis.Redis.from_url(url)
         prefix = f"normals:{fingerprint}"
-        self._keys = {
-            name: f"{prefix}:{name}" for name in ("rate", "pace", "cooldown", "leases", "balance", "turns", "answered")
-        }
+        names = ("rate", "pace", "cooldown", "leases", "balance", "turns", "answered", "sent", "learned", "breaker")
+        self._keys = {name: f"{prefix}:{name}" for name in names}
         self._reserve = self._redis.register_script(_REDIS_RESERVE)
         self._settle = self._redis.register_script(_REDIS_SETTLE)
         self._cooldown = self._redis.register_script(_REDIS_COOLDOWN)
         self._next_slot = self._redis.register_script(_REDIS_NEXT_SLOT)
         self._take_turn = self._redis.register_script(_REDIS_TAKE_TURN)
         self._end_turn = self._redis.register_script(_REDIS_END_TURN)
+        self._breaker_turn = self._redis.register_script(_REDIS_BREAKER_TURN)
+        self._observed = self._redis.register_script(_REDIS_OBSERVED)
         self._window_ms = 60_000  # the last take_turn's window: how long end_turn keeps an answer
 
     def bucket(self, rates: list[Rate]) -> AbstractBucket:
         return _RedisTimeBucket.init(rates, self._redis, self._keys["rate"])
 
+    def _turn_keys(self) -> list[str]:
+        return [self._keys[name] for name in ("turns", "answered", "sent")]
+
     def take_turn(self, token: str, limit: int, window_s: float, ttl_s: float) -> float:
         self._window_ms = round(window_s * 1000)
-        args = [token, limit, self._window_ms, round(ttl_s * 1000), round(TURN_POLL_S * 1000)]
-        return int(self._take_turn(keys=[self._keys["turns"], self._keys["answered"]], args=args)) / 1000
+        args = [token, limit, self._window_ms, round(ttl_s * 1000), round(TURN_POLL_S * 1000), BUSY_SHARE, STEP_SHARE]
+        return int(self._take_turn(keys=[*self._turn_keys(), self._keys["learned"]], args=args)) / 1000
 
-    def end_turn(self, token: str, used: bool = True) -> None:
-        args = [token, int(used), self._window_ms]
-        self._end_turn(keys=[self._keys["turns"], self._keys["answered"]], args=args)
+    def end_turn(self, token: str, used: bool = True, answered: bool = False) -> None:
+        args = [token, int(used), self._window_ms, int(answered)]
+        self._end_turn(keys=[*self._turn_keys(), self._keys["breaker"]], args=args)
 
-    def next_slot(self, interval_s: float, tolerance_s: float, spacing_s: float = 0.0) -> float:
+    def next_slot(self, interval_s: float, tolerance_s: float, spacing_s: float = 0.0, rpm: int = 0) -> float:
         """Take the next slot on the schedule (Redis server's clock); returns how long to wait for it (s)."""
-        args = [round(interval_s * 1e6), round(tolerance_s * 1e6), round(spacing_s * 1e6)]
-        return int(self._next_slot(keys=[self._keys["pace"]], args=args)) / 1e6
+        args = [round(interval_s * 1e6), round(tolerance_s * 1e6), round(spacing_s * 1e6), rpm]
+        return int(self._next_slot(keys=[self._keys["pace"], self._keys["learned"]], args=args)) / 1e6
+
+    def lower_rate(self, token: str, limit: int, window_s: float) -> int:
+        """A 429 on `token`'s turn: lower the key's rate (see `lowered`); returns the rate now."""
+        sent = self._keys["sent"]
+
+        def work(pipe: Any) -> int:
+            now = _seconds(pipe.time())
+            sent_ms, observed = self._observed(keys=[sent, self._keys["turns"]], args=[token, round(window_s * 1000)])
+            learned = lowered(self._read_learned(pipe), limit, int(sent_ms) / 1000, int(observed), now)
+            pipe.multi()
+            self._write_learned(pipe, learned, now)
+            return effective_rate(learned, limit, now)
+
+        return self._redis.transaction(work, self._keys["learned"], value_from_callable=True)
+
+    def announce_rate(self, rpm: int, limit: int) -> None:
+        def work(pipe: Any) -> None:
+            now = _seconds(pipe.time())
+            pipe.multi()
+            self._write_learned(pipe, announced(rpm, limit, now), now)
+
+        self._redis.transaction(work, self._keys["learned"])
+
+    def learned_rate(self) -> int | None:
+        rpm = self._redis.hget(self._keys["learned"], "rpm")
+        return int(rpm) if rpm else None
+
+    def _read_learned(self, pipe: Any) -> Learned | None:
+        values = pipe.hmget(self._keys["learned"], "rpm", "since", "raise_at", "hold_s", "probing")
+        if values[0] is None:
+            return None
+        rpm, since, raise_at, hold_s, probing = values
+        return Learned(int(rpm), float(since), float(raise_at), float(hold_s), probing == b"1")
+
+    def _write_learned(self, pipe: Any, learned: Learned | None, now: float) -> None:
+        """Inside MULTI. The key expires when the learned rate lapses (`LEARNED_TTL_S` after its last 429)."""
+        key = self._keys["learned"]
+        pipe.delete(key)
+        if learned is not None:
+            fields = {"rpm": learned.rpm, "since": learned.since, "raise_at": learned.raise_at}
+            pipe.hset(key, mapping={**fields, "hold_s": learned.hold_s, "probing": int(learned.probing)})
+            pipe.pexpire(key, max(1, round((learned.since + LEARNED_TTL_S - now) * 1000)))
+
+    def breaker_turn(self, token: str, probe_ttl_s: float) -> float:
+        return float(self._breaker_turn(keys=[self._keys["breaker"]], args=[token, probe_ttl_s, BREAKER_POLL_S]))
+
+    def server_failed(self, token: str, counts: bool, after: int, open_s: float, max_open_s: float) -> None:
+        key = self._keys["breaker"]
+
+        def work(pipe: Any) -> None:
+            now = _seconds(pipe.time())
+            stored = {name.decode(): value.decode() for name, value in pipe.hgetall(key).items()}
+            current = Breaker(
+                int(stored.get("failures", 0)),
+                float(stored.get("open_until", 0)),
+                float(stored.get("open_for", 0)),
+                stored.get("probe", ""),
+                float(stored.get("probe_until", 0)),
+            )
+            breaker = breaker_failed(current, token, counts, now, after, open_s, max_open_s)
+            pipe.multi()
+            pipe.hset(key, mapping={name: str(value) for name, value in asdict(breaker).items()})
+            pipe.expire(key, 24 * 3600)  # a breaker nobody closes (every run gone) is forgotten in a day
+
+        self._redis.transaction(work, key)
 
     def cooldown_left(self) -> float:
         return int(self._cooldown(keys=[self._keys["cooldown"], self._keys["pace"]], args=[0])) / 1000

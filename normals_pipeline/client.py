@@ -1,8 +1,10 @@
 """The Clipdrop client: one image in, one normal map out, behind the rate and credit guards.
 
-Retries (429, 5xx, timeouts, connection errors) go through stamina; a 429's `Retry-After` is honoured
-and also pauses every other caller on the key. Each attempt has one deadline for the whole exchange, and a
-stopped run ends the exchanges still in flight (`_Exchange`). Nothing here knows about Dagster.
+Retries (429, 5xx, timeouts, connection errors) go through stamina; a 429's `Retry-After` (or a rate-limit
+reset header) is honoured and also pauses every other caller on the key, and a limit the API states in its
+headers is kept to. A 5xx is retried at once: the key's breaker (in the rate guard) paces an outage for every
+sender. Each attempt has one deadline for the whole exchange, and a stopped run ends the exchanges still in
+flight (`_Exchange`). Nothing here knows about Dagster.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
+from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
 
 import httpx
@@ -41,7 +44,7 @@ from ._errors import (
     StateUnavailable,
     TransientError,
 )
-from .guards import CREDITS_PER_CALL, CreditGuard, RateGuard
+from .guards import CREDITS_PER_CALL, CreditGuard, Outcome, RateGuard
 
 if TYPE_CHECKING:
     import httpcore
@@ -101,11 +104,41 @@ def _error_text(response: httpx.Response) -> str:
 
 
 def _retry_after(response: httpx.Response) -> float | None:
+    """Seconds to wait before the next request: `Retry-After` (seconds or an HTTP date), else the rate limit's
+    reset (`RateLimit-Reset` / `X-RateLimit-Reset`: seconds, or a Unix time); None if neither says."""
     value = response.headers.get("retry-after")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None  # an HTTP date: rare enough to fall back to backoff
+    if value is not None:
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            try:
+                return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+            except (TypeError, ValueError):
+                pass
+    reset = _header_number(response, "ratelimit-reset", "x-ratelimit-reset")
+    if reset is None:
+        return None
+    return max(0.0, reset - time.time() if reset > 1e9 else reset)  # a Unix time (GitHub's) or seconds
+
+
+def _header_number(response: httpx.Response, *names: str) -> float | None:
+    """The first of `names` present as a plain number (`RateLimit-Limit: 60`, also `60;w=60`)."""
+    for name in names:
+        if (value := response.headers.get(name)) is not None:
+            try:
+                return float(value.split(";")[0].split(",")[0].strip())
+            except ValueError:
+                return None
+    return None
+
+
+def _outcome(error: Exception) -> Outcome:
+    """What a failed attempt tells the rate guard: a 429, a 5xx, another answer, or no answer at all."""
+    if isinstance(error, RateLimited):
+        return "rate_limited"
+    if isinstance(error, ServerError):
+        return "server_error"
+    return "answered" if isinstance(error, ClipdropError) and error.status is not None else "no_answer"
 
 
 def _cause(error: Exception) -> str:
@@ -229,7 +262,8 @@ class ClipdropClient:
         self._answered = threading.Event()  # the API has answered at least once (any status)
         self._unreachable_since: float | None = None
         self._given_up: ApiUnreachable | None = None  # set once the API was given up as never reached
-        self._giving_up = threading.Event()  # wakes the workers waiting for a turn when it is
+        self._giving_up = threading.Event()  # wakes the workers waiting for a turn: given up, or `stop`
+        self._announced: float | None = None  # the last rate limit the API's headers stated
         self._counting = threading.local()  # the calling thread's `counting` block, if any
         self._stopping = threading.Event()  # `stop_sending`: no request goes out any more
         self._aborted = threading.Event()  # `abort`: exchanges in flight are ended too
@@ -307,16 +341,15 @@ class ClipdropClient:
         raise AssertionError("unreachable")
 
     def _backoff(self, error: Exception) -> bool | float:
-        """stamina hook: retry transient errors; a 429 pauses the whole key, then waits its turn."""
+        """stamina hook: retry transient errors. After a 429 or a 5xx the retry goes straight back to the rate
+        guard, which holds it (where a stop ends the wait) through the key's pause or its breaker."""
         if not isinstance(error, TransientError):
             return False
         with self._count_lock:  # workers retry concurrently
             for tally in self._tallies():
                 tally.retries[error.error_code] += 1
-        if isinstance(error, RateLimited):
-            pause = error.retry_after if error.retry_after is not None else DEFAULT_COOLDOWN_S
-            self.rate_guard.cooldown(pause)
-            return pause
+        if isinstance(error, RateLimited | ServerError):
+            return 0.0
         if isinstance(error, ApiUnreachable) and not self._answered.is_set():
             return self._first_contact_wait(error)
         return True
@@ -337,14 +370,28 @@ class ClipdropClient:
     def _send_once(self, path: str, image: bytes, filename: str, content_type: str) -> ApiResult:
         self._raise_if_given_up()
         with _shared_state():
-            turn = self.rate_guard.acquire(self._giving_up)
+            turn = self.rate_guard.acquire(self._giving_up, give_up_s=self.retry.timeout_s)
+        if turn is None:  # woken while waiting: the API was given up, or the run is stopping
+            self._raise_if_given_up()
+            raise RunStopped("the run stopped before this image was sent")
+        outcome: Outcome = "no_answer"
         result: ApiResult | None = None
         try:
             self._raise_if_given_up()  # decided while this worker waited for its turn
             result = self._send_in_turn(path, image, filename, content_type)
+            outcome = "answered"
             return result
+        except Exception as error:
+            outcome = _outcome(error)
+            if isinstance(error, RateLimited):  # pause the key first: the sends behind this one stop at once
+                with _shared_state():
+                    self.rate_guard.cooldown(DEFAULT_COOLDOWN_S if error.retry_after is None else error.retry_after)
+            raise
         finally:
-            _after_exchange(lambda: self.rate_guard.finished(turn), result)
+            _after_exchange(
+                lambda: self.rate_guard.finished(turn, outcome, self.retry.wait_initial_s, self.retry.wait_max_s),
+                result,
+            )
 
     def _raise_if_given_up(self) -> None:
         """The run is stopping, or another worker found the API unreachable: nothing more is sent."""
@@ -369,6 +416,7 @@ class ClipdropClient:
             ):
                 exchange.attach(response.extensions["network_stream"])
                 self._answered.set()
+                self._heed_rate_headers(response)
                 remaining = parse_credits(response.headers.get("x-remaining-credits"))
                 if response.status_code != 200:
                     response.read()
@@ -406,6 +454,20 @@ class ClipdropClient:
         return ConnectionLost(
             f"sent, then the connection broke before an answer ({type(error).__name__}); it may have been charged"
         )
+
+    def _heed_rate_headers(self, response: httpx.Response) -> None:
+        """A limit the API states (`RateLimit-Limit` / `X-RateLimit-Limit`, per minute as documented) is kept to by
+        every process on the key; a success that leaves none (`...-Remaining: 0`) pauses the key until the reset."""
+        limit = _header_number(response, "ratelimit-limit", "x-ratelimit-limit")
+        if limit is not None and limit >= 1 and limit != self._announced:
+            self._announced = limit
+            self.rate_guard.announce(int(limit))
+        if (
+            response.status_code == 200
+            and _header_number(response, "ratelimit-remaining", "x-ratelimit-remaining") == 0
+        ):
+            if (reset := _retry_after(response)) is not None:
+                self.rate_guard.cooldown(reset)
 
     def _count_request(self) -> None:
         """A request sent: out whole (answered or not), or answered. A connection refused or a send that broke

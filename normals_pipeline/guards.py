@@ -1,9 +1,9 @@
-"""Guards in front of every request: one for the key's rate, one for its credits, and claims so that
-one content is sent by one process at a time.
+"""Guards in front of every request: one for the key's rate (with the rate the key has shown it takes, and a
+breaker for outages), one for its credits, and claims so that one content is sent by one process at a time.
 
 All keep their state outside the process (see `_state`): by default SQLite files, so every process on
-the host shares one rate, one cooldown, one view of the balance and one set of claims; with a Redis
-URL, every host does.
+the host shares one rate, one cooldown, one learned rate, one breaker, one view of the balance and one set of
+claims; with a Redis URL, every host does.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import uuid
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
+from typing import Literal
 
 from pyrate_limiter import Duration, Limiter, Rate
 
-from ._errors import CreditLimitReached, OutOfCredits, RunStopped
+from ._errors import ApiDown, CreditLimitReached, OutOfCredits, RunStopped
 from ._state import (
     BALANCE_TTL_S,
     ClaimStore,
@@ -51,8 +52,19 @@ LEASE_TTL_S = 300.0  # longer than any request with its retries' single attempt;
 # A turn nobody ended (its process was killed) counts as answered after this: longer than one attempt of a
 # request (10 s to connect, the 60 s read timeout); an answer that still comes later is logged when it does.
 TURN_TTL_S = 120.0
+# The breaker: this many 5xx in a row on the key (every process's) hold every sender; the pause is the retry
+# policy's backoff (these are the defaults'), then one probe; an outage longer than the policy's timeout stops.
+BREAKER_AFTER = 5
+BREAKER_OPEN_S = 1.0
+BREAKER_MAX_OPEN_S = 30.0
+OUTAGE_GIVE_UP_S = 300.0
+BREAKER_LOOK_S = 1.0  # a sender held by the breaker looks again at least this often (a late answer may close it)
 CLAIM_TTL_S = 30.0  # renewed every third of it while held, so a killed holder's claims lapse within 30 s
 CLAIM_POLL_S = 0.2
+
+
+# What came of a turn: an answer (any status but 5xx; a 429 also lowers the rate), a 5xx, or no answer at all.
+Outcome = Literal["answered", "rate_limited", "server_error", "no_answer"]
 
 
 def key_fingerprint(api_key: str) -> str:
@@ -72,8 +84,8 @@ def slot_interval_s(rpm: int) -> float:
 
 
 class RateGuard:
-    """At most `rpm` requests in any 60 s for everyone sharing `state`, spread evenly, and a shared pause
-    after a 429.
+    """At most `rpm` requests in any 60 s for everyone sharing `state`, spread evenly; a shared pause after a
+    429; a rate the key has shown it takes, when that is less; and a breaker while the API answers only 5xx.
 
     Each request takes the next slot of an absolute schedule kept in `state` (one per `slot_interval_s`,
     see `_state.schedule_slot`) and sleeps until it: a caller that wakes up late delays its own request
@@ -82,7 +94,12 @@ class RateGuard:
     request when it arrives, which a busy host can delay by more than a second), and pyrate-limiter's
     bucket counts actual sends, at most `rpm` per minute (plus margin).
 
-    `acquire` returns the turn; the caller hands it back to `finished` once the answer (or the failure) is in.
+    `rpm` is an upper bound, not a fact: a 429 on a turn the schedule gave lowers the key's rate for everyone
+    sharing `state` (`_state.lowered`), which then steps back up slowly (`_state.raised`); the schedule and
+    the turns keep to the lower rate meanwhile. `BREAKER_AFTER` 5xx in a row open the key's breaker: every
+    sender waits, then one probe goes (`_state.breaker_turn`); an answer closes it.
+
+    `acquire` returns the turn; the caller hands it back to `finished` with what came of it.
     """
 
     def __init__(self, rpm: int, state: KeyState | None = None, name: str = "clipdrop") -> None:
@@ -94,47 +111,93 @@ class RateGuard:
         self.interval_s = slot_interval_s(rpm)
         self._limiter = Limiter(self.state.bucket(paced_rates(rpm)), buffer_ms=5)
 
-    def acquire(self, stop: threading.Event | None = None) -> str:
-        """Block until a request may be sent: its slot on the key's schedule, then room in both windows;
-        returns the turn. A cooldown moves the schedule past its end, so a slot is never inside a pause it
-        knew of. `stop` set during the wait for the slot ends the wait early (the caller gives up the turn)."""
+    @property
+    def effective_rpm(self) -> int:
+        """The rate kept to now: `rpm`, or the lower one the key has shown it takes."""
+        return min(self.rpm, self.state.learned_rate() or self.rpm)
+
+    def acquire(self, stop: threading.Event | None = None, give_up_s: float = OUTAGE_GIVE_UP_S) -> str | None:
+        """Block until a request may be sent: the breaker closed (or this the probe), its slot on the key's
+        schedule, then room in both windows; returns the turn. A cooldown moves the schedule past its end, so a
+        slot is never inside a pause it knew of. `stop` set during any wait ends it: None, nothing held.
+        Raises `ApiDown` after waiting at an open breaker for `give_up_s`."""
+        turn = uuid.uuid4().hex  # the same token through voided turns: it may hold the breaker's probe
         while True:
-            wait = self.state.next_slot(self.interval_s, CATCH_UP_S, self.interval_s * CATCH_UP_SPACING)
-            if wait > 0:
-                _sleep(wait, stop)
-            turn = self._take_turn()
+            if not self._wait_for_breaker(turn, stop, give_up_s):
+                return self._void(turn)
+            wait = self.state.next_slot(self.interval_s, CATCH_UP_S, self.interval_s * CATCH_UP_SPACING, self.rpm)
+            if wait > 0 and _sleep(wait, stop):
+                return self._void(turn)
+            if not self._take_turn(turn, stop):
+                return self._void(turn)
             self._limiter.try_acquire(self.name)
-            if self.state.cooldown_left() <= 0:
+            if self.state.cooldown_left() <= 0 and self.state.breaker_turn(turn, TURN_TTL_S) <= 0:
                 return turn
-            # A 429 seen by anyone while we waited: this slot is void; after the pause, take a new one.
+            # A 429 or the breaker, seen by anyone while we waited: this slot is void; after the pause, a new one.
             self.state.end_turn(turn, used=False)
-            self._wait_out_cooldown()
+            if not self._wait_out_cooldown(stop):
+                return self._void(turn)
 
-    def finished(self, turn: str) -> None:
-        """The request of `turn` was answered or failed: from now it counts one more minute."""
-        self.state.end_turn(turn)
+    def finished(
+        self,
+        turn: str,
+        outcome: Outcome = "answered",
+        open_s: float = BREAKER_OPEN_S,
+        max_open_s: float = BREAKER_MAX_OPEN_S,
+    ) -> None:
+        """The request of `turn` was answered or failed: from now it counts one more minute. A 429 lowers the
+        key's rate; a 5xx counts towards the breaker (`open_s` its first pause, doubled by each failed probe up
+        to `max_open_s`), any other answer closes it."""
+        if outcome == "rate_limited":
+            self.state.lower_rate(turn, self.rpm, MINUTE_MS / 1000)
+        elif outcome in ("server_error", "no_answer"):
+            self.state.server_failed(turn, outcome == "server_error", BREAKER_AFTER, open_s, max_open_s)
+        self.state.end_turn(turn, answered=outcome in ("answered", "rate_limited"))
 
-    def _take_turn(self) -> str:
-        turn = uuid.uuid4().hex
+    def announce(self, rpm: int) -> None:
+        """The API's headers state the key's limit: keep to it (never above `rpm`), in every process."""
+        self.state.announce_rate(rpm, self.rpm)
+
+    def _take_turn(self, turn: str, stop: threading.Event | None) -> bool:
         while (wait := self.state.take_turn(turn, self.rpm, MINUTE_MS / 1000, TURN_TTL_S)) > 0:
-            time.sleep(wait)
-        return turn
+            if _sleep(wait, stop):
+                return False
+        return True
+
+    def _void(self, turn: str) -> None:
+        """Give up the turn (if one was taken) and the breaker's probe (if held): nothing was sent."""
+        self.state.end_turn(turn, used=False)
 
     def cooldown(self, seconds: float) -> None:
         """Hold every caller on the key for `seconds` (a 429 means the key is saturated for all)."""
         self.state.cool_down(seconds)
 
-    def _wait_out_cooldown(self) -> None:
+    def _wait_out_cooldown(self, stop: threading.Event | None) -> bool:
         while (left := self.state.cooldown_left()) > 0:
-            time.sleep(left)
+            if _sleep(left, stop):
+                return False
+        return True
+
+    def _wait_for_breaker(self, turn: str, stop: threading.Event | None, give_up_s: float) -> bool:
+        """Wait while the key's breaker holds every sender; False if `stop` was set meanwhile."""
+        started = time.monotonic()
+        while (wait := self.state.breaker_turn(turn, TURN_TTL_S)) > 0:
+            if time.monotonic() - started > give_up_s:
+                raise ApiDown(
+                    f"the API answered only server errors (5xx) for over {give_up_s:.0f} s: every request on the "
+                    "key waited while one probe at a time found it still failing"
+                )
+            if _sleep(min(wait, BREAKER_LOOK_S), stop):
+                return False
+        return True
 
 
-def _sleep(seconds: float, stop: threading.Event | None) -> None:
-    """Sleep for `seconds`, or until `stop` is set."""
+def _sleep(seconds: float, stop: threading.Event | None) -> bool:
+    """Sleep for `seconds`, or until `stop` is set; whether it was."""
     if stop is None:
         time.sleep(seconds)
-    else:
-        stop.wait(seconds)
+        return False
+    return stop.wait(seconds)
 
 
 _states: dict[tuple[str, str | None, Path | None], KeyState] = {}

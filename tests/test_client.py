@@ -1,10 +1,13 @@
 """The client against the emulator over real HTTP on loopback."""
 
 import io
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
+from email.utils import formatdate
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -24,7 +27,8 @@ from normals_pipeline import (
     ServerError,
 )
 from normals_pipeline._errors import Interrupted
-from normals_pipeline.client import DEFAULT_COOLDOWN_S, parse_credits
+from normals_pipeline._state import MemoryState
+from normals_pipeline.client import DEFAULT_COOLDOWN_S, _retry_after, parse_credits
 from normals_pipeline.emulator import Faults
 
 FAST_RETRY = RetryPolicy(attempts=4, timeout_s=10, wait_initial_s=0.01, wait_max_s=0.05, wait_jitter_s=0.0)
@@ -239,3 +243,60 @@ def wait_for(condition, timeout: float = 15) -> None:
     while not condition():
         assert time.monotonic() < deadline, "not within the bound"
         time.sleep(0.02)
+
+
+@pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [
+        (lambda: {"retry-after": "7"}, 7.0),
+        (lambda: {"retry-after": formatdate(time.time() + 30, usegmt=True)}, 30.0),  # an HTTP date
+        (lambda: {"x-ratelimit-reset": "12"}, 12.0),  # no Retry-After: the rate limit's reset, in seconds ...
+        (lambda: {"ratelimit-reset": str(int(time.time()) + 20)}, 20.0),  # ... or as a Unix time
+        (lambda: {"retry-after": "soon"}, None),
+        (dict, None),
+    ],
+)
+def test_a_429_says_how_long_to_wait_in_any_of_the_usual_headers(headers, seconds):
+    waited = _retry_after(httpx.Response(429, headers=headers()))
+    assert waited == pytest.approx(seconds, abs=1.5) if seconds is not None else waited is None
+
+
+def test_a_limit_the_api_states_is_kept_to_by_every_guard_on_the_key(emulator_factory):
+    emulator = emulator_factory(rpm=60, rate_limit_headers=True)
+    state = MemoryState()
+    with make_client(emulator.url, rate_guard=RateGuard(120, state)) as client:
+        client.surface_normals(jpeg(), "image.jpg", "image/jpeg")
+    assert RateGuard(120, state).effective_rpm == 60
+    assert RateGuard(50, state).effective_rpm == 50  # never above the configured rate
+
+
+def test_a_5xx_is_retried_at_once_not_after_the_backoff(emulator_factory):
+    """The breaker paces an outage for every sender; a stray 5xx costs no wait of its own."""
+    emulator = emulator_factory(faults=Faults(error_burst=2))
+    patient = RetryPolicy(attempts=4, timeout_s=600, wait_initial_s=60, wait_max_s=60, wait_jitter_s=0.0)
+    started = time.monotonic()
+    with make_client(emulator.url, retry=patient) as client:
+        client.surface_normals(jpeg(), "image.jpg", "image/jpeg")
+    assert time.monotonic() - started < 30  # not a minute's backoff per 500
+    assert emulator.stats()["by_status"] == {"200": 1, "500": 2}
+
+
+def test_stop_ends_a_call_waiting_for_its_turn_without_sending(emulator):
+    guard = RateGuard(100_000)
+    guard.cooldown(60)  # the key is paused
+    with make_client(emulator.url, rate_guard=guard) as client:
+        failures: list[Exception] = []
+        caller = threading.Thread(target=lambda: _call_catching(client, failures))
+        caller.start()
+        time.sleep(0.3)
+        client.stop_sending()
+        caller.join(timeout=5)
+    assert not caller.is_alive() and isinstance(failures[0], RunStopped)
+    assert emulator.stats()["requests"] == 0
+
+
+def _call_catching(client: ClipdropClient, failures: list[Exception]) -> None:
+    try:
+        client.surface_normals(jpeg(), "image.jpg", "image/jpeg")
+    except Exception as error:
+        failures.append(error)

@@ -234,6 +234,21 @@ def test_max_in_any_60s_exposes_a_fixed_window_boundary_burst(emulator_factory: 
     assert emulator.stats()["max_in_any_60s"] == 6
 
 
+@pytest.mark.parametrize(("window", "reset"), [("sliding", "58"), ("fixed", "28")])
+def test_rate_limit_headers_say_the_limit_what_is_left_and_when_it_frees(
+    emulator_factory: Factory, window: str, reset: str
+) -> None:
+    clock = FakeClock(150.0)
+    emulator = emulator_factory(rpm=2, window=window, clock=clock, rate_limit_headers=True)
+    limits = [post(emulator).headers for _ in range(2)]
+    assert [(h["x-ratelimit-limit"], h["x-ratelimit-remaining"]) for h in limits] == [("2", "1"), ("2", "0")]
+    clock.now = 152.0
+    refused = post(emulator)
+    assert refused.status_code == 429 and refused.headers["x-ratelimit-remaining"] == "0"
+    assert refused.headers["x-ratelimit-reset"] == reset  # the oldest leaves at 210; the fixed minute ends at 180
+    assert "x-ratelimit-limit" not in post(emulator_factory()).headers  # off by default, as the API documents none
+
+
 def test_rate_limit_burst_with_retry_after(emulator_factory: Factory) -> None:
     emulator = emulator_factory(faults=Faults(rate_limit_burst=2, retry_after=1.2))
     first = post(emulator)
@@ -494,6 +509,8 @@ def test_cli_builds_the_config() -> None:
     assert config.keys == {"a": Decimal(5), "b": None}
     assert (config.port, config.rpm, config.faults.error_rate, config.faults.drop_rate) == (8765, 3, 0.1, 0.2)
     assert (config.latency, config.latency_jitter) == (0.0, 0.0)
+    assert not config.rate_limit_headers
+    assert _cli.config_from_args(parser.parse_args(["--rate-limit-headers"])).rate_limit_headers
     jittery = _cli.config_from_args(parser.parse_args(["--latency", "0.8", "--latency-jitter", "0.2"]))
     assert (jittery.latency, jittery.latency_jitter) == (0.8, 0.2)
     assert _cli.config_from_args(parser.parse_args([])).keys == {"emulator-key": Decimal(1000)}

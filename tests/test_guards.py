@@ -5,7 +5,7 @@ from decimal import Decimal
 import pytest
 
 from normals_pipeline import guards
-from normals_pipeline._errors import CreditLimitReached, OutOfCredits
+from normals_pipeline._errors import ApiDown, CreditLimitReached, OutOfCredits
 from normals_pipeline._state import MemoryState
 from normals_pipeline.guards import (
     CreditGuard,
@@ -137,3 +137,77 @@ def test_forgetting_the_balance_lets_a_top_up_show_at_once(tmp_path, monkeypatch
     fresh = CreditGuard(state=state)
     fresh.settle(fresh.reserve(), Decimal(1), Decimal(50))
     assert fresh.remaining == 50
+
+
+def _open_breaker(state, pause_s: float) -> None:
+    for index in range(guards.BREAKER_AFTER):
+        state.server_failed(f"failed-{index}", True, guards.BREAKER_AFTER, pause_s, pause_s)
+
+
+def _fill_window(state) -> None:
+    for turn in ("one", "two"):  # a minute's two turns, answered: the next waits a minute
+        state.take_turn(turn, 2, 60, 60)
+        state.end_turn(turn, answered=True)
+
+
+@pytest.mark.parametrize("holding", ["breaker", "cooldown", "full window"])
+def test_a_stop_ends_every_wait_for_a_turn_at_once_and_holds_nothing(holding):
+    state = MemoryState()
+    {"breaker": lambda: _open_breaker(state, 60), "cooldown": lambda: state.cool_down(60)}.get(
+        holding, lambda: _fill_window(state)
+    )()
+    stop, turns = threading.Event(), []
+    waiter = threading.Thread(target=lambda: turns.append(RateGuard(2, state).acquire(stop)))
+    waiter.start()
+    time.sleep(0.3)
+    assert waiter.is_alive()
+    stop.set()
+    waiter.join(timeout=5)
+    assert not waiter.is_alive() and turns == [None]
+    assert state.take_turn("after", 3, 60, 60) == 0  # the stopped caller holds no turn
+
+
+def test_one_probe_at_a_time_when_the_breaker_pause_is_over_and_its_answer_frees_everyone():
+    state = MemoryState()
+    guard = RateGuard(60_000, state)
+    _open_breaker(state, 0.2)
+    turns: list[str] = []
+    threads = [threading.Thread(target=lambda: turns.append(guard.acquire())) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 5
+    while not turns and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)
+    assert len(turns) == 1  # the probe; the others wait for its answer
+    guard.finished(turns[0], "answered")
+    for thread in threads:
+        thread.join(timeout=5)
+    assert len(turns) == 3
+
+
+def test_a_failed_probe_sends_nobody_else_until_the_next_pause_is_over():
+    state = MemoryState()
+    guard = RateGuard(60_000, state)
+    _open_breaker(state, 0.1)
+    probe = guard.acquire()
+    guard.finished(probe, "server_error", open_s=0.1, max_open_s=0.3)  # pause 0.2 s now
+    started = time.monotonic()
+    guard.finished(guard.acquire(), "answered")
+    assert time.monotonic() - started >= 0.19
+
+
+def test_an_outage_longer_than_the_retry_policy_stops_with_api_down():
+    state = MemoryState()
+    _open_breaker(state, 60)
+    with pytest.raises(ApiDown, match="only server errors"):
+        RateGuard(60, state).acquire(give_up_s=0.2)
+
+
+def test_a_429_lowers_the_key_rate_for_every_guard_on_it():
+    state = MemoryState()
+    guard, other = RateGuard(600, state), RateGuard(600, state)
+    for _ in range(3):
+        guard.finished(guard.acquire())
+    guard.finished(guard.acquire(), "rate_limited")
+    assert guard.effective_rpm == other.effective_rpm == 300  # 3 sent before it: no lower than half at once

@@ -19,11 +19,23 @@ from normals_pipeline import _state, guards
 from normals_pipeline._errors import CreditLimitReached
 from normals_pipeline._state import (
     BALANCE_TTL_S,
+    BREAKER_POLL_S,
+    FIRST_HOLD_S,
+    LEARNED_TTL_S,
+    MAX_HOLD_S,
     TURN_POLL_S,
+    Breaker,
+    Learned,
     MemoryState,
     RedisState,
     SQLiteClaims,
     SQLiteState,
+    announced,
+    breaker_failed,
+    breaker_turn,
+    effective_rate,
+    lowered,
+    raised,
     schedule_slot,
     takes_report,
     turn_wait,
@@ -573,3 +585,127 @@ def test_a_run_on_damaged_state_files_sets_them_aside_and_completes(tmp_path, em
     plan = _cli(tmp_path, "plan")
     assert plan.returncode == 0, plan.stderr
     assert "balance: unknown" in plan.stdout and plan.stdout.count("warning: state file") == 3
+
+
+# -- the learned rate: a 429 on a turn the schedule gave lowers the key's rate; it steps back up slowly --------
+
+
+def test_a_first_429_lowers_the_rate_to_what_was_sent_but_at_most_by_half():
+    assert lowered(None, 120, sent_at=100.0, observed=60, now=101.0).rpm == 60  # the real limit, when set twice
+    assert lowered(None, 120, sent_at=100.0, observed=100, now=101.0).rpm == 100  # another program took 20
+    assert lowered(None, 120, sent_at=100.0, observed=3, now=101.0).rpm == 60  # a stray 429 is not a new limit
+    assert lowered(None, 120, sent_at=100.0, observed=120, now=101.0).rpm == 119  # always lower
+    first = lowered(None, 120, sent_at=100.0, observed=60, now=101.0)
+    assert (first.since, first.raise_at, first.probing) == (101.0, 101.0 + FIRST_HOLD_S, False)
+
+
+def test_the_requests_in_flight_at_the_first_429_lower_nothing_more():
+    first = lowered(None, 120, sent_at=100.0, observed=60, now=101.0)
+    assert lowered(first, 120, sent_at=100.5, observed=61, now=101.3) is first  # sent before the lowering
+
+
+def test_a_429_at_a_learned_rate_lowers_it_by_at_least_a_tenth():
+    # The learned rate itself was refused (a fixed window, or another program sending more).
+    first = lowered(None, 120, sent_at=100.0, observed=90, now=101.0)
+    again = lowered(first, 120, sent_at=102.0, observed=89, now=103.0)
+    assert (first.rpm, again.rpm, again.hold_s) == (90, 81, FIRST_HOLD_S)
+
+
+def test_a_step_up_that_meets_a_429_goes_back_and_doubles_the_hold():
+    learned = Learned(60, since=0.0, raise_at=0.0, hold_s=FIRST_HOLD_S)
+    stepped = raised(learned, 120, lambda: 59, now=400.0, window_s=60)
+    assert (stepped.rpm, stepped.probing, stepped.raise_at) == (66, True, 460.0)
+    back = lowered(stepped, 120, sent_at=430.0, observed=60, now=431.0)
+    assert (back.rpm, back.hold_s, back.raise_at, back.probing) == (60, 2 * FIRST_HOLD_S, 431.0 + 600, False)
+
+
+def test_the_rate_steps_up_only_after_its_hold_and_a_busy_minute_and_is_forgotten_at_the_configured_one():
+    learned = Learned(60, since=0.0, raise_at=300.0, hold_s=300.0)
+    assert raised(learned, 120, lambda: 60, now=299.0, window_s=60) is learned  # held
+    assert raised(learned, 120, lambda: 40, now=301.0, window_s=60) is learned  # an idle minute tests nothing
+    assert raised(Learned(115, 0.0, 0.0, 300.0), 120, lambda: 115, now=301.0, window_s=60) is None  # back at 120
+    assert effective_rate(learned, 120, now=LEARNED_TTL_S - 1) == 60
+    assert effective_rate(learned, 120, now=LEARNED_TTL_S) == 120  # no 429 for hours: forgotten
+    assert effective_rate(learned, 50, now=1.0) == 50  # never above the configured rate
+
+
+def test_a_stated_limit_is_kept_to_and_never_raised_above_the_configured_one():
+    assert announced(60, 120, now=5.0) == Learned(60, 5.0, 5.0 + MAX_HOLD_S, MAX_HOLD_S)
+    assert announced(200, 120, now=5.0) is None
+
+
+def _send(state, clock, token: str, limit: int, window: float) -> None:
+    assert state.take_turn(token, limit, window, ttl_s=300) == 0
+    clock.sleep(0.01)
+    state.end_turn(token, answered=True)
+
+
+def test_a_429_lowers_the_rate_of_everyone_on_the_key(state, clock):
+    window = 10.0
+    for index in range(6):
+        _send(state, clock, f"sent-{index}", 12, window)
+    assert state.take_turn("refused", 12, window, ttl_s=300) == 0
+    assert state.take_turn("sent-late", 12, window, ttl_s=300) == 0  # still in flight: it may arrive after
+    assert state.lower_rate("refused", 12, window) == 6  # six were sent in the window before it
+    state.end_turn("sent-late", answered=True)
+    state.end_turn("refused", answered=True)
+    assert state.learned_rate() == 6 == RateGuard(12, state).effective_rpm
+    assert state.take_turn("next", 12, window, ttl_s=300) > 0  # the 7 in the window fill the learned 6
+    # The schedule's slots are twice as far apart as the configured rate's.
+    clock.sleep(2.0)
+    first, second = state.next_slot(0.1, 0.0, 0.0, rpm=12), state.next_slot(0.1, 0.0, 0.0, rpm=12)
+    assert second - first == pytest.approx(0.2, abs=0.01)
+
+
+def test_the_learned_rate_is_one_truth_for_every_handle_on_the_key(tmp_path, request):
+    # Two handles as two processes would open them: a SQLite folder, a Redis URL.
+    for kind, where in (("sqlite", str(tmp_path)), ("redis", request.getfixturevalue("redis_url"))):
+        key = unique_key()
+        one, other = _shared_state(kind, where, key), _shared_state(kind, where, key)
+        for index in range(7):
+            assert one.take_turn(f"t{index}", 8, 10.0, ttl_s=300) == 0
+            time.sleep(0.002)
+            if index < 6:
+                one.end_turn(f"t{index}", answered=True)
+        assert one.lower_rate("t6", 8, 10.0) == 6
+        assert other.learned_rate() == 6, kind
+        assert other.take_turn("t7", 8, 10.0, ttl_s=300) > 0, kind  # the 7 in the window fill the learned 6
+
+
+# -- the breaker: 5xx in a row hold every sender on the key, then one probe at a time ------------------------
+
+
+def test_the_breaker_opens_after_failures_in_a_row_and_lets_one_probe_through(state, clock):
+    fail = lambda token, counts=True: state.server_failed(token, counts, 3, 0.2, 0.5)  # noqa: E731
+    fail("a")
+    fail("b")
+    state.end_turn("c", answered=True)  # an answer between: not in a row
+    fail("d")
+    fail("e", counts=False)  # no answer at all is not a 5xx
+    assert state.breaker_turn("x", 60) == 0
+    fail("f")
+    fail("g")  # three 5xx in a row: open for 0.2 s
+    assert 0.15 <= state.breaker_turn("x", 60) <= 0.2 + EPS
+    clock.sleep(0.25)
+    assert state.breaker_turn("x", 60) == 0  # the pause is over: x is the probe ...
+    assert state.breaker_turn("y", 60) == pytest.approx(BREAKER_POLL_S)  # ... and y waits for its answer
+    fail("late")  # a request sent before the breaker opened changes nothing
+    assert state.breaker_turn("y", 60) == pytest.approx(BREAKER_POLL_S)
+    fail("x")  # the probe failed: pause twice as long
+    assert 0.35 <= state.breaker_turn("y", 60) <= 0.4 + EPS
+    clock.sleep(0.45)
+    assert state.breaker_turn("y", 60) == 0
+    state.end_turn("y", used=False)  # y gave up before sending: another sender probes
+    assert state.breaker_turn("z", 60) == 0
+    state.end_turn("z", answered=True)  # the probe's answer closes the breaker
+    assert state.breaker_turn("w", 60) == 0 and state.breaker_turn("v", 60) == 0
+    fail("h")
+    fail("i")
+    assert state.breaker_turn("w", 60) == 0  # the count started again
+
+
+def test_the_breaker_pause_doubles_up_to_its_longest():
+    breaker = Breaker(5, open_until=10.0, open_for=16.0, probe="p", probe_until=70.0)
+    assert breaker_failed(breaker, "p", True, now=11.0, after=5, open_s=1.0, max_open_s=30.0).open_until == 41.0
+    # A probe that took too long (its process died) is given up: the next sender probes.
+    assert breaker_turn(breaker, "q", now=70.0, probe_ttl_s=60)[0] == 0

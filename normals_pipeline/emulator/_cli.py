@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--credits-per-call", type=Decimal, default=Decimal(1), metavar="CREDITS")
     parser.add_argument("--no-credit-headers", action="store_true", help="omit x-credits-consumed/x-remaining-credits")
+    parser.add_argument(
+        "--rate-limit-headers", action="store_true", help="send X-RateLimit-Limit/-Remaining/-Reset on every answer"
+    )
     parser.add_argument("--allow-remote", action="store_true", help="allow binding a non-loopback interface")
     faults = parser.add_argument_group("injected faults")
     faults.add_argument("--error-rate", type=float, default=0.0, help="fraction of valid requests answered 500")
@@ -88,6 +91,7 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         credits_per_call=args.credits_per_call,
         faults=faults,
         credit_headers=not args.no_credit_headers,
+        rate_limit_headers=args.rate_limit_headers,
         allow_remote=args.allow_remote,
     )
 

@@ -2,7 +2,8 @@
 
 The real API is unreachable from the project's machines, so demos and tests run
 against this. It follows the API document and adds what a client must survive:
-rate limiting (sliding or fixed windows), credits, and injected faults.
+rate limiting (sliding or fixed windows; ``rate_limit_headers`` adds ``X-RateLimit-*`` headers, which the real
+API is not known to send), credits, and injected faults.
 
 Checks run in the order a client would meet them: api key (401, 403), rate
 limit (429), credits (402), input (400), injected faults (500, resets, drops,
@@ -117,6 +118,7 @@ class EmulatorConfig:
     credits_per_call: Decimal = Decimal(1)
     faults: Faults = field(default_factory=Faults)
     credit_headers: bool = True
+    rate_limit_headers: bool = False  # X-RateLimit-Limit / -Remaining / -Reset on every answer to a known key
     allow_remote: bool = False
     clock: Callable[[], float] = time.time  # injectable so tests can cross window edges instantly
 
@@ -257,11 +259,13 @@ class _Service:
             return _Reply.error(403, "Invalid or revoked api key")
         with self._lock:
             self._log[api_key].append(arrived)
-            if self._rate_limited(api_key, arrived):
-                return self._too_many_requests()
+            limited = self._rate_limited(api_key, arrived)
+            limits = self._rate_limit_headers(api_key, arrived)
+            if limited:
+                return self._too_many_requests(limits)
             remaining = self._reserve(api_key)
         if remaining is False:
-            return _Reply.error(402, "Your account has no remaining credits")
+            return _Reply.error(402, "Your account has no remaining credits", limits)
         data: bytes | None = None
         try:
             data = _image_part(content_type, body)
@@ -274,7 +278,7 @@ class _Service:
         charged = reply.status == 200  # includes drops: the answer was ready, then lost
         digest = hashlib.sha256(data).hexdigest() if charged and data is not None else None  # outside the lock
         self._settle(api_key, charged=charged, digest=digest)
-        return reply
+        return replace(reply, headers={**limits, **reply.headers})
 
     def _rate_limited(self, key: str, arrived: float) -> bool:
         """Record the request, then say whether it is over the limit (or burst-faulted)."""
@@ -293,9 +297,26 @@ class _Service:
             return True
         return over
 
-    def _too_many_requests(self) -> _Reply:
+    def _rate_limit_headers(self, key: str, arrived: float) -> dict[str, str]:
+        """With `rate_limit_headers`: the limit per minute, what is left of it, and the seconds until the window
+        has room again (the oldest request counted leaves a sliding window; a fixed one ends)."""
+        if not self.config.rate_limit_headers:
+            return {}
+        window, rpm = self._limiter[key], self.config.rpm
+        if self.config.window == "sliding":
+            reset = window[0] + WINDOW_SECONDS - arrived if window else 0.0
+        else:
+            reset = (arrived // WINDOW_SECONDS + 1) * WINDOW_SECONDS - arrived
+        remaining = max(0, rpm - len(window))
+        return {
+            "X-RateLimit-Limit": str(rpm),
+            "X-RateLimit-Remaining": str(remaining),
+            "X-RateLimit-Reset": str(math.ceil(reset)),
+        }
+
+    def _too_many_requests(self, limits: dict[str, str]) -> _Reply:
         retry_after = self._faults.faults.retry_after
-        headers = {} if retry_after is None else {"Retry-After": str(math.ceil(retry_after))}
+        headers = limits if retry_after is None else {**limits, "Retry-After": str(math.ceil(retry_after))}
         message = f"Too many requests: this key is limited to {self.config.rpm} requests per minute"
         return _Reply.error(429, message, headers)
 
