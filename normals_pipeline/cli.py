@@ -83,13 +83,18 @@ def _credits(text: str) -> float:
 
 
 def _seconds(text: str) -> float:
-    """A finite number of seconds above 0: a deadline of 0 (or NaN) would end every request before its answer."""
+    """A number of seconds above 0 and at most `MAX_TIMEOUT_S`: a deadline of 0 (or NaN) would end every request
+    before its answer, and one longer than a turn's lifetime on the key's rate would let the turn lapse while
+    its request is still out."""
+    from .guards import MAX_TIMEOUT_S
+
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds above 0, got {text!r}")
+    if not math.isfinite(value) or not 0 < value <= MAX_TIMEOUT_S:
+        bound = f"at most {MAX_TIMEOUT_S:g}"
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds above 0, {bound}, got {text!r}")
     return value
 
 

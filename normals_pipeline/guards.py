@@ -52,6 +52,7 @@ LEASE_TTL_S = 300.0  # longer than any request with its retries' single attempt;
 # A turn nobody ended (its process was killed) counts as answered after this: longer than one attempt of a
 # request (10 s to connect, the 60 s read timeout); an answer that still comes later is logged when it does.
 TURN_TTL_S = 120.0
+MAX_TIMEOUT_S = 110.0  # the longest deadline a request may have: its turn must outlive it (and a credit lease)
 # The breaker: this many 5xx in a row on the key (every process's) hold every sender; the pause is the retry
 # policy's backoff (these are the defaults'), then one probe; an outage longer than the policy's timeout stops.
 BREAKER_AFTER = 5

@@ -121,6 +121,7 @@ def assert_one_line(out: str, err: str, *expected: str) -> str:
         ("--timeout", "0", "above 0"),
         ("--timeout", "nan", "finite"),
         ("--timeout", "soon", "number of seconds"),
+        ("--timeout", "600", "at most 110"),  # its turn on the key's rate (120 s) would lapse while it is out
         ("--shards", "10001", "between 1 and 10000"),
         ("--api-url", "not-a-url", "http:// or https://"),
         ("--api-url", "ftp://x", "http:// or https://"),

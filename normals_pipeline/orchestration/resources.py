@@ -16,7 +16,7 @@ from pydantic import Field, field_validator
 from .._state import ClaimStore
 from ..client import DEFAULT_API_URL, ClipdropClient, RetryPolicy
 from ..enrich import MAX_IN_FLIGHT
-from ..guards import CreditGuard, claim_store, key_state, rate_guard_for
+from ..guards import MAX_TIMEOUT_S, CreditGuard, claim_store, key_state, rate_guard_for
 from ..plan import Plan, make_plan
 from ..storage import Storage, open_storage
 
@@ -51,6 +51,7 @@ class ClipdropResource(ConfigurableResource):
     timeout_seconds: float = Field(
         default=60.0,
         gt=0,
+        le=MAX_TIMEOUT_S,  # a request's turn on the key's rate must outlive it
         allow_inf_nan=False,
         description="Most seconds one request may take, from connecting to the answer's last byte (one deadline, "
         "not per read); an answer not whole by then is recorded as `timeout` and sent again by the next run.",
