@@ -190,7 +190,7 @@ def test_the_first_sigterm_stops_a_run_whose_answers_trickle_and_keeps_what_they
     make_portraits(tmp_path / "in", 6)
     output = tmp_path / "out"
     env = {**os.environ, "CLIPDROP_API_KEY": "test-key"}
-    args = arguments(tmp_path / "in", output, server.url, "--rpm", "100000", "--concurrency", "4", "--timeout", "600")
+    args = arguments(tmp_path / "in", output, server.url, "--rpm", "100000", "--concurrency", "4", "--timeout", "100")
     process = subprocess.Popen(
         [CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, start_new_session=True
     )
