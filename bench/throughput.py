@@ -51,16 +51,25 @@ def rate_images(cfg: Any, rpm: int) -> int:
     return max(cfg.rate_min_images, math.ceil(rpm * cfg.rate_minutes))
 
 
+def one_run(
+    cfg: Any, workdir: Path, name: str, images: int, *, seed: int, limit: int, configured: int
+) -> tuple[CliRun, dict[str, Any], dict[str, Any]]:
+    """One default `normals-pipeline run --rpm configured` on a fresh key the emulator limits to `limit`:
+    the run, the emulator's stats and its timeline."""
+    make_small_jpegs(workdir / "dataset", images, seed=seed, size=cfg.rate_image_size)
+    key = fresh_key(name)
+    latency, jitter = cfg.latency, cfg.latency_jitter
+    with RecordingEmulator(keys={key: None}, rpm=limit, latency=latency, latency_jitter=jitter) as emulator:
+        run = CliRun(workdir / "dataset", workdir / "output", emulator.url, key, configured)
+        run.start().wait()
+        return run, emulator.stats(), emulator.timeline.summary(latency)
+
+
 def rate_run(cfg: Any, workdir: Path, rpm: int) -> dict[str, Any]:
     """Figure 1 at one rate: one default `normals-pipeline run` of about 1.25 minutes of the key's allowance."""
     latency, jitter = cfg.latency, cfg.latency_jitter
     images = rate_images(cfg, rpm)
-    make_small_jpegs(workdir / "dataset", images, seed=rpm, size=cfg.rate_image_size)
-    key = fresh_key(f"rate{rpm}")
-    with RecordingEmulator(keys={key: None}, rpm=rpm, latency=latency, latency_jitter=jitter) as emulator:
-        run = CliRun(workdir / "dataset", workdir / "output", emulator.url, key, rpm)
-        run.start().wait()
-        stats, timeline = emulator.stats(), emulator.timeline.summary(latency)
+    run, stats, timeline = one_run(cfg, workdir, f"rate{rpm}", images, seed=rpm, limit=rpm, configured=rpm)
     figure = rate_figure(stats, timeline, rpm)
     complete = run.returncode == 0 and run.enriched == images
     passed = (
@@ -137,12 +146,7 @@ def learning_run(cfg: Any, workdir: Path) -> dict[str, Any]:
     """Figure 8: one default `normals-pipeline run --rpm 2R` on a key limited to R: what it sends, ÷ R."""
     real, configured, images = cfg.learn_rpm, 2 * cfg.learn_rpm, cfg.learn_images
     latency, jitter = cfg.latency, cfg.latency_jitter
-    make_small_jpegs(workdir / "dataset", images, seed=8, size=cfg.rate_image_size)
-    key = fresh_key("learning")
-    with RecordingEmulator(keys={key: None}, rpm=real, latency=latency, latency_jitter=jitter) as emulator:
-        run = CliRun(workdir / "dataset", workdir / "output", emulator.url, key, configured)
-        run.start().wait()
-        stats, timeline = emulator.stats(), emulator.timeline.summary(latency)
+    run, stats, timeline = one_run(cfg, workdir, "learning", images, seed=8, limit=real, configured=configured)
     figure = rate_figure(stats, timeline, real)
     complete = run.returncode == 0 and run.enriched == images
     passed = complete and figure["ratio"] >= cfg.target_learning and figure["status_429"] <= cfg.learn_max_429

@@ -220,10 +220,9 @@ def test_a_state_file_set_aside_is_a_warning_in_the_run_log(portraits, tmp_path,
 
 def test_a_fifo_swapped_in_during_a_run_gets_an_error_row_and_does_not_hang(tmp_path, emulator):
     import os
-    from concurrent.futures import ThreadPoolExecutor
 
-    from normals_pipeline import ClipdropClient, LocalStorage, RateGuard
-    from normals_pipeline.enrich import current_items, enrich_shard
+    from normals_pipeline import LocalStorage
+    from normals_pipeline.enrich import current_items
     from normals_pipeline.inventory import take_inventory
 
     make_portraits(tmp_path / "in", 6)
@@ -232,18 +231,29 @@ def test_a_fifo_swapped_in_during_a_run_gets_an_error_row_and_does_not_hang(tmp_
     victim = tmp_path / "in" / items[0].path
     victim.unlink()
     os.mkfifo(victim)
-    with ClipdropClient("test-key", base_url=emulator.url, rate_guard=RateGuard(100_000)) as client:
-        with ThreadPoolExecutor(1) as pool:
-            future = pool.submit(enrich_shard, dataset, output, client, "00", items)
-            try:
-                result = future.result(timeout=60)
-            finally:  # a regression would block in open(): a writer unblocks it so the suite can end
-                if not future.done():
-                    os.close(os.open(victim, os.O_WRONLY | os.O_NONBLOCK))
+    result = _enrich_unblocking(emulator.url, dataset, output, items, [victim])
     rows = result.manifest.set_index("path")
     assert rows.loc[items[0].path, "error_code"] == "unreadable_file"
     assert "FIFO" in rows.loc[items[0].path, "error_message"]
     assert result.enriched == 5 and result.stopped is None
+
+
+def _enrich_unblocking(url, dataset, output, items, fifos):
+    """One shard enriched on a thread: a regression would block in a FIFO's open(), so a writer unblocks each
+    FIFO if the shard is not done within a minute, and the suite can end."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from normals_pipeline import ClipdropClient, RateGuard
+    from normals_pipeline.enrich import enrich_shard
+
+    with ClipdropClient("test-key", base_url=url, rate_guard=RateGuard(100_000)) as client:
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(enrich_shard, dataset, output, client, "00", items)
+            try:
+                return future.result(timeout=60)
+            finally:
+                for fifo in fifos if not future.done() else []:
+                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
 
 
 def _swap(folder, victims):
@@ -273,10 +283,9 @@ def test_files_swapped_for_links_or_fifos_get_a_row_each_and_are_counted(tmp_pat
     """A swap after the listing (before the shard stats the files) or after the stat (before the read):
     every name still there gets a row, `unreadable_file` unless it leads to a regular file inside the folder
     (read as the listing would have: here a copy of another image, so it reuses that one's map)."""
-    from concurrent.futures import ThreadPoolExecutor
 
-    from normals_pipeline import ClipdropClient, LocalStorage, RateGuard
-    from normals_pipeline.enrich import current_items, enrich_shard
+    from normals_pipeline import LocalStorage
+    from normals_pipeline.enrich import current_items
     from normals_pipeline.inventory import take_inventory
 
     folder = tmp_path / "in"
@@ -289,14 +298,7 @@ def test_files_swapped_for_links_or_fifos_get_a_row_each_and_are_counted(tmp_pat
     items = None if when == "after the listing" else current_items(dataset, inventory)
     fifos = _swap(folder, victims)
     items = items or current_items(dataset, inventory)
-    with ClipdropClient("test-key", base_url=emulator.url, rate_guard=RateGuard(100_000)) as client:
-        with ThreadPoolExecutor(1) as pool:
-            future = pool.submit(enrich_shard, dataset, output, client, "00", items)
-            try:
-                result = future.result(timeout=60)
-            finally:  # a regression would block in open(): a writer unblocks it so the suite can end
-                for fifo in fifos if not future.done() else []:
-                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    result = _enrich_unblocking(emulator.url, dataset, output, items, fifos)
 
     rows = result.manifest.set_index("path")
     assert len(rows) == 9 and result.stopped is None  # 7 victims, nested/portrait_001.png, more/portrait_000.jpg
