@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-jitter", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--api-key", dest="keys", action="append", type=_key, default=[])
+    parser.add_argument("--cached-answer", action="store_true", help="one rendered map for every success")
     args = parser.parse_args(argv)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         latency_jitter=args.latency_jitter,
         port=args.port,
         seed=args.seed,
+        cached_answer=args.cached_answer,
     )
     with emulator:
         print(f"{emulator.url}  rpm={args.rpm} latency={args.latency}±{args.latency_jitter}", flush=True)

@@ -219,6 +219,7 @@ class RecordingEmulator:
         latency_jitter: float = 0.0,
         port: int = 0,
         seed: int = 0,
+        cached_answer: bool = False,
     ) -> None:
         from normals_pipeline.emulator import Emulator, EmulatorConfig, Faults
 
@@ -233,6 +234,7 @@ class RecordingEmulator:
             latency_jitter=latency_jitter,
             faults=Faults(seed=seed),  # no faults; the seed drives the latency jitter
             clock=self.timeline.clock,
+            cached_answer=cached_answer,
         )
         self._emulator = Emulator(config)
 
@@ -279,9 +281,10 @@ class EmulatorProcess:
         latency_jitter: float = 0.0,
         record: Path | None = None,
         port: int = 0,
+        cached_answer: bool = False,
     ) -> None:
         self.command = [sys.executable, "-m", "bench._emulator", "--port", str(port), "--rpm", str(rpm)]
-        self.command += ["--latency", str(latency)]
+        self.command += ["--latency", str(latency)] + (["--cached-answer"] if cached_answer else [])
         if record:
             self.command += ["--timeline", str(record)]
         if latency_jitter:

@@ -268,6 +268,14 @@ def test_402_when_credits_run_out(emulator_factory: Factory) -> None:
     assert emulator.stats()["charged"] == "2"
 
 
+def test_a_cached_answer_is_the_first_map_for_every_image_and_still_charged(emulator_factory: Factory) -> None:
+    """The throughput bench's stand-in: one rendering, then the same bytes, so the server is never the bound."""
+    emulator = emulator_factory(rpm=100, cached_answer=True)
+    first, second = post(emulator, portrait((200, 240))), post(emulator, portrait((120, 90)))
+    assert first.status_code == second.status_code == 200 and first.content == second.content
+    assert second.headers["x-credits-consumed"] == "1" and emulator.stats()["charged"] == "2"
+
+
 def test_fractional_and_unlimited_credits(emulator_factory: Factory) -> None:
     emulator = emulator_factory(keys={TEST_KEY: Decimal(1), "free": None}, credits_per_call=Decimal("0.2"))
     paid = post(emulator)

@@ -42,6 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rate-limit-headers", action="store_true", help="send X-RateLimit-Limit/-Remaining/-Reset on every answer"
     )
+    parser.add_argument(
+        "--cached-answer",
+        action="store_true",
+        help="answer every success with the map rendered for the first image (fast, for throughput benchmarks)",
+    )
     parser.add_argument("--allow-remote", action="store_true", help="allow binding a non-loopback interface")
     faults = parser.add_argument_group("injected faults")
     faults.add_argument("--error-rate", type=float, default=0.0, help="fraction of valid requests answered 500")
@@ -92,6 +97,7 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         faults=faults,
         credit_headers=not args.no_credit_headers,
         rate_limit_headers=args.rate_limit_headers,
+        cached_answer=args.cached_answer,
         allow_remote=args.allow_remote,
     )
 

@@ -119,6 +119,9 @@ class EmulatorConfig:
     faults: Faults = field(default_factory=Faults)
     credit_headers: bool = True
     rate_limit_headers: bool = False  # X-RateLimit-Limit / -Remaining / -Reset on every answer to a known key
+    # Every success answers the map rendered for the first image (a cache), not one rendered per image: a
+    # stand-in that answers faster than any client, so a throughput figure measures the client, not it.
+    cached_answer: bool = False
     allow_remote: bool = False
     clock: Callable[[], float] = time.time  # injectable so tests can cross window edges instantly
 
@@ -177,6 +180,7 @@ class _Service:
         self._faults = _FaultState.of(config.faults)
         self._latency_rng = random.Random(config.faults.seed)  # apart from the faults': set_faults resets those
         self._in_flight = 0
+        self._cached: bytes | None = None
         self._reset_stats()
 
     def _reset_stats(self) -> None:
@@ -366,7 +370,14 @@ class _Service:
             mode = "drop"  # the answer is ready (and charged), then lost: the connection is reset
         elif fault == "truncate":
             mode = "truncate"
-        return _Reply(200, render_normal_map(image), "image/jpeg", headers, mode=mode)
+        return _Reply(200, self._normal_map(image), "image/jpeg", headers, mode=mode)
+
+    def _normal_map(self, image: Image.Image) -> bytes:
+        if not self.config.cached_answer:
+            return render_normal_map(image)
+        if self._cached is None:  # a race renders it twice at most: the same bytes
+            self._cached = render_normal_map(image)
+        return self._cached
 
     def _draw_fault(self) -> tuple[str | None, float]:
         """Pick at most one fault and the extra delay.
