@@ -386,11 +386,7 @@ class MemoryState:
             self._balance = None
 
 
-# synchronous=NORMAL (as the claims'): a commit survives a crashed process, not a power cut, which loses at most
-# the last moments' turns and leases (they would lapse anyway) and balance reports (the next answer brings one);
-# FULL cost an fdatasync per commit, five per image.
 _SQLITE_SCHEMA = """
-PRAGMA synchronous=NORMAL;
 CREATE TABLE IF NOT EXISTS cooldown (id INTEGER PRIMARY KEY CHECK (id = 1), until REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS balance (id INTEGER PRIMARY KEY CHECK (id = 1), value TEXT NOT NULL, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS leases (id TEXT PRIMARY KEY, expires REAL NOT NULL);
