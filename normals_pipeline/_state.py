@@ -33,6 +33,8 @@ from filelock import FileLock
 from pyrate_limiter import InMemoryBucket, Rate, RedisBucket, SQLiteBucket
 from pyrate_limiter.abstracts import AbstractBucket, RateItem
 
+from .storage import LocalStorage
+
 T = TypeVar("T")
 BALANCE_TTL_S = 300.0  # a balance older than this is only a guess: a top-up may have happened
 
@@ -1114,25 +1116,26 @@ class MemoryClaims:
         return StateIdentity(f"memory-{_PROCESS_TOKEN}-{pid}", f"the memory of process {pid} on {socket.gethostname()}")
 
 
+_ID_FILE = "state-id"
+
+
 def _folder_id(folder: Path) -> str:
-    """The folder's id, made once: written whole to a temporary file, then linked into place, so processes
+    """The folder's id, made once with `create_if_absent` (a whole file linked into place), so processes
     starting together agree on one and none reads it half written. An unreadable one is made anew (another
     store: the safe direction)."""
-    path = folder / "state-id"
-    with contextlib.suppress(FileNotFoundError):
-        if len(found := path.read_text(errors="replace").strip()) == 32:
-            return found
-    staged = folder / f".state-id.{uuid.uuid4().hex}"
-    staged.write_text(uuid.uuid4().hex)
+    files = LocalStorage(folder)
+    while (found := _read_id(files)) is None:
+        if not files.create_if_absent(_ID_FILE, uuid.uuid4().hex.encode()) and _read_id(files) is None:
+            files.write_bytes(_ID_FILE, uuid.uuid4().hex.encode())  # there, and unreadable
+    return found
+
+
+def _read_id(files: LocalStorage) -> str | None:
     try:
-        os.link(staged, path)
-    except FileExistsError:
-        if len(found := path.read_text(errors="replace").strip()) == 32:
-            return found
-        os.replace(staged, path)
-    finally:
-        staged.unlink(missing_ok=True)
-    return path.read_text().strip()
+        found = files.read_bytes(_ID_FILE).decode(errors="replace").strip()
+    except FileNotFoundError:
+        return None
+    return found if len(found) == 32 else None
 
 
 class SQLiteClaims:
