@@ -47,20 +47,27 @@ class Reservation:
     age_s: float | None = None  # how old the balance was
 
 
-class KeyState(Protocol):
-    def bucket(self, rates: list[Rate]) -> AbstractBucket: ...
+class KeyOps(Protocol):
+    """The operations a request's start and end combine (see `KeyState.atomically`)."""
+
     def take_turn(self, token: str, limit: int, window_s: float, ttl_s: float) -> float: ...
     def end_turn(self, token: str, used: bool = True, answered: bool = False) -> None: ...
     def next_slot(self, interval_s: float, tolerance_s: float, spacing_s: float = 0.0, rpm: int = 0) -> float: ...
+    def breaker_turn(self, token: str, probe_ttl_s: float) -> float: ...
+    def cooldown_left(self) -> float: ...
+    def reserve(self, lease: str, floor: Decimal, cost: Decimal, ttl_s: float) -> Reservation: ...
+    def settle(self, lease: str, remaining: Decimal | None) -> None: ...
+
+
+class KeyState(KeyOps, Protocol):
+    def bucket(self, rates: list[Rate]) -> AbstractBucket: ...
+    # `work` over the state's operations, as one transaction where the store has them (SQLite), else one by one.
+    def atomically(self, work: Callable[[KeyOps], T]) -> T: ...
     def lower_rate(self, token: str, limit: int, window_s: float) -> int: ...
     def announce_rate(self, rpm: int, limit: int) -> None: ...
     def learned_rate(self) -> int | None: ...
-    def breaker_turn(self, token: str, probe_ttl_s: float) -> float: ...
     def server_failed(self, token: str, counts: bool, after: int, open_s: float, max_open_s: float) -> None: ...
-    def cooldown_left(self) -> float: ...
     def cool_down(self, seconds: float) -> None: ...
-    def reserve(self, lease: str, floor: Decimal, cost: Decimal, ttl_s: float) -> Reservation: ...
-    def settle(self, lease: str, remaining: Decimal | None) -> None: ...
     def balance(self) -> Decimal | None: ...
     def known_balance(self) -> tuple[Decimal, float] | None: ...
     def forget_balance(self) -> None: ...
@@ -275,6 +282,9 @@ class MemoryState:
 
     def bucket(self, rates: list[Rate]) -> AbstractBucket:
         return _InMemoryBucket(rates)
+
+    def atomically(self, work: Callable[[KeyOps], T]) -> T:
+        return work(self)  # one by one, each atomic: what another thread does in between is what it always did
 
     def take_turn(self, token: str, limit: int, window_s: float, ttl_s: float) -> float:
         with self._lock:
@@ -533,6 +543,94 @@ def _write_breaker(db: sqlite3.Connection, breaker: Breaker) -> None:
     )
 
 
+class _Txn:
+    """The key's state as one SQLite write transaction sees it (`db` at `now`): the stores' operations, so
+    that several can run as one transaction (`SQLiteState.atomically`) or each as its own."""
+
+    def __init__(self, db: sqlite3.Connection, now: float) -> None:
+        self.db, self.now = db, now
+
+    def take_turn(self, token: str, limit: int, window_s: float, ttl_s: float) -> float:
+        db, now = self.db, self.now
+        db.execute("INSERT OR REPLACE INTO answered SELECT id, lapses FROM turns WHERE lapses <= ?", (now,))
+        db.execute("DELETE FROM turns WHERE lapses <= ?", (now,))
+        db.execute("DELETE FROM answered WHERE at <= ?", (now - window_s,))
+        db.execute("DELETE FROM sent WHERE at <= ?", (now - window_s - ttl_s,))
+
+        def busy() -> int:
+            return db.execute("SELECT count(*) FROM sent WHERE at > ?", (now - window_s,)).fetchone()[0]
+
+        learned = _read_learned(db)
+        if (now_learned := raised(learned, limit, busy, now, window_s)) != learned:
+            _write_learned(db, now_learned)
+        rate = effective_rate(now_learned, limit, now)
+        in_flight = db.execute("SELECT count(*) FROM turns").fetchone()[0]
+        answered = db.execute("SELECT count(*) FROM answered").fetchone()[0]
+
+        def oldest(index: int) -> float:
+            return db.execute("SELECT at FROM answered ORDER BY at LIMIT 1 OFFSET ?", (index,)).fetchone()[0]
+
+        wait = turn_wait(in_flight, answered, oldest, now, rate, window_s)
+        if wait == 0:
+            db.execute("INSERT INTO turns VALUES (?, ?)", (token, now + ttl_s))
+            db.execute("INSERT OR REPLACE INTO sent VALUES (?, ?)", (token, now))
+        return wait
+
+    def end_turn(self, token: str, used: bool = True, answered: bool = False) -> None:
+        db = self.db
+        db.execute("DELETE FROM turns WHERE id = ?", (token,))
+        if used:
+            db.execute("INSERT OR REPLACE INTO answered VALUES (?, ?)", (token, self.now))
+        else:
+            db.execute("DELETE FROM sent WHERE id = ?", (token,))
+            db.execute("UPDATE breaker SET probe = '' WHERE probe = ?", (token,))  # never sent: another probes
+        if answered:
+            db.execute("DELETE FROM breaker")
+
+    def next_slot(self, interval_s: float, tolerance_s: float, spacing_s: float = 0.0, rpm: int = 0) -> float:
+        scale = stretch(_read_learned(self.db), rpm, self.now)
+        tat, last = self.db.execute("SELECT tat, last FROM pace").fetchone() or (0.0, 0.0)
+        send, tat = schedule_slot(tat, last, self.now, interval_s * scale, tolerance_s, spacing_s * scale)
+        self.db.execute("INSERT OR REPLACE INTO pace VALUES (1, ?, ?)", (tat, send))
+        return send - self.now
+
+    def breaker_turn(self, token: str, probe_ttl_s: float) -> float:
+        before = _read_breaker(self.db)
+        wait, breaker = breaker_turn(before, token, self.now, probe_ttl_s)
+        if breaker != before:
+            _write_breaker(self.db, breaker)
+        return wait
+
+    def cooldown_left(self) -> float:
+        row = self.db.execute("SELECT until FROM cooldown").fetchone()
+        return max(0.0, row[0] - self.now) if row else 0.0
+
+    def _balance_state(self) -> tuple[Decimal | None, float, int]:
+        self.db.execute("DELETE FROM leases WHERE expires <= ?", (self.now,))
+        in_flight = self.db.execute("SELECT count(*) FROM leases").fetchone()[0]
+        row = self.db.execute("SELECT value, at FROM balance").fetchone()
+        return (Decimal(row[0]), self.now - row[1], in_flight) if row else (None, 0.0, in_flight)
+
+    def reserve(self, lease: str, floor: Decimal, cost: Decimal, ttl_s: float) -> Reservation:
+        balance, age, in_flight = self._balance_state()
+        decision = decide(balance, age, in_flight, floor, cost)
+        if decision == "grant":
+            self.db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?)", (lease, self.now + ttl_s))
+        return Reservation(decision, balance, in_flight, age if balance is not None else None)
+
+    def settle(self, lease: str, remaining: Decimal | None) -> None:
+        self.db.execute("DELETE FROM leases WHERE id = ?", (lease,))
+        if remaining is None:
+            return
+        stored, age, _ = self._balance_state()
+        if takes_report(stored, age, remaining):
+            self.db.execute(
+                "INSERT INTO balance VALUES (1, ?, ?)"
+                " ON CONFLICT(id) DO UPDATE SET value = excluded.value, at = excluded.at",
+                (str(remaining), self.now),
+            )
+
+
 class SQLiteState:
     """State in SQLite files under `folder`, named by the key's fingerprint; SQLite's own locking makes
     each read-modify-write atomic across processes, pyrate-limiter's file lock guards the bucket."""
@@ -548,59 +646,21 @@ class SQLiteState:
     def bucket(self, rates: list[Rate]) -> AbstractBucket:
         return _SQLiteBucket.init_from_file(rates, db_path=self._rate_path, use_file_lock=True)
 
+    def atomically(self, work: Callable[[KeyOps], T]) -> T:
+        """`work` over the key's state as one transaction: one commit for several operations (a request's
+        start or end), and no other process's operation in between."""
+        return self._transaction(lambda db, now: work(_Txn(db, now)))
+
     def take_turn(self, token: str, limit: int, window_s: float, ttl_s: float) -> float:
-        def work(db: sqlite3.Connection, now: float) -> float:
-            db.execute("INSERT OR REPLACE INTO answered SELECT id, lapses FROM turns WHERE lapses <= ?", (now,))
-            db.execute("DELETE FROM turns WHERE lapses <= ?", (now,))
-            db.execute("DELETE FROM answered WHERE at <= ?", (now - window_s,))
-            db.execute("DELETE FROM sent WHERE at <= ?", (now - window_s - ttl_s,))
-
-            def busy() -> int:
-                return db.execute("SELECT count(*) FROM sent WHERE at > ?", (now - window_s,)).fetchone()[0]
-
-            learned = _read_learned(db)
-            if (now_learned := raised(learned, limit, busy, now, window_s)) != learned:
-                _write_learned(db, now_learned)
-            rate = effective_rate(now_learned, limit, now)
-            in_flight = db.execute("SELECT count(*) FROM turns").fetchone()[0]
-            answered = db.execute("SELECT count(*) FROM answered").fetchone()[0]
-
-            def oldest(index: int) -> float:
-                return db.execute("SELECT at FROM answered ORDER BY at LIMIT 1 OFFSET ?", (index,)).fetchone()[0]
-
-            wait = turn_wait(in_flight, answered, oldest, now, rate, window_s)
-            if wait == 0:
-                db.execute("INSERT INTO turns VALUES (?, ?)", (token, now + ttl_s))
-                db.execute("INSERT OR REPLACE INTO sent VALUES (?, ?)", (token, now))
-            return wait
-
-        return self._transaction(work)
+        return self.atomically(lambda ops: ops.take_turn(token, limit, window_s, ttl_s))
 
     def end_turn(self, token: str, used: bool = True, answered: bool = False) -> None:
-        def work(db: sqlite3.Connection, now: float) -> None:
-            db.execute("DELETE FROM turns WHERE id = ?", (token,))
-            if used:
-                db.execute("INSERT OR REPLACE INTO answered VALUES (?, ?)", (token, now))
-            else:
-                db.execute("DELETE FROM sent WHERE id = ?", (token,))
-                db.execute("UPDATE breaker SET probe = '' WHERE probe = ?", (token,))  # never sent: another probes
-            if answered:
-                db.execute("DELETE FROM breaker")
-
-        self._transaction(work)
+        self.atomically(lambda ops: ops.end_turn(token, used, answered))
 
     def next_slot(self, interval_s: float, tolerance_s: float, spacing_s: float = 0.0, rpm: int = 0) -> float:
         """Take the next slot on the schedule; returns how long to wait for it (seconds, >= 0). `rpm`: the
         configured rate `interval_s` is for; under a learned lower rate, the slots are farther apart."""
-
-        def work(db: sqlite3.Connection, now: float) -> float:
-            scale = stretch(_read_learned(db), rpm, now)
-            tat, last = db.execute("SELECT tat, last FROM pace").fetchone() or (0.0, 0.0)
-            send, tat = schedule_slot(tat, last, now, interval_s * scale, tolerance_s, spacing_s * scale)
-            db.execute("INSERT OR REPLACE INTO pace VALUES (1, ?, ?)", (tat, send))
-            return send - now
-
-        return self._transaction(work)
+        return self.atomically(lambda ops: ops.next_slot(interval_s, tolerance_s, spacing_s, rpm))
 
     def lower_rate(self, token: str, limit: int, window_s: float) -> int:
         """A 429 on `token`'s turn: lower the key's rate (see `lowered`); returns the rate now."""
@@ -630,13 +690,7 @@ class SQLiteState:
         with self._lock:  # a read first: the breaker is closed nearly always, and then nothing is written
             if not self._db.execute("SELECT 1 FROM breaker WHERE open_until > 0").fetchone():
                 return 0.0
-
-        def work(db: sqlite3.Connection, now: float) -> float:
-            wait, breaker = breaker_turn(_read_breaker(db), token, now, probe_ttl_s)
-            _write_breaker(db, breaker)
-            return wait
-
-        return self._transaction(work)
+        return self.atomically(lambda ops: ops.breaker_turn(token, probe_ttl_s))
 
     def server_failed(self, token: str, counts: bool, after: int, open_s: float, max_open_s: float) -> None:
         def work(db: sqlite3.Connection, now: float) -> None:
@@ -658,8 +712,7 @@ class SQLiteState:
 
     def cooldown_left(self) -> float:
         with self._lock:
-            row = self._db.execute("SELECT until FROM cooldown").fetchone()
-        return max(0.0, row[0] - time.time()) if row else 0.0
+            return _Txn(self._db, time.time()).cooldown_left()
 
     def cool_down(self, seconds: float) -> None:
         def work(db: sqlite3.Connection, now: float) -> None:
@@ -675,37 +728,11 @@ class SQLiteState:
 
         self._transaction(work)
 
-    @staticmethod
-    def _state(db: sqlite3.Connection, now: float) -> tuple[Decimal | None, float, int]:
-        db.execute("DELETE FROM leases WHERE expires <= ?", (now,))
-        in_flight = db.execute("SELECT count(*) FROM leases").fetchone()[0]
-        row = db.execute("SELECT value, at FROM balance").fetchone()
-        return (Decimal(row[0]), now - row[1], in_flight) if row else (None, 0.0, in_flight)
-
     def reserve(self, lease: str, floor: Decimal, cost: Decimal, ttl_s: float) -> Reservation:
-        def work(db: sqlite3.Connection, now: float) -> Reservation:
-            balance, age, in_flight = self._state(db, now)
-            decision = decide(balance, age, in_flight, floor, cost)
-            if decision == "grant":
-                db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?)", (lease, now + ttl_s))
-            return Reservation(decision, balance, in_flight, age if balance is not None else None)
-
-        return self._transaction(work)
+        return self.atomically(lambda ops: ops.reserve(lease, floor, cost, ttl_s))
 
     def settle(self, lease: str, remaining: Decimal | None) -> None:
-        def work(db: sqlite3.Connection, now: float) -> None:
-            db.execute("DELETE FROM leases WHERE id = ?", (lease,))
-            if remaining is None:
-                return
-            stored, age, _ = self._state(db, now)
-            if takes_report(stored, age, remaining):
-                db.execute(
-                    "INSERT INTO balance VALUES (1, ?, ?)"
-                    " ON CONFLICT(id) DO UPDATE SET value = excluded.value, at = excluded.at",
-                    (str(remaining), now),
-                )
-
-        self._transaction(work)
+        self.atomically(lambda ops: ops.settle(lease, remaining))
 
     def balance(self) -> Decimal | None:
         known = self.known_balance()
@@ -931,6 +958,9 @@ class RedisState:
 
     def bucket(self, rates: list[Rate]) -> AbstractBucket:
         return _RedisTimeBucket.init(rates, self._redis, self._keys["rate"])
+
+    def atomically(self, work: Callable[[KeyOps], T]) -> T:
+        return work(self)  # one script per operation, each atomic on the server, as separate calls always were
 
     def _turn_keys(self) -> list[str]:
         return [self._keys[name] for name in ("turns", "answered", "sent")]

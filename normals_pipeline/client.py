@@ -229,6 +229,17 @@ class _Exchange:
 
 
 @dataclass
+class _Charge:
+    """What an exchange cost and the balance it reported, as far as its answer got (None: not known)."""
+
+    consumed: Decimal | None = None
+    remaining: Decimal | None = None
+
+    def pair(self) -> tuple[Decimal | None, Decimal | None]:
+        return self.consumed, self.remaining
+
+
+@dataclass
 class Tally:
     """What the client did: requests sent (every attempt that went out, retries included) and retries by
     error code. The client keeps one for all its callers and one per `counting` block."""
@@ -369,16 +380,17 @@ class ClipdropClient:
 
     def _send_once(self, path: str, image: bytes, filename: str, content_type: str) -> ApiResult:
         self._raise_if_given_up()
-        with _shared_state():
-            turn = self.rate_guard.acquire(self._giving_up, give_up_s=self.retry.timeout_s)
+        with _shared_state():  # the turn holds the credit lease too: one transaction to start, one to end
+            turn = self.rate_guard.acquire(self._giving_up, give_up_s=self.retry.timeout_s, credit=self.credit_guard)
         if turn is None:  # woken while waiting: the API was given up, or the run is stopping
             self._raise_if_given_up()
             raise RunStopped("the run stopped before this image was sent")
         outcome: Outcome = "no_answer"
         result: ApiResult | None = None
+        charge = _Charge()
         try:
             self._raise_if_given_up()  # decided while this worker waited for its turn
-            result = self._send_in_turn(path, image, filename, content_type)
+            result = self._send_in_turn(path, image, filename, content_type, charge)
             outcome = "answered"
             return result
         except Exception as error:
@@ -388,8 +400,11 @@ class ClipdropClient:
                     self.rate_guard.cooldown(DEFAULT_COOLDOWN_S if error.retry_after is None else error.retry_after)
             raise
         finally:
+            policy = self.retry
             _after_exchange(
-                lambda: self.rate_guard.finished(turn, outcome, self.retry.wait_initial_s, self.retry.wait_max_s),
+                lambda: self.rate_guard.finished(
+                    turn, outcome, policy.wait_initial_s, policy.wait_max_s, self.credit_guard, charge.pair()
+                ),
                 result,
             )
 
@@ -400,12 +415,8 @@ class ClipdropClient:
         if self._given_up is not None and not self._answered.is_set():
             raise self._given_up
 
-    def _send_in_turn(self, path: str, image: bytes, filename: str, content_type: str) -> ApiResult:
-        with _shared_state():
-            lease = self.credit_guard.reserve()  # after the wait for a slot, so a stop during the wait is seen
-        consumed: Decimal | None = None
-        remaining: Decimal | None = None
-        result: ApiResult | None = None
+    def _send_in_turn(self, path: str, image: bytes, filename: str, content_type: str, charge: _Charge) -> ApiResult:
+        """One exchange; what it cost and the balance it reported go in `charge` as they are known."""
         started = time.monotonic()
         exchange = _Exchange(self, self.timeout_s)
         files = {"image_file": (filename, image, content_type)}
@@ -417,24 +428,21 @@ class ClipdropClient:
                 exchange.attach(response.extensions["network_stream"])
                 self._answered.set()
                 self._heed_rate_headers(response)
-                remaining = parse_credits(response.headers.get("x-remaining-credits"))
+                charge.remaining = parse_credits(response.headers.get("x-remaining-credits"))
                 if response.status_code != 200:
                     response.read()
                     raise_for_status(response)
                 # A success is charged even when the header is missing: assume the documented price.
                 reported = parse_credits(response.headers.get("x-credits-consumed"))
-                consumed = CREDITS_PER_CALL if reported is None else reported
-                body = self._read_body(response, consumed, exchange)
+                charge.consumed = CREDITS_PER_CALL if reported is None else reported
+                body = self._read_body(response, charge.consumed, exchange)
             self._observe(time.monotonic() - started)
-            result = ApiResult(body, response.status_code, consumed, remaining)
-            return result
+            return ApiResult(body, response.status_code, charge.consumed, charge.remaining)
         except RunStopped as error:  # 401, 403, 402: no later request on this key can succeed
             self.credit_guard.stop(error)
             raise
         except httpx.TransportError as error:
             raise self._broken_off(error, exchange) from None
-        finally:
-            _after_exchange(lambda: self.credit_guard.settle(lease, consumed, remaining), result)
 
     def _broken_off(self, error: httpx.TransportError, exchange: _Exchange) -> ClipdropError:
         """What an exchange that broke off before its answer means: a request that did not go out whole is

@@ -12,7 +12,9 @@ import hashlib
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Literal
@@ -23,6 +25,7 @@ from ._errors import ApiDown, CreditLimitReached, OutOfCredits, RunStopped
 from ._state import (
     BALANCE_TTL_S,
     ClaimStore,
+    KeyOps,
     KeyState,
     MemoryClaims,
     MemoryState,
@@ -64,8 +67,30 @@ CLAIM_TTL_S = 30.0  # renewed every third of it while held, so a killed holder's
 CLAIM_POLL_S = 0.2
 
 
+# pyrate-limiter holding a request back this long (the schedule normally leaves it nothing to hold) means a
+# wait, after which a pause or the breaker that began meanwhile is looked for again.
+BUCKET_HELD_S = 0.01
+
 # What came of a turn: an answer (any status but 5xx; a 429 also lowers the rate), a 5xx, or no answer at all.
 Outcome = Literal["answered", "rate_limited", "server_error", "no_answer"]
+# What a request has of the key's state between looks: nothing yet, its slot on the schedule, or its turn.
+Taken = Literal["nothing", "slot", "turn"]
+Charge = tuple[Decimal | None, Decimal | None]  # what a request cost, and the balance its answer reported
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one look at the key's state found: the request may go, or what it waits for and how long."""
+
+    wait: Literal["go", "breaker", "cooldown", "slot", "turn", "credit", "refused"]
+    seconds: float = 0.0
+    reservation: Reservation | None = None
+
+
+def credit_step(reservation: Reservation) -> Step:
+    """A credit lease's decision as a step: granted, wait (another request is finding out the balance), refused."""
+    wait = {"grant": "go", "wait": "credit", "refuse": "refused"}[reservation.decision]
+    return Step(wait, PROBE_WAIT_S, reservation)  # type: ignore[arg-type]
 
 
 def key_fingerprint(api_key: str) -> str:
@@ -117,27 +142,83 @@ class RateGuard:
         """The rate kept to now: `rpm`, or the lower one the key has shown it takes."""
         return min(self.rpm, self.state.learned_rate() or self.rpm)
 
-    def acquire(self, stop: threading.Event | None = None, give_up_s: float = OUTAGE_GIVE_UP_S) -> str | None:
-        """Block until a request may be sent: the breaker closed (or this the probe), its slot on the key's
-        schedule, then room in both windows; returns the turn. A cooldown moves the schedule past its end, so a
-        slot is never inside a pause it knew of. `stop` set during any wait ends it: None, nothing held.
-        Raises `ApiDown` after waiting at an open breaker for `give_up_s`."""
+    def acquire(
+        self,
+        stop: threading.Event | None = None,
+        give_up_s: float = OUTAGE_GIVE_UP_S,
+        credit: CreditGuard | None = None,
+    ) -> str | None:
+        """Block until a request may be sent: the breaker closed (or this the probe), no pause, its slot on the
+        key's schedule, then room in both windows; returns the turn. Each look at the key's state is one
+        transaction where the store has them (see `_look`). With `credit`, the turn also holds the request's
+        credit lease, taken in the same transaction: `finished` frees both. `stop` set during any wait ends it:
+        None, nothing held. Raises `ApiDown` after waiting at an open breaker for `give_up_s`, and what `credit`
+        raises when sending must stop."""
         turn = uuid.uuid4().hex  # the same token through voided turns: it may hold the breaker's probe
+        taken: Taken = "nothing"
+        held_since: float | None = None  # when the breaker began to hold this request
         while True:
-            if not self._wait_for_breaker(turn, stop, give_up_s):
+            try:
+                step = self._look(turn, taken, credit)
+            except BaseException:
+                if taken == "turn":
+                    self._void(turn)
+                raise
+            if step.wait == "go":
+                if self._bucket(turn, stop):
+                    return turn
+                self._void(turn, credit)
+                taken = "nothing"
+                continue
+            held_since = (held_since or time.monotonic()) if step.wait == "breaker" else None
+            if held_since is not None and time.monotonic() - held_since > give_up_s:
+                raise ApiDown(
+                    f"the API answered only server errors (5xx) for over {give_up_s:.0f} s: every request on the "
+                    "key waited while one probe at a time found it still failing"
+                )
+            taken = {"slot": "slot", "turn": "slot", "credit": "turn"}.get(step.wait, "nothing")
+            seconds = min(step.seconds, BREAKER_LOOK_S) if step.wait == "breaker" else step.seconds
+            if _sleep(seconds, stop):
                 return self._void(turn)
-            wait = self.state.next_slot(self.interval_s, CATCH_UP_S, self.interval_s * CATCH_UP_SPACING, self.rpm)
-            if wait > 0 and _sleep(wait, stop):
-                return self._void(turn)
-            if not self._take_turn(turn, stop):
-                return self._void(turn)
-            self._limiter.try_acquire(self.name)
-            if self.state.cooldown_left() <= 0 and self.state.breaker_turn(turn, TURN_TTL_S) <= 0:
-                return turn
-            # A 429 or the breaker, seen by anyone while we waited: this slot is void; after the pause, a new one.
-            self.state.end_turn(turn, used=False)
-            if not self._wait_out_cooldown(stop):
-                return self._void(turn)
+
+    def _look(self, turn: str, taken: Taken, credit: CreditGuard | None) -> Step:
+        """One look at the key's state, as one transaction: the breaker, a pause, the next slot (unless
+        `taken` already), the turn, then the credit lease; the first that makes the request wait says how
+        long. A slot or a turn taken stays taken for the next look."""
+
+        def work(ops: KeyOps) -> Step:
+            if taken != "turn":
+                if (wait := ops.breaker_turn(turn, TURN_TTL_S)) > 0:
+                    return Step("breaker", wait)
+                if (wait := ops.cooldown_left()) > 0:
+                    return Step("cooldown", wait)
+                spacing = self.interval_s * CATCH_UP_SPACING
+                if taken == "nothing" and (wait := ops.next_slot(self.interval_s, CATCH_UP_S, spacing, self.rpm)) > 0:
+                    return Step("slot", wait)
+                if (wait := ops.take_turn(turn, self.rpm, MINUTE_MS / 1000, TURN_TTL_S)) > 0:
+                    return Step("turn", wait)
+            if credit is None:
+                return Step("go")
+            reservation = ops.reserve(turn, credit.floor, CREDITS_PER_CALL, LEASE_TTL_S)
+            if reservation.decision == "refuse":
+                ops.end_turn(turn, used=False)
+            return credit_step(reservation)
+
+        if credit is None:
+            return self.state.atomically(work)
+        with credit.admitting() as admitted:  # the run's budget: counted in flight while the state is asked
+            step = self.state.atomically(work)
+            admitted(step)
+        return step
+
+    def _bucket(self, turn: str, stop: threading.Event | None) -> bool:
+        """pyrate-limiter's count of actual sends. Should it have held the request back, a pause or the breaker
+        that began meanwhile voids the turn (False), as at any wait."""
+        started = time.monotonic()
+        self._limiter.try_acquire(self.name)
+        if time.monotonic() - started < BUCKET_HELD_S:
+            return True
+        return self.state.cooldown_left() <= 0 and self.state.breaker_turn(turn, TURN_TTL_S) <= 0
 
     def finished(
         self,
@@ -145,52 +226,44 @@ class RateGuard:
         outcome: Outcome = "answered",
         open_s: float = BREAKER_OPEN_S,
         max_open_s: float = BREAKER_MAX_OPEN_S,
+        credit: CreditGuard | None = None,
+        charge: Charge = (None, None),
     ) -> None:
         """The request of `turn` was answered or failed: from now it counts one more minute. A 429 lowers the
         key's rate; a 5xx counts towards the breaker (`open_s` its first pause, doubled by each failed probe up
-        to `max_open_s`), any other answer closes it."""
+        to `max_open_s`), any other answer closes it. With `credit` (the turn held its lease), the lease is freed
+        in the same transaction, and `charge` (what it cost, the balance reported) recorded."""
         if outcome == "rate_limited":
             self.state.lower_rate(turn, self.rpm, MINUTE_MS / 1000)
         elif outcome in ("server_error", "no_answer"):
             self.state.server_failed(turn, outcome == "server_error", BREAKER_AFTER, open_s, max_open_s)
-        self.state.end_turn(turn, answered=outcome in ("answered", "rate_limited"))
+        consumed, remaining = charge
+
+        def work(ops: KeyOps) -> None:
+            ops.end_turn(turn, answered=outcome in ("answered", "rate_limited"))
+            if credit is not None:
+                ops.settle(turn, remaining)
+
+        self.state.atomically(work)
+        if credit is not None:
+            credit.settled(consumed)
 
     def announce(self, rpm: int) -> None:
         """The API's headers state the key's limit: keep to it (never above `rpm`), in every process."""
         self.state.announce_rate(rpm, self.rpm)
 
-    def _take_turn(self, turn: str, stop: threading.Event | None) -> bool:
-        while (wait := self.state.take_turn(turn, self.rpm, MINUTE_MS / 1000, TURN_TTL_S)) > 0:
-            if _sleep(wait, stop):
-                return False
-        return True
-
-    def _void(self, turn: str) -> None:
-        """Give up the turn (if one was taken) and the breaker's probe (if held): nothing was sent."""
-        self.state.end_turn(turn, used=False)
+    def _void(self, turn: str, credit: CreditGuard | None = None) -> None:
+        """Give up the turn (if one was taken), the breaker's probe (if held) and the credit lease (if `credit`
+        granted one): nothing was sent."""
+        if credit is None:
+            self.state.end_turn(turn, used=False)
+            return
+        self.state.atomically(lambda ops: (ops.end_turn(turn, used=False), ops.settle(turn, None)))
+        credit.settled(None)
 
     def cooldown(self, seconds: float) -> None:
         """Hold every caller on the key for `seconds` (a 429 means the key is saturated for all)."""
         self.state.cool_down(seconds)
-
-    def _wait_out_cooldown(self, stop: threading.Event | None) -> bool:
-        while (left := self.state.cooldown_left()) > 0:
-            if _sleep(left, stop):
-                return False
-        return True
-
-    def _wait_for_breaker(self, turn: str, stop: threading.Event | None, give_up_s: float) -> bool:
-        """Wait while the key's breaker holds every sender; False if `stop` was set meanwhile."""
-        started = time.monotonic()
-        while (wait := self.state.breaker_turn(turn, TURN_TTL_S)) > 0:
-            if time.monotonic() - started > give_up_s:
-                raise ApiDown(
-                    f"the API answered only server errors (5xx) for over {give_up_s:.0f} s: every request on the "
-                    "key waited while one probe at a time found it still failing"
-                )
-            if _sleep(min(wait, BREAKER_LOOK_S), stop):
-                return False
-        return True
 
 
 def _sleep(seconds: float, stop: threading.Event | None) -> bool:
@@ -256,19 +329,42 @@ class CreditGuard:
         self._lock = threading.Lock()
 
     def reserve(self) -> str:
-        """Claim one call's credits and return the lease, or raise the reason sending must stop."""
+        """Claim one call's credits and return the lease, or raise the reason sending must stop. (A rate guard
+        given this guard takes the lease with the turn instead, in one transaction.)"""
         lease = uuid.uuid4().hex
         while True:
-            with self._lock:
-                self._check_budget()
-                reservation = self.state.reserve(lease, self.floor, CREDITS_PER_CALL, LEASE_TTL_S)
-                if reservation.decision == "grant":
-                    self._in_flight += 1
-                    return lease
-                if reservation.decision == "refuse":
-                    self._stopped = CreditLimitReached(self._floor_message(reservation))
-                    raise self._stopped
+            with self.admitting() as admitted:
+                step = credit_step(self.state.reserve(lease, self.floor, CREDITS_PER_CALL, LEASE_TTL_S))
+                admitted(step)
+            if step.wait == "go":
+                return lease
             time.sleep(PROBE_WAIT_S)  # another request is finding out the balance
+
+    @contextmanager
+    def admitting(self) -> Iterator[Callable[[Step], None]]:
+        """Around asking the shared state for a lease: the request counts in flight for the run's budget
+        meanwhile (so concurrent workers cannot jointly cross it, with no lock held across the state's
+        transaction), and stays counted if `admitted(step)` hears it was granted; a refusal is raised, and
+        stops every later request."""
+        with self._lock:
+            self._check_budget()
+            self._in_flight += 1
+        granted = False
+
+        def admitted(step: Step) -> None:
+            nonlocal granted
+            if step.wait == "refused" and step.reservation is not None:
+                with self._lock:
+                    self._stopped = self._stopped or CreditLimitReached(self._floor_message(step.reservation))
+                    raise self._stopped
+            granted = step.wait == "go"
+
+        try:
+            yield admitted
+        finally:
+            if not granted:
+                with self._lock:
+                    self._in_flight -= 1
 
     def _check_budget(self) -> None:
         if self._stopped is not None:
@@ -297,6 +393,11 @@ class CreditGuard:
     def settle(self, lease: str, consumed: Decimal | None, remaining: Decimal | None) -> None:
         """Record what a finished call cost (None: not charged, or not reported) and free its lease."""
         self.state.settle(lease, remaining)
+        self.settled(consumed)
+
+    def settled(self, consumed: Decimal | None) -> None:
+        """This run's side of a freed lease (freed in the shared state already): one fewer in flight, `consumed`
+        spent."""
         with self._lock:
             self._in_flight -= 1
             self.spent += consumed or Decimal(0)
