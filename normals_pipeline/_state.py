@@ -543,6 +543,83 @@ def _write_breaker(db: sqlite3.Connection, breaker: Breaker) -> None:
     )
 
 
+@dataclass
+class _Job:
+    """One caller's transaction waiting in a `GroupCommit`, and what came of it once committed."""
+
+    work: Callable[[sqlite3.Connection, float], Any]
+    value: Any = None
+    error: BaseException | None = None
+    finished: bool = False
+
+    def result(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class GroupCommit:
+    """Write transactions of many threads on one connection, committed together: a caller that finds no commit
+    under way runs every transaction waiting (its own included) in one SQLite transaction, then hands each its
+    result. With 64 workers, each request's start and end would otherwise queue for the connection one by one,
+    holding it across every switch of the interpreter's lock; now one commit and one turn at the file serve a
+    batch. Each caller's work still runs whole and alone (serialised, as separate transactions would be), and
+    no caller hears its result before the commit that makes it durable. `lock` guards the connection for reads."""
+
+    def __init__(self, db: sqlite3.Connection, lock: threading.Lock) -> None:
+        self._db = db
+        self.lock = lock
+        self._cond = threading.Condition()
+        self._pending: list[_Job] = []
+        self._committing = False
+
+    def run(self, work: Callable[[sqlite3.Connection, float], T]) -> T:
+        """`work(db, now)` as (part of) one write transaction: other processes wait for it (BEGIN IMMEDIATE)."""
+        job = _Job(work)
+        with self._cond:
+            self._pending.append(job)
+            while self._committing and not job.finished:
+                self._cond.wait()
+            if job.finished:
+                return job.result()
+            self._committing = True
+            batch, self._pending = self._pending, []
+        try:
+            self._commit(batch)
+        finally:
+            with self._cond:
+                self._committing = False
+                self._cond.notify_all()
+        return job.result()
+
+    def _commit(self, batch: list[_Job]) -> None:
+        """The batch as one transaction; should any work fail, each is run again in a transaction of its own,
+        so one caller's failure is only its own."""
+        try:
+            with self.lock:
+                self._in_transaction(batch)
+        except BaseException as error:  # noqa: BLE001 - handed to the callers below
+            if len(batch) == 1:
+                batch[0].error = error
+            else:
+                for job in batch:
+                    self._commit([job])
+        finally:
+            for job in batch:
+                job.finished = True
+
+    def _in_transaction(self, batch: list[_Job]) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            values = [job.work(self._db, time.time()) for job in batch]
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        for job, value in zip(batch, values):
+            job.value = value
+
+
 class _Txn:
     """The key's state as one SQLite write transaction sees it (`db` at `now`): the stores' operations, so
     that several can run as one transaction (`SQLiteState.atomically`) or each as its own."""
@@ -642,6 +719,7 @@ class SQLiteState:
         lost = "the key's balance is unknown until an answer reports it; its cooldown and leases start empty"
         self._db = open_sqlite(folder / f"{fingerprint}.state.sqlite", _SQLITE_SCHEMA, lost=lost)
         self._lock = threading.Lock()
+        self._commits = GroupCommit(self._db, self._lock)
 
     def bucket(self, rates: list[Rate]) -> AbstractBucket:
         return _SQLiteBucket.init_from_file(rates, db_path=self._rate_path, use_file_lock=True)
@@ -699,16 +777,8 @@ class SQLiteState:
         self._transaction(work)
 
     def _transaction(self, work: Callable[[sqlite3.Connection, float], T]) -> T:
-        """Run `work(db, now)` as one write transaction: other processes wait for it (BEGIN IMMEDIATE)."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                result = work(self._db, time.time())
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-            return result
+        """Run `work(db, now)` as one write transaction, committed with those of other threads waiting then."""
+        return self._commits.run(work)
 
     def cooldown_left(self) -> float:
         with self._lock:
@@ -1178,11 +1248,11 @@ class SQLiteClaims:
         lost = "claims wait one claim lifetime, until any the old file held have lapsed"
         self._db = open_sqlite(folder / "claims.sqlite", _CLAIMS_SCHEMA, lost=lost, rebuild=_CLAIMS_REBUILT)
         self._lock = threading.Lock()
+        self._commits = GroupCommit(self._db, self._lock)  # the workers' claims and releases, a batch per commit
 
     def claim(self, name: str, owner: str, ttl_s: float) -> bool:
-        now = time.time()
-        with self._lock:
-            cursor = self._db.execute(
+        def work(db: sqlite3.Connection, now: float) -> bool:
+            cursor = db.execute(
                 "INSERT INTO claims SELECT ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM rebuilt WHERE at > ?)"
                 " ON CONFLICT(name) DO UPDATE"
                 " SET owner = excluded.owner, expires = excluded.expires WHERE owner = excluded.owner OR expires <= ?",
@@ -1190,16 +1260,14 @@ class SQLiteClaims:
             )
             return cursor.rowcount == 1
 
+        return self._commits.run(work)
+
     def renew(self, names: list[str], owner: str, ttl_s: float) -> None:
-        with self._lock:
-            self._db.executemany(
-                "UPDATE claims SET expires = ? WHERE name = ? AND owner = ?",
-                [(time.time() + ttl_s, name, owner) for name in names],
-            )
+        query = "UPDATE claims SET expires = ? WHERE name = ? AND owner = ?"
+        self._commits.run(lambda db, now: db.executemany(query, [(now + ttl_s, name, owner) for name in names]))
 
     def release(self, name: str, owner: str) -> None:
-        with self._lock:
-            self._db.execute("DELETE FROM claims WHERE name = ? AND owner = ?", (name, owner))
+        self._commits.run(lambda db, now: db.execute("DELETE FROM claims WHERE name = ? AND owner = ?", (name, owner)))
 
     def held(self, name: str) -> bool:
         with self._lock:
