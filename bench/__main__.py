@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import listing, normals_decode, resources, throughput
+from . import listing, normals_decode, resources, s3, throughput
 from ._support import RESULTS
 
 
@@ -66,6 +66,8 @@ class Config:
     inventory_repeats: int = 3
     # figure 6
     overhead_images: int = 600
+    # figure 9: figure 6's run on moto S3 and on local disk, this many of each (alternating)
+    s3_repeats: int = 2
     # figure 7: a size x size normal map, decoded this many times (and Pillow as many, in turns)
     normals_size: int = 1024
     normals_repeats: int = 200
@@ -77,6 +79,7 @@ class Config:
     target_memory: float = 1.2
     target_inventory: float = 2.0
     target_overhead: float = 0.5
+    target_s3: float = 0.5
     target_normals_decode: float = 1.5
     target_learning: float = 0.9
 
@@ -97,6 +100,7 @@ QUICK = Config(
     inventory_files=10_000,
     inventory_repeats=2,
     overhead_images=60,
+    s3_repeats=1,
     normals_repeats=10,
     learn_rpm=600,
     learn_images=60,
@@ -156,6 +160,7 @@ FIGURES = [
         lambda c: f">= {c.target_learning}",
         throughput.learning_run,
     ),
+    Figure("s3", "9 unthrottled on moto S3 ÷ on local disk", lambda c: f">= {c.target_s3}", s3.s3_speed),
 ]
 NAMES = [figure.name for figure in FIGURES]
 GROUPS = {"throughput": [f"rate-{rpm}" for rpm in RATES]}

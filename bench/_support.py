@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from collections import Counter
@@ -338,17 +339,20 @@ class CliRun:
 
     `concurrency` and `shards` None (the default) pass neither option: the run has the CLI's default
     shape (NORMALS_SHARDS unset, so 16 shards in one Dagster run) and in-flight window (it follows the
-    key's rate), as a user's `normals-pipeline run` does.
+    key's rate), as a user's `normals-pipeline run` does. `dataset` and `output` may be `s3://` URIs; the
+    run's logs and state folder are then under `logdir`, and `env` says where S3 is.
     """
 
-    dataset: Path
-    output: Path
+    dataset: Path | str
+    output: Path | str
     url: str
     key: str
     rpm: int
     concurrency: int | None = None
     shards: int | None = None
     logdir: Path | None = None
+    options: tuple[str, ...] = ()  # more options of `run`, e.g. ("--no-training-pairs",)
+    env: dict[str, str] = field(default_factory=dict)
     started: float = 0.0
     wall_s: float = 0.0
     returncode: int | None = None
@@ -368,15 +372,17 @@ class CliRun:
             command += ["--shards", str(self.shards)]
         if self.concurrency is not None:
             command += ["--concurrency", str(self.concurrency)]
-        return command
+        return command + list(self.options)
 
     def start(self) -> CliRun:
         # Shared rate/credit state (SQLite files) next to the data, not in the user's cache: every run of
         # one figure shares it, as runs of one user would share theirs.
-        env = client_env(CLIPDROP_API_KEY=self.key, NORMALS_STATE_DIR=str(self.output.parent / "state"))
-        logdir = self.logdir or self.output.parent
-        self._out_path, self._err_path = logdir / f"{self.output.name}.out", logdir / f"{self.output.name}.err"
-        self._usage_path = logdir / f"{self.output.name}.usage.json"
+        output = Path(urllib.parse.urlsplit(str(self.output)).path) if "://" in str(self.output) else Path(self.output)
+        logdir = self.logdir or output.parent
+        state = logdir / "state" if "://" in str(self.output) else output.parent / "state"
+        env = client_env(CLIPDROP_API_KEY=self.key, NORMALS_STATE_DIR=str(state), **self.env)
+        self._out_path, self._err_path = logdir / f"{output.name}.out", logdir / f"{output.name}.err"
+        self._usage_path = logdir / f"{output.name}.usage.json"
         with open(self._out_path, "w") as out, open(self._err_path, "w") as err:
             self.started = time.monotonic()
             self.started_at = time.time()  # to cut this run out of an emulator's timeline

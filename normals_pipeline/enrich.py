@@ -48,6 +48,7 @@ from .prepare import Oversize, PreparedImage, prepare
 from .storage import Storage
 
 NORMALS_DIR = "normals"
+LIST_PAGE = 1000  # keys a listing request returns (S3's page)
 # Codes whose rows are final: the same bytes would fail the same way, so a re-run does not resend them.
 FINAL_ERROR_CODES = frozenset(
     {
@@ -230,6 +231,22 @@ def normal_map_path(content_hash: str) -> str:
     return f"{NORMALS_DIR}/{content_hash[:2]}/{content_hash}.jpg"
 
 
+class StoredMaps:
+    """Whether a normal map is stored, as a run asks before claiming its content (and the plan before counting
+    it to send): from one listing of `normals/` taken at the start, if that costs fewer requests than one look
+    per image to send (`looks`; its pages are guessed from the maps the shards record, `recorded`), else a
+    look (S3: a HEAD) each. A map stored by another process since the listing is found after the claim,
+    which looks again."""
+
+    def __init__(self, output: Storage, looks: int = 0, recorded: int = 0) -> None:
+        self.output = output
+        listed = looks > recorded // LIST_PAGE
+        self._listed = frozenset(output.list_prefix(NORMALS_DIR)) if listed else None
+
+    def __contains__(self, path: str) -> bool:
+        return path in self._listed if self._listed is not None else self.output.exists(path)
+
+
 def claim_namespace(output: Storage) -> str:
     """Claims are per output: the same content sent for another output needs a map of its own."""
     return "out-" + hashlib.sha256(output.uri.encode()).hexdigest()[:16]
@@ -301,6 +318,7 @@ class Enricher:
         self.oversize = oversize
         self.claims = claims or ClaimGuard(None, claim_namespace(output))
         self.spool = spool or manifest.spool_for(output)  # paid maps the output refused wait here
+        self._maps = StoredMaps(output)  # `run_shards` lists them when that is cheaper
         self._stop = threading.Event()
         self._stopped: Exception | None = None
         self._hash_locks: dict[str, threading.Lock] = {}
@@ -333,6 +351,7 @@ class Enricher:
         where the run stands at the start and after every batch of finished images."""
         started = time.monotonic()
         todo = [(index, item) for index, work in enumerate(works) for item in pending_items(work.items, work.previous)]
+        self._maps = StoredMaps(self.output, len(todo), sum(len(work.previous) for work in works))
         # A redone row keeps what its earlier attempts cost, so the manifest adds up to the bill.
         for work in works:
             self._spent_before.update(zip(work.previous["path"], work.previous["credits_consumed"]))
@@ -497,7 +516,7 @@ class Enricher:
         before anything could cost (a 5xx, the run stopping), a waiter sends it itself."""
         path = normal_map_path(digest)
         uri = self.output.uri_for(path)
-        if self.output.exists(path):
+        if path in self._maps:
             return uri, None
         with self._lock_for(digest):
             if digest in self._ended:

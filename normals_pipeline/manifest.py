@@ -4,10 +4,11 @@
 `pyarrow.dataset.dataset("<output>/manifest", partitioning=PARTITIONING)` reads a whole run, with the hive
 column `partition` as the string the Dagster UI shows (`"01"`; plain `partitioning="hive"` infers int32).
 
-While a shard runs, each finished row is also written at once to its own small file in
-`<output>/journal/partition=<key>/` (or, when the output refuses the write, in a spool folder on this
-host, `spool_for`, where refused normal maps wait too), so a run killed at any moment loses only the
-requests in flight: the next run folds the journal into the manifest, then clears it.
+While a shard runs, each finished row is also made durable before its worker goes on, in
+`<output>/journal/partition=<key>/`, rows finished together sharing one file (`Journal`) (or, when the output
+refuses the write, in a spool folder on this host, `spool_for`, where refused normal maps wait too), so a run
+killed at any moment loses only the requests in flight: the next run folds the journal into the manifest,
+then clears it.
 
 Reading is where corruption is met: a manifest or journal file that cannot be parsed is moved to
 `<output>/quarantine/` (kept, never deleted), named in a warning, and the shard is rebuilt from what is
@@ -150,7 +151,8 @@ class Held:
 
 
 def _writer(path: str) -> str | None:
-    """`<hash>.<writer>.json` -> the writer; None for a row journaled before writers were named."""
+    """`<flush>.<writer>.jsonl` or `<hash>.<writer>.json` -> the writer; None for a row journaled before writers
+    were named."""
     parts = path.rsplit("/", 1)[-1].split(".")
     return parts[1] if len(parts) == 3 else None
 
@@ -243,13 +245,26 @@ JournalFile = tuple[str, str]  # ("output" or "spool", path)
 COMMIT_TRIES = 5
 
 
+@dataclass
+class _Group:
+    """Rows waiting to go out in one journal file, and how that write ended."""
+
+    lines: list[str] = field(default_factory=list)
+    done: bool = False
+    error: BaseException | None = None
+
+
 class Journal:
-    """Finished rows of one shard, each made durable at once in its own file: one per image path and writer
-    (this object), so two writers of one shard never overwrite each other's receipts. A row carries what its
-    writer paid (`charged`), which folding adds to what the path had cost: when a lost claim lets two runs
-    write one shard, the rows of both count and the manifest still adds up to the bill. A row is a receipt
-    for what was paid: if the output refuses it (disk full, permission), it goes to a spool folder on this
-    host instead, and reading folds both in."""
+    """Finished rows of one shard, made durable in groups: rows that workers finish while a write is under
+    way go out together in the next file, `<flush>.<writer>.jsonl` (JSON lines), and each `write` returns
+    once the file holding its row is written (group commit), so a killed run loses only rows whose `write`
+    had not returned, and the output sees one write per group, not per image. Each writer (this object)
+    has its own files, so two writers of one shard never overwrite each other's receipts. A row carries
+    what its writer paid (`charged`), which folding adds to what the path had cost: when a lost claim lets
+    two runs write one shard, the rows of both count and the manifest still adds up to the bill. A row is
+    a receipt for what was paid: if the output refuses its file (disk full, permission), the file goes to
+    a spool folder on this host instead, and reading folds both in. Files of one row each,
+    `<sha(path)>.<writer>.json`, left by earlier versions are read too."""
 
     def __init__(self, output: Storage, partition_key: str, spool: Storage | None = None) -> None:
         self.output = output
@@ -257,24 +272,53 @@ class Journal:
         self.spool = spool or spool_for(output)
         self.writer = uuid.uuid4().hex[:12]
         self.written: set[JournalFile] = set()
-        self._lock = threading.Lock()  # rows are written by the workers
+        self._cond = threading.Condition()  # rows are written by the workers
+        self._open = _Group()  # the rows the next write takes
+        self._flushing = False
+        self._flushes = 0
 
     def write(self, row: dict, charged: float | None = None) -> None:
-        """`charged`: what this writer paid for the row (NaN: unknown); None: the row's `credits_consumed`
-        is all the path has cost (a row rebuilt from a manifest)."""
-        name = f"{self.folder}/{hashlib.sha256(row['path'].encode()).hexdigest()[:32]}.{self.writer}.json"
+        """Return once `row` is durable. `charged`: what this writer paid for the row (NaN: unknown); None:
+        the row's `credits_consumed` is all the path has cost (a row rebuilt from a manifest)."""
         record = {**row, "processed_at": row["processed_at"].isoformat()}
         if charged is not None:
             record["charged"] = charged
-        payload = json.dumps(record).encode()
+        line = json.dumps(record)
+        with self._cond:
+            group = self._open
+            group.lines.append(line)
+            while not group.done:
+                if self._flushing:  # another worker is writing an earlier group: ours goes next
+                    self._cond.wait()
+                else:
+                    self._flush()  # ours is the open group: write it, with whatever joined it meanwhile
+        if group.error is not None:
+            raise group.error
+
+    def _flush(self) -> None:
+        """Write the open group as one file (called holding `_cond`, released during the write)."""
+        group, self._open, self._flushing = self._open, _Group(), True
+        name = f"{self.folder}/{self._flushes:08d}.{self.writer}.jsonl"
+        self._flushes += 1
+        self._cond.release()
+        try:
+            where = self._put(name, ("\n".join(group.lines) + "\n").encode())
+        except BaseException as error:  # the spool refused it too: each waiter raises it
+            group.error = error
+        finally:
+            self._cond.acquire()
+            group.done, self._flushing = True, False
+            if group.error is None:
+                self.written.add((where, name))
+            self._cond.notify_all()
+
+    def _put(self, name: str, payload: bytes) -> str:
         try:
             self.output.write_bytes(name, payload, "application/json")
-            where = "output"
-        except Exception:  # noqa: BLE001 - any refusal of the output: the receipt must land somewhere
+            return "output"
+        except Exception:  # noqa: BLE001 - any refusal of the output: the receipts must land somewhere
             self.spool.write_bytes(name, payload, "application/json")
-            where = "spool"
-        with self._lock:
-            self.written.add((where, name))
+            return "spool"
 
     def entries(
         self, warnings: list[str], *, set_aside: bool = True, held: Held = Held()
@@ -289,8 +333,7 @@ class Journal:
                     files.add((where, path))
                     continue
                 try:
-                    row = json.loads(store.read_bytes(path))
-                    rows.append({**row, "processed_at": datetime.fromisoformat(row["processed_at"])})
+                    rows += _journal_rows(store.read_bytes(path), path)
                 except FileNotFoundError:  # folded into the manifest by another writer since the listing
                     continue
                 except (ValueError, KeyError, TypeError) as error:
@@ -310,6 +353,16 @@ class Journal:
 
     def _stores(self) -> list[tuple[str, Storage]]:
         return [("output", self.output), ("spool", self.spool)]
+
+
+def _journal_rows(data: bytes, path: str) -> list[dict]:
+    """The rows of one journal file: a group (JSON lines), or one row (a file of an earlier version)."""
+    records = (
+        [json.loads(line) for line in data.splitlines() if line.strip()]
+        if path.endswith(".jsonl")
+        else [json.loads(data)]
+    )
+    return [{**record, "processed_at": datetime.fromisoformat(record["processed_at"])} for record in records]
 
 
 def with_journal(previous: pd.DataFrame, entries: list[dict]) -> pd.DataFrame:

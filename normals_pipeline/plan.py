@@ -24,6 +24,7 @@ from ._state import ClaimStore
 from .client import INITIAL_LATENCY_S
 from .enrich import (
     Item,
+    StoredMaps,
     claim_namespace,
     current_items,
     images_per_second,
@@ -134,7 +135,7 @@ def make_plan(
     (None: nothing is known of other runs); `balance`: the key's `KeyState.known_balance()`. The ETA assumes
     the client's initial latency guess, which errs long."""
     table = inventory if inventory is not None else take_inventory(dataset, shards)
-    planner = _Planner(dataset, output, oversize, claims)
+    planner = _Planner(dataset, output, oversize, claims, shards)
     planned = {key: Figures() for key in partition_keys(shards)}  # an empty shard says 0 images
     with ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="plan") as pool:
         for shard, rows in _by_shard(table):
@@ -157,8 +158,11 @@ class _Planner:
     """Walks the shards in order; contents counted to send are remembered across shards, so a later copy
     of one (in any shard) is a duplicate, as the run's claims and stored maps make it."""
 
-    def __init__(self, dataset: Storage, output: Storage, oversize: Oversize, claims: ClaimStore | None) -> None:
-        self.dataset, self.output, self.oversize, self.claims = dataset, output, oversize, claims
+    def __init__(
+        self, dataset: Storage, output: Storage, oversize: Oversize, claims: ClaimStore | None, shards: int
+    ) -> None:
+        self.dataset, self.output, self.oversize, self.claims, self.shards = dataset, output, oversize, claims, shards
+        self.maps: StoredMaps | None = None  # made at the first shard with images to look at
         self.namespace = claim_namespace(output)
         self.seen: set[str] = set()
         self.warnings: list[str] = []
@@ -169,7 +173,10 @@ class _Planner:
             self.warnings.append(f"shard {key} is being enriched by another run now: its figures drop as it finishes")
         record = manifest.load_shard(self.output, manifest.Journal(self.output, key), key, set_aside=False)
         self.warnings += record.warnings
-        looks = _looks(pool, self.dataset, self.output, pending_items(items, record.previous), self.oversize)
+        pending = pending_items(items, record.previous)
+        if self.maps is None and pending:  # shards are alike (hashed): this one's figures stand for each
+            self.maps = StoredMaps(self.output, len(pending) * self.shards, len(record.previous) * self.shards)
+        looks = _looks(pool, self.dataset, self.output, pending, self.oversize, self.maps or StoredMaps(self.output))
         return _figures(len(items), looks, self.seen, self._held)
 
     def _held(self, name: str) -> bool:
@@ -178,7 +185,12 @@ class _Planner:
 
 
 def _looks(
-    pool: ThreadPoolExecutor, dataset: Storage, output: Storage, items: list[Item], oversize: Oversize
+    pool: ThreadPoolExecutor,
+    dataset: Storage,
+    output: Storage,
+    items: list[Item],
+    oversize: Oversize,
+    maps: StoredMaps,
 ) -> Iterator[tuple[str, bool] | None]:
     """Each pending file as the run would meet it, in order, a chunk at a time: None if the local checks
     refuse it, else its content hash and whether a map of that content is stored (or waits in this host's
@@ -190,7 +202,7 @@ def _looks(
         if checked.prepared is None or checked.digest is None:
             return None
         path = normal_map_path(checked.digest)
-        return checked.digest, output.exists(path) or spool.exists(path)
+        return checked.digest, path in maps or spool.exists(path)
 
     for start in range(0, len(items), CHUNK):
         yield from pool.map(look, items[start : start + CHUNK])

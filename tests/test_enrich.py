@@ -7,8 +7,16 @@ import pytest
 from PIL import Image
 
 from normals_pipeline.client import INITIAL_LATENCY_S, ClipdropClient
-from normals_pipeline.enrich import MAX_BYTES_IN_FLIGHT, MAX_IN_FLIGHT, InFlightWindow, images_per_second
+from normals_pipeline.enrich import (
+    MAX_BYTES_IN_FLIGHT,
+    MAX_IN_FLIGHT,
+    InFlightWindow,
+    StoredMaps,
+    images_per_second,
+    normal_map_path,
+)
 from normals_pipeline.guards import RateGuard
+from normals_pipeline.storage import LocalStorage
 
 
 def client(rpm, latency):
@@ -65,3 +73,29 @@ def test_the_client_observes_latency(emulator_factory):
 )
 def test_the_pace_a_run_keeps_is_the_schedule_or_what_the_window_lets_through(rpm, latency, concurrency, expected):
     assert images_per_second(rpm, latency, concurrency) == pytest.approx(expected)
+
+
+class CountingStorage(LocalStorage):
+    def __init__(self, root) -> None:
+        super().__init__(root)
+        self.looks, self.listings = 0, 0
+
+    def exists(self, path):
+        self.looks += 1
+        return super().exists(path)
+
+    def list_prefix(self, prefix):
+        self.listings += 1
+        return super().list_prefix(prefix)
+
+
+@pytest.mark.parametrize(
+    ("looks", "recorded", "listed"), [(600, 0, True), (600, 200_000, True), (150, 200_000, False), (0, 0, False)]
+)
+def test_stored_maps_come_from_one_listing_only_when_that_takes_fewer_requests(tmp_path, looks, recorded, listed):
+    output = CountingStorage(tmp_path)
+    stored, absent = normal_map_path("a" * 64), normal_map_path("b" * 64)
+    output.write_bytes(stored, b"map")
+    maps = StoredMaps(output, looks, recorded)
+    assert stored in maps and absent not in maps
+    assert (output.listings, output.looks) == ((1, 0) if listed else (0, 2))

@@ -141,7 +141,7 @@ def test_a_signal_stops_the_run_keeping_finished_images_and_a_rerun_finishes(
     [reason] = err.strip().splitlines()
     assert reason == f"normals-pipeline: stopped by {stop.name}; finished images kept (re-run to continue)"
     assert re.search(r"^stopped after [\d.]+ s: \d+ of 100 images processed", out, re.MULTILINE), out
-    kept = list((output / "journal").rglob("*.json"))
+    kept = _journaled(output)
     assert 0 < len(kept) < 100 and Decimal(emulator.stats()["charged"]) >= len(kept)
 
     monkeypatch.setenv("CLIPDROP_API_KEY", "test-key")
@@ -214,6 +214,13 @@ def test_the_first_sigterm_stops_a_run_whose_answers_trickle_and_keeps_what_they
         out,
         re.MULTILINE,
     ), out
-    rows = [json.loads(path.read_text()) for path in (output / "journal").rglob("*.json")]
+    rows = _journaled(output)
     assert [row["error_code"] for row in rows] == ["interrupted"] * 4
     assert sum(row["credits_consumed"] for row in rows) == server.charged == server.requests == 4
+
+
+def _journaled(output: Path) -> list[dict]:
+    """Every row in an output's journal files (one row a file, or JSON lines)."""
+    return [
+        json.loads(line) for path in (output / "journal").rglob("*.json*") for line in path.read_text().splitlines()
+    ]

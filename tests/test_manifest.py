@@ -1,6 +1,12 @@
 """The manifest's state on disk: corrupt files set aside (never blocking a shard), the journal's spool,
 the recorded shard count, and the schema accepting every path the inventory accepts."""
 
+import contextlib
+import hashlib
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
 import pandas as pd
@@ -62,12 +68,12 @@ def test_a_truncated_journal_file_is_set_aside_and_the_rerun_gives_one_row_per_i
     previous = manifest.read_manifest(storage, "00")
     for record in previous.to_dict("records"):  # as a killed run would have left them
         journal.write({**record, "processed_at": record["processed_at"].to_pydatetime()})
-    victim = sorted((output / "journal").rglob("*.json"))[0]
+    victim = sorted((output / "journal").rglob("*.jsonl"))[0]
     victim.write_bytes(victim.read_bytes()[:20])
 
     assert run(dataset, output, emulator.url) == 0
-    assert len(list((output / "quarantine").rglob("*.json.*"))) == 1
-    assert not list((output / "journal").rglob("*.json"))
+    assert len(list((output / "quarantine").rglob("*.jsonl.*"))) == 1
+    assert not list((output / "journal").rglob("*.json*"))
     table = rows(output)
     assert len(table) == IMAGES and table["path"].is_unique
     assert Decimal(emulator.stats()["charged"]) == IMAGES
@@ -85,6 +91,77 @@ def test_journal_rows_the_output_refuses_go_to_the_spool_and_are_read_back(tmp_p
     assert [row["path"] for row in rows] == ["a.jpg"]
     journal.clear()
     assert not spool.list_prefix("journal")
+
+
+class SlowStorage(LocalStorage):
+    """A local folder whose writes take as long as an S3 PUT across a network; `gate`, when given, is waited on
+    by every write after the first `open_writes` (a process killed in the middle of a flush)."""
+
+    def __init__(self, root, open_writes: int | None = None) -> None:
+        super().__init__(root)
+        self.writes = 0
+        self.open_writes = open_writes
+        self.gate = threading.Event()
+        self._lock = threading.Lock()
+
+    def write_bytes(self, path, data, content_type=None):
+        with self._lock:
+            self.writes += 1
+            held = self.open_writes is not None and self.writes > self.open_writes
+        time.sleep(0.02)
+        if held:
+            self.gate.wait()
+            raise OSError("killed")
+        super().write_bytes(path, data, content_type)
+
+
+def test_rows_written_at_once_by_many_workers_share_files_and_all_read_back(tmp_path):
+    output = SlowStorage(tmp_path / "out")
+    journal = manifest.Journal(output, "00", spool=LocalStorage(tmp_path / "spool"))
+    paths = [f"img-{i:03}.jpg" for i in range(200)]
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(lambda path: journal.write(_paid_row(path, 1.0), 1.0), paths))
+
+    files = output.list_prefix("journal")
+    assert len(files) == output.writes == len(journal.written) < len(paths) / 4
+    rows, folded = manifest.Journal(output, "00").entries([])
+    assert sorted(row["path"] for row in rows) == paths and [row["charged"] for row in rows] == [1.0] * len(paths)
+    assert folded == journal.written
+
+
+def test_a_run_killed_between_flushes_keeps_every_row_whose_write_returned(tmp_path):
+    output = SlowStorage(tmp_path / "out", open_writes=3)  # the fourth write never completes: the kill
+    journal = manifest.Journal(output, "00", spool=output)  # a spool that fails too: nothing else keeps them
+    returned: list[str] = []
+
+    def write(path: str) -> None:
+        with contextlib.suppress(OSError):  # the killed write, once the test lets it end
+            journal.write(_paid_row(path, 1.0), 1.0)
+            returned.append(path)
+
+    workers = [threading.Thread(target=write, args=(f"img-{i:03}.jpg",), daemon=True) for i in range(64)]
+    for worker in workers:
+        worker.start()
+        time.sleep(0.001)
+    time.sleep(0.3)  # every worker has returned or waits on the killed write
+    done = sorted(returned)
+    assert 0 < len(done) < 64
+    state = manifest.load_shard(output, manifest.Journal(output, "00", spool=LocalStorage(tmp_path / "s")), "00")
+    assert sorted(state.previous["path"]) == done  # the next run folds in exactly what was made durable
+    output.gate.set()
+
+
+def test_one_row_files_of_earlier_versions_are_folded_with_group_files(tmp_path):
+    """A user upgrading mid-backfill: the journal holds files of one row each, then groups of the new run."""
+    output, spool = LocalStorage(tmp_path / "out"), LocalStorage(tmp_path / "spool")
+    old = {**_paid_row("a.jpg", 1.0), "charged": 1.0}
+    name = f"journal/partition=00/{hashlib.sha256(b'a.jpg').hexdigest()[:32]}.0123456789ab.json"
+    output.write_bytes(name, json.dumps({**old, "processed_at": old["processed_at"].isoformat()}).encode())
+    manifest.Journal(output, "00", spool=spool).write(_paid_row("b.jpg", 2.0), 2.0)
+
+    state = manifest.load_shard(output, manifest.Journal(output, "00", spool=spool), "00")
+    assert state.previous.set_index("path")["credits_consumed"].to_dict() == {"a.jpg": 1.0, "b.jpg": 2.0}
+    assert len(state.folded) == 2
 
 
 def _paid_row(path: str, credits: float) -> dict:
