@@ -9,6 +9,8 @@ flight (`_Exchange`). Nothing here knows about Dagster.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import socket
 import sys
@@ -179,6 +181,59 @@ def _shut(sock: socket.socket) -> None:
         pass
 
 
+@dataclass(order=True)
+class _Deadline:
+    """When an exchange's time is up and what ends it; `cancel` once the exchange is over."""
+
+    at: float
+    seq: int
+    action: Callable[[], None] = field(compare=False)
+    cancelled: bool = field(default=False, compare=False)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Deadlines:
+    """Every exchange's deadline, watched by one thread per client (a timer thread per exchange would start a
+    thread for every image sent)."""
+
+    def __init__(self) -> None:
+        self._heap: list[_Deadline] = []
+        self._cond = threading.Condition()
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def add(self, seconds: float, action: Callable[[], None]) -> _Deadline:
+        deadline = _Deadline(time.monotonic() + seconds, next(self._seq), action)
+        with self._cond:
+            while self._heap and self._heap[0].cancelled:  # ended exchanges: the heap stays the size of those in flight
+                heapq.heappop(self._heap)
+            heapq.heappush(self._heap, deadline)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, name="deadlines", daemon=True)
+                self._thread.start()
+            elif self._heap[0] is deadline:
+                self._cond.notify()
+        return deadline
+
+    def _watch(self) -> None:
+        while True:
+            with self._cond:
+                while self._heap and self._heap[0].cancelled:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                due = self._heap[0]
+                if (left := due.at - time.monotonic()) > 0:
+                    self._cond.wait(left)
+                    continue
+                heapq.heappop(self._heap)
+            if not due.cancelled:
+                due.action()
+
+
 class _Exchange:
     """One attempt's request and answer under one deadline: httpx's timeouts are per read, so an answer that
     trickles in never trips them. At the deadline (or when the client aborts) the exchange's connection is shut
@@ -189,17 +244,18 @@ class _Exchange:
         self.client = client
         self.sent = False
         self.expired = False
+        self._seconds = seconds
         self._socket: socket.socket | None = None
         self._lock = threading.Lock()
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
+        self._deadline: _Deadline | None = None
 
     def __enter__(self) -> _Exchange:
-        self._timer.start()
+        self._deadline = self.client._deadlines.add(self._seconds, self._expire)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._timer.cancel()
+        if self._deadline is not None:
+            self._deadline.cancel()
 
     def trace(self, event: str, info: dict) -> None:
         """httpcore's `trace` extension: called in the sending thread as the exchange goes."""
@@ -279,6 +335,7 @@ class ClipdropClient:
         self._stopping = threading.Event()  # `stop_sending`: no request goes out any more
         self._aborted = threading.Event()  # `abort`: exchanges in flight are ended too
         self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()  # the connections made, for `abort`
+        self._deadlines = _Deadlines()
         self._http = httpx.Client(
             base_url=self.base_url,
             headers={"x-api-key": api_key},
