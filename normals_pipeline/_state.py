@@ -1,7 +1,7 @@
 """Where a key's shared state lives, so every process that uses the key obeys one set of limits.
 
 Three interchangeable stores, each holding per key: the pacing schedule (the next slot's time, see
-`schedule_slot`), the rate bucket (pyrate-limiter), a cooldown after a 429, the last balance the API
+`schedule_slot`), a cooldown after a 429, the last balance the API
 reported, leases for requests in flight (a lease expires on its own, so a killed process cannot
 hold credits forever), the key's turns (requests in flight and when the last minute's were answered, and
 when each was sent), the rate the key has shown it takes when that is under the configured one (`Learned`,
@@ -30,8 +30,6 @@ from typing import Any, Literal, NamedTuple, Protocol, TypeVar
 
 import stamina
 from filelock import FileLock
-from pyrate_limiter import InMemoryBucket, Rate, RedisBucket, SQLiteBucket
-from pyrate_limiter.abstracts import AbstractBucket, RateItem
 
 from .storage import LocalStorage
 
@@ -60,7 +58,6 @@ class KeyOps(Protocol):
 
 
 class KeyState(KeyOps, Protocol):
-    def bucket(self, rates: list[Rate]) -> AbstractBucket: ...
     # `work` over the state's operations, as one transaction where the store has them (SQLite), else one by one.
     def atomically(self, work: Callable[[KeyOps], T]) -> T: ...
     def lower_rate(self, token: str, limit: int, window_s: float) -> int: ...
@@ -246,24 +243,6 @@ def breaker_turn(breaker: Breaker, token: str, now: float, probe_ttl_s: float) -
     return BREAKER_POLL_S, breaker
 
 
-class _StampedAtPut:
-    """Stamp each attempt with the bucket's clock. pyrate-limiter's blocking wait advances an item's
-    timestamp by the time it meant to sleep; a late wake-up then records a send earlier than it happened,
-    and another process may go too soon after it. The Limiter holds the bucket's lock around `put`."""
-
-    def put(self, item: RateItem) -> Any:
-        item.timestamp = self.now()  # type: ignore[attr-defined]
-        return super().put(item)  # type: ignore[misc]
-
-
-class _InMemoryBucket(_StampedAtPut, InMemoryBucket):
-    pass
-
-
-class _SQLiteBucket(_StampedAtPut, SQLiteBucket):
-    pass
-
-
 class MemoryState:
     """State for one process only."""
 
@@ -279,9 +258,6 @@ class MemoryState:
         self._sent: dict[str, float] = {}  # token -> when its turn was taken, for a window and a turn's life
         self._learned: Learned | None = None
         self._breaker = Breaker()
-
-    def bucket(self, rates: list[Rate]) -> AbstractBucket:
-        return _InMemoryBucket(rates)
 
     def atomically(self, work: Callable[[KeyOps], T]) -> T:
         return work(self)  # one by one, each atomic: what another thread does in between is what it always did
@@ -710,19 +686,14 @@ class _Txn:
 
 class SQLiteState:
     """State in SQLite files under `folder`, named by the key's fingerprint; SQLite's own locking makes
-    each read-modify-write atomic across processes, pyrate-limiter's file lock guards the bucket."""
+    each read-modify-write atomic across processes."""
 
     def __init__(self, folder: Path, fingerprint: str) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        self._rate_path = str(folder / f"{fingerprint}.rate.sqlite")
-        open_sqlite(Path(self._rate_path), "", lost="the key's rate bucket starts empty").close()  # pyrate-limiter's
         lost = "the key's balance is unknown until an answer reports it; its cooldown and leases start empty"
         self._db = open_sqlite(folder / f"{fingerprint}.state.sqlite", _SQLITE_SCHEMA, lost=lost)
         self._lock = threading.Lock()
         self._commits = GroupCommit(self._db, self._lock)
-
-    def bucket(self, rates: list[Rate]) -> AbstractBucket:
-        return _SQLiteBucket.init_from_file(rates, db_path=self._rate_path, use_file_lock=True)
 
     def atomically(self, work: Callable[[KeyOps], T]) -> T:
         """`work` over the key's state as one transaction: one commit for several operations (a request's
@@ -816,19 +787,6 @@ class SQLiteState:
 
     def forget_balance(self) -> None:
         self._transaction(lambda db, now: db.execute("DELETE FROM balance"))
-
-
-class _RedisTimeBucket(_StampedAtPut, RedisBucket):
-    """pyrate-limiter's Redis bucket, timed by the Redis server instead of this host's clock."""
-
-    def now(self) -> int:
-        seconds, micros = self.redis.time()
-        return int(seconds) * 1000 + int(micros) // 1000
-
-    def limiter_lock(self) -> Any:
-        """A lock in Redis, so a timestamp taken and inserted by one process cannot interleave with
-        another's; it expires by itself if its holder dies."""
-        return self.redis.lock(f"{self.bucket_key}:lock", timeout=10, sleep=0.002)
 
 
 _REDIS_NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)"
@@ -1014,7 +972,7 @@ class RedisState:
 
         self._redis: Any = redis.Redis.from_url(url)
         prefix = f"normals:{fingerprint}"
-        names = ("rate", "pace", "cooldown", "leases", "balance", "turns", "answered", "sent", "learned", "breaker")
+        names = ("pace", "cooldown", "leases", "balance", "turns", "answered", "sent", "learned", "breaker")
         self._keys = {name: f"{prefix}:{name}" for name in names}
         self._reserve = self._redis.register_script(_REDIS_RESERVE)
         self._settle = self._redis.register_script(_REDIS_SETTLE)
@@ -1025,9 +983,6 @@ class RedisState:
         self._breaker_turn = self._redis.register_script(_REDIS_BREAKER_TURN)
         self._observed = self._redis.register_script(_REDIS_OBSERVED)
         self._window_ms = 60_000  # the last take_turn's window: how long end_turn keeps an answer
-
-    def bucket(self, rates: list[Rate]) -> AbstractBucket:
-        return _RedisTimeBucket.init(rates, self._redis, self._keys["rate"])
 
     def atomically(self, work: Callable[[KeyOps], T]) -> T:
         return work(self)  # one script per operation, each atomic on the server, as separate calls always were

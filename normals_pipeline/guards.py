@@ -19,7 +19,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
-from pyrate_limiter import Duration, Limiter, Rate
+from pyrate_limiter import Duration, InMemoryBucket, Limiter, Rate
+from pyrate_limiter.abstracts import RateItem
 
 from ._errors import ApiDown, CreditLimitReached, OutOfCredits, RunStopped
 from ._state import (
@@ -99,9 +100,20 @@ def key_fingerprint(api_key: str) -> str:
 
 
 def paced_rates(rpm: int) -> list[Rate]:
-    """At most `rpm` per (a little more than) a minute, counted on actual sends: the hard limit. The
-    spreading is the schedule's (`slot_interval_s`), so normally this never holds a request back."""
+    """At most `rpm` per (a little more than) a minute, counted on this process's actual sends: a last bound
+    kept by pyrate-limiter. The spreading is the schedule's (`slot_interval_s`) and the key's limit across
+    processes the turns' (`_state.turn_wait`), so normally this never holds a request back."""
     return [Rate(rpm, MINUTE_MS + WINDOW_MARGIN_MS)]
+
+
+class _SendsBucket(InMemoryBucket):
+    """pyrate-limiter's bucket, each attempt stamped with the clock when it is put: the blocking wait advances
+    an item's timestamp by the time it meant to sleep, so a late wake-up would record a send earlier than it
+    happened. The Limiter holds the bucket's lock around `put`."""
+
+    def put(self, item: RateItem) -> bool:
+        item.timestamp = self.now()
+        return super().put(item)
 
 
 def slot_interval_s(rpm: int) -> float:
@@ -118,7 +130,7 @@ class RateGuard:
     only, never the slots after it. Then two hard limits, whatever the lateness and catch-up were: a turn
     counts from when it is taken until a minute after its answer (`_state.turn_wait`: the server counts a
     request when it arrives, which a busy host can delay by more than a second), and pyrate-limiter's
-    bucket counts actual sends, at most `rpm` per minute (plus margin).
+    bucket counts this process's actual sends, at most `rpm` per minute (plus margin): a last bound.
 
     `rpm` is an upper bound, not a fact: a 429 on a turn the schedule gave lowers the key's rate for everyone
     sharing `state` (`_state.lowered`), which then steps back up slowly (`_state.raised`); the schedule and
@@ -135,7 +147,9 @@ class RateGuard:
         self.name = name
         self.state = state or MemoryState()
         self.interval_s = slot_interval_s(rpm)
-        self._limiter = Limiter(self.state.bucket(paced_rates(rpm)), buffer_ms=5)
+        # This process's sends, in memory: a shared bucket (a file lock or a Redis lock and a commit per request)
+        # was the largest cost of an unthrottled run, and bounds nothing the shared turns do not bound already.
+        self._limiter = Limiter(_SendsBucket(paced_rates(rpm)), buffer_ms=5)
 
     @property
     def effective_rpm(self) -> int:

@@ -14,7 +14,6 @@ import pytest
 from _service_fixtures import unique_key
 from hypothesis import given
 from hypothesis import strategies as st
-from pyrate_limiter import Rate, RateItem
 
 from normals_pipeline import _state, guards
 from normals_pipeline._errors import CreditLimitReached
@@ -454,19 +453,16 @@ def _cut_short(path: Path) -> None:
 def _filled_state(folder: Path) -> None:
     """A key's state and the claims with something in them, checkpointed into the main files and closed."""
     state, claims = SQLiteState(folder, "key"), SQLiteClaims(folder)
-    bucket = state.bucket([Rate(1, 1000)])
-    bucket.put(RateItem("x", int(time.time() * 1000)))
-    bucket.conn.close()
     assert state.reserve("lease", Decimal(0), Decimal(1), 60).decision == "grant"
     state.settle("lease", Decimal(42))
     claims.claim("out:content", "someone", 60)
-    for db in (state._db, claims._db, sqlite3.connect(folder / "key.rate.sqlite")):
+    for db in (state._db, claims._db):
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         db.close()
 
 
 @pytest.mark.parametrize("damage", [_garbage, _cut_short])
-@pytest.mark.parametrize("name", ["key.state.sqlite", "key.rate.sqlite", "claims.sqlite"])
+@pytest.mark.parametrize("name", ["key.state.sqlite", "claims.sqlite"])
 def test_a_state_file_sqlite_cannot_read_is_set_aside_with_one_warning_and_rebuilt(tmp_path, name, damage):
     _filled_state(tmp_path)
     _state.take_set_aside_warnings()
@@ -488,7 +484,6 @@ def test_a_state_file_sqlite_cannot_read_is_set_aside_with_one_warning_and_rebui
     else:
         assert state.known_balance()[0] == 42
     assert state.reserve("next", Decimal(0), Decimal(1), 60).decision == "grant"
-    state.bucket([Rate(5, 1000)])
     assert claims.claim("out:other", "me", 60) == (name != "claims.sqlite")  # a rebuilt claims file waits
     assert _state.take_set_aside_warnings() == []  # said once
     assert SQLiteState(tmp_path, "key") and SQLiteClaims(tmp_path) and _state.take_set_aside_warnings() == []
@@ -509,7 +504,7 @@ def test_a_zero_length_state_file_is_an_empty_one(tmp_path):
     """What SQLite makes of a new file: nothing is lost that a warning could save; the balance is unknown."""
     _filled_state(tmp_path)
     _state.take_set_aside_warnings()
-    for name in ("key.state.sqlite", "key.rate.sqlite", "claims.sqlite"):
+    for name in ("key.state.sqlite", "claims.sqlite"):
         (tmp_path / name).write_bytes(b"")
     state = SQLiteState(tmp_path, "key")
     assert state.known_balance() is None and SQLiteClaims(tmp_path).claim("out:c", "me", 60)
@@ -528,7 +523,7 @@ def _open_damaged(root: str, barrier, queue) -> None:
 
 def test_processes_meeting_a_damaged_state_file_at_once_set_it_aside_once(tmp_path):
     """Each looks again under a lock before moving the file: none moves a file another has just rebuilt."""
-    for name in ("key.state.sqlite", "key.rate.sqlite", "claims.sqlite"):
+    for name in ("key.state.sqlite", "claims.sqlite"):
         _garbage(tmp_path / name)
     context = multiprocessing.get_context("spawn")
     barrier, queue = context.Barrier(4), context.Queue()
@@ -539,7 +534,7 @@ def test_processes_meeting_a_damaged_state_file_at_once_set_it_aside_once(tmp_pa
     for worker in workers:
         worker.join(timeout=30)
     assert not [warning for warning in warnings if warning.startswith("failed")]
-    assert len(warnings) == 3 and len(list((tmp_path / "quarantine").iterdir())) == 3
+    assert len(warnings) == 2 and len(list((tmp_path / "quarantine").iterdir())) == 2
 
 
 def _damage_all(folder: Path) -> None:
@@ -558,14 +553,14 @@ def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_a_run_on_damaged_state_files_sets_them_aside_and_completes(tmp_path, emulator):
-    """Garbage in every state file (claims, balance, rate) used to fail every run with 'file is not a
+    """Garbage in every state file (claims, the key's state) used to fail every run with 'file is not a
     database'. Now each is set aside with one warning, the run completes, and each content is charged once;
     the rebuilt balance is unknown (the plan says so), not 0 or full."""
     make_portraits(tmp_path / "in", 4)
     rpm = ("--api-url", emulator.url, "--rpm", "6000")
     assert _cli(tmp_path, "run", *rpm).returncode == 0
     files = sorted((tmp_path / "state").glob("*.sqlite"))
-    assert [path.name.split(".", 1)[-1] for path in files] == ["rate.sqlite", "state.sqlite", "sqlite"]
+    assert [path.name.split(".", 1)[-1] for path in files] == ["state.sqlite", "sqlite"]
     _damage_all(tmp_path / "state")
     make_portraits(tmp_path / "in" / "more", 4, seed=7)
 
@@ -574,7 +569,7 @@ def test_a_run_on_damaged_state_files_sets_them_aside_and_completes(tmp_path, em
     assert run.returncode == 0, run.stderr
     warnings = [line for line in run.stdout.splitlines() if line.startswith("warning: ")]
     kept = sorted((tmp_path / "state" / "quarantine").iterdir())
-    assert len(warnings) == len(kept) == 3
+    assert len(warnings) == len(kept) == 2
     for path, warning in zip(files, sorted(warnings)):
         assert f"warning: state file {path} could not be read (DatabaseError: file is not a database)" in warning
     assert all(str(path) in "".join(warnings) for path in kept)
@@ -585,7 +580,7 @@ def test_a_run_on_damaged_state_files_sets_them_aside_and_completes(tmp_path, em
     _damage_all(tmp_path / "state")
     plan = _cli(tmp_path, "plan")
     assert plan.returncode == 0, plan.stderr
-    assert "balance: unknown" in plan.stdout and plan.stdout.count("warning: state file") == 3
+    assert "balance: unknown" in plan.stdout and plan.stdout.count("warning: state file") == 2
 
 
 # -- the learned rate: a 429 on a turn the schedule gave lowers the key's rate; it steps back up slowly --------
