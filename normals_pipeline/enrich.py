@@ -347,8 +347,9 @@ class Enricher:
     ) -> list[ShardResult]:
         """Several shards as one stream of work: one pool, so no shard boundary drains the pipeline.
         Each shard's result goes to `on_done` as soon as its last image is finished (or, once the run has
-        stopped, as soon as its in-flight images are), in whatever order shards finish; `progress` hears
-        where the run stands at the start and after every batch of finished images."""
+        stopped, as soon as its in-flight images are), in whatever order shards finish, on a thread of its
+        own (`committer`): the pool is kept fed while a shard's manifest is written. `progress` hears where
+        the run stands at the start and after every batch of finished images."""
         started = time.monotonic()
         todo = [(index, item) for index, work in enumerate(works) for item in pending_items(work.items, work.previous)]
         self._maps = StoredMaps(self.output, len(todo), sum(len(work.previous) for work in works))
@@ -362,13 +363,19 @@ class Enricher:
         status = Progress(total=len(todo))
         sent_before = self.client.tally.requests  # the client is the run's: what it sent since is this run's
 
-        def finish(index: int) -> None:
+        def conclude(index: int) -> None:
             work = works[index]
             result = self._result(work.items, work.previous, rows[index], tallies[index], time.monotonic() - started)
             result.warnings = work.warnings
             results[index] = result
             if on_done is not None:
                 on_done(work, result)
+
+        committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
+        commits: list[Future[None]] = []
+
+        def finish(index: int) -> None:
+            commits.append(committer.submit(conclude, index))
 
         def report() -> None:
             if progress:
@@ -382,7 +389,7 @@ class Enricher:
         queue = deque(todo)
         waiting: dict[Future[tuple[dict | None, Tally]], tuple[int, int]] = {}
         held = 0  # bytes of the images in flight
-        with ThreadPoolExecutor(max_workers=self.window.threads, thread_name_prefix="enrich") as pool:
+        with committer, ThreadPoolExecutor(max_workers=self.window.threads, thread_name_prefix="enrich") as pool:
             try:
                 while queue or waiting:  # a few futures at a time, not one per image: memory stays flat
                     while queue and self.window.has_room(len(waiting), held, queue[0][1].size):
@@ -409,6 +416,8 @@ class Enricher:
                         status = self._count(status, future.result()[0])
                 report()
                 raise
+        for commit in commits:
+            commit.result()  # `on_done` says what failed to be written; what gets here is a bug
         return [result for result in results if result is not None]
 
     def _interrupt(self, pool: ThreadPoolExecutor, in_flight: Iterable[Future]) -> None:
