@@ -691,9 +691,18 @@ class SQLiteState:
     def __init__(self, folder: Path, fingerprint: str) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         lost = "the key's balance is unknown until an answer reports it; its cooldown and leases start empty"
-        self._db = open_sqlite(folder / f"{fingerprint}.state.sqlite", _SQLITE_SCHEMA, lost=lost)
+        path = folder / f"{fingerprint}.state.sqlite"
+        self._db = open_sqlite(path, _SQLITE_SCHEMA, lost=lost)
         self._lock = threading.Lock()
         self._commits = GroupCommit(self._db, self._lock)
+        # Reads (the balance a live view shows, the breaker's and the pause's look) on a connection of their own:
+        # WAL readers never wait for a writer, so they do not queue behind a batch being committed.
+        self._reader = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._read_lock = threading.Lock()
+
+    def _read(self, query: str) -> tuple | None:
+        with self._read_lock:
+            return self._reader.execute(query).fetchone()
 
     def atomically(self, work: Callable[[KeyOps], T]) -> T:
         """`work` over the key's state as one transaction: one commit for several operations (a request's
@@ -731,14 +740,13 @@ class SQLiteState:
         self._transaction(lambda db, now: _write_learned(db, announced(rpm, limit, now)))
 
     def learned_rate(self) -> int | None:
-        with self._lock:
-            learned = live(_read_learned(self._db), time.time())
+        with self._read_lock:
+            learned = live(_read_learned(self._reader), time.time())
         return learned.rpm if learned else None
 
     def breaker_turn(self, token: str, probe_ttl_s: float) -> float:
-        with self._lock:  # a read first: the breaker is closed nearly always, and then nothing is written
-            if not self._db.execute("SELECT 1 FROM breaker WHERE open_until > 0").fetchone():
-                return 0.0
+        if not self._read("SELECT 1 FROM breaker WHERE open_until > 0"):  # closed nearly always: nothing to write
+            return 0.0
         return self.atomically(lambda ops: ops.breaker_turn(token, probe_ttl_s))
 
     def server_failed(self, token: str, counts: bool, after: int, open_s: float, max_open_s: float) -> None:
@@ -752,8 +760,8 @@ class SQLiteState:
         return self._commits.run(work)
 
     def cooldown_left(self) -> float:
-        with self._lock:
-            return _Txn(self._db, time.time()).cooldown_left()
+        row = self._read("SELECT until FROM cooldown")
+        return max(0.0, row[0] - time.time()) if row else 0.0
 
     def cool_down(self, seconds: float) -> None:
         def work(db: sqlite3.Connection, now: float) -> None:
@@ -781,8 +789,7 @@ class SQLiteState:
 
     def known_balance(self) -> tuple[Decimal, float] | None:
         """The last reported balance and its age in seconds: a read, no transaction."""
-        with self._lock:
-            row = self._db.execute("SELECT value, at FROM balance").fetchone()
+        row = self._read("SELECT value, at FROM balance")
         return (Decimal(row[0]), time.time() - row[1]) if row else None
 
     def forget_balance(self) -> None:
