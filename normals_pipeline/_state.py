@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -527,6 +527,7 @@ class _Job:
     value: Any = None
     error: BaseException | None = None
     finished: bool = False
+    wake: threading.Event = field(default_factory=threading.Event)  # finished, or its turn to commit
 
     def result(self) -> Any:
         if self.error is not None:
@@ -540,32 +541,36 @@ class GroupCommit:
     result. With 64 workers, each request's start and end would otherwise queue for the connection one by one,
     holding it across every switch of the interpreter's lock; now one commit and one turn at the file serve a
     batch. Each caller's work still runs whole and alone (serialised, as separate transactions would be), and
-    no caller hears its result before the commit that makes it durable. `lock` guards the connection for reads."""
+    no caller hears its result before the commit that makes it durable. Only the callers of a batch are woken,
+    and the first one waiting after it commits next. `lock` guards the connection for reads."""
 
     def __init__(self, db: sqlite3.Connection, lock: threading.Lock) -> None:
         self._db = db
         self.lock = lock
-        self._cond = threading.Condition()
+        self._guard = threading.Lock()
         self._pending: list[_Job] = []
         self._committing = False
 
     def run(self, work: Callable[[sqlite3.Connection, float], T]) -> T:
         """`work(db, now)` as (part of) one write transaction: other processes wait for it (BEGIN IMMEDIATE)."""
         job = _Job(work)
-        with self._cond:
+        with self._guard:
             self._pending.append(job)
-            while self._committing and not job.finished:
-                self._cond.wait()
-            if job.finished:
-                return job.result()
+            leads = not self._committing
             self._committing = True
-            batch, self._pending = self._pending, []
-        try:
+        if not leads:
+            job.wake.wait()  # committed by another caller, or handed the next commit
+        if not job.finished:
+            with self._guard:
+                batch, self._pending = self._pending, []  # ours among them
             self._commit(batch)
-        finally:
-            with self._cond:
-                self._committing = False
-                self._cond.notify_all()
+            for done in batch:
+                done.wake.set()
+            with self._guard:
+                if self._pending:
+                    self._pending[0].wake.set()  # the first waiting commits next
+                else:
+                    self._committing = False
         return job.result()
 
     def _commit(self, batch: list[_Job]) -> None:
