@@ -12,8 +12,7 @@ import hashlib
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -177,6 +176,8 @@ class RateGuard:
             except BaseException:
                 if taken == "turn":
                     self._void(turn)
+                if credit is not None:
+                    credit.settled(turn, None)  # counted for the budget by a look that then failed
                 raise
             if step.wait == "go":
                 if self._bucket(turn, stop):
@@ -213,16 +214,14 @@ class RateGuard:
                     return Step("turn", wait)
             if credit is None:
                 return Step("go")
-            reservation = ops.reserve(turn, credit.floor, CREDITS_PER_CALL, LEASE_TTL_S)
-            if reservation.decision == "refuse":
+            step = credit.lease(ops, turn)
+            if step.wait == "refused":
                 ops.end_turn(turn, used=False)
-            return credit_step(reservation)
+            return step
 
-        if credit is None:
-            return self.state.atomically(work)
-        with credit.admitting() as admitted:  # the run's budget: counted in flight while the state is asked
-            step = self.state.atomically(work)
-            admitted(step)
+        step = self.state.atomically(work)
+        if credit is not None:
+            credit.raise_if_refused(step)
         return step
 
     def _bucket(self, turn: str, stop: threading.Event | None) -> bool:
@@ -260,7 +259,7 @@ class RateGuard:
 
         self.state.atomically(work)
         if credit is not None:
-            credit.settled(consumed)
+            credit.settled(turn, consumed)
 
     def announce(self, rpm: int) -> None:
         """The API's headers state the key's limit: keep to it (never above `rpm`), in every process."""
@@ -273,7 +272,7 @@ class RateGuard:
             self.state.end_turn(turn, used=False)
             return
         self.state.atomically(lambda ops: (ops.end_turn(turn, used=False), ops.settle(turn, None)))
-        credit.settled(None)
+        credit.settled(turn, None)
 
     def cooldown(self, seconds: float) -> None:
         """Hold every caller on the key for `seconds` (a 429 means the key is saturated for all)."""
@@ -326,8 +325,8 @@ def rate_guard_for(api_key: str, rpm: int, redis_url: str | None = None) -> Rate
 
 class CreditGuard:
     """Stops sending before the key's balance would fall under `floor` or this run would spend over
-    `budget`. Requests in flight count as spent (leases in the shared state for the floor, a local
-    count for the budget), so concurrent workers and concurrent runs cannot jointly cross a limit.
+    `budget`. Requests in flight count as spent (leases in the shared state for the floor, this run's
+    leases for the budget), so concurrent workers and concurrent runs cannot jointly cross a limit.
     Once stopped (401, 403, 402, or a limit reached), every later `reserve` raises the same error.
     """
 
@@ -338,59 +337,53 @@ class CreditGuard:
         self.budget = budget
         self.state = state or MemoryState()
         self.spent = Decimal(0)
-        self._in_flight = 0
+        self._leases: set[str] = set()  # this run's requests in flight, for the budget
         self._stopped: RunStopped | None = None
         self._lock = threading.Lock()
 
     def reserve(self) -> str:
         """Claim one call's credits and return the lease, or raise the reason sending must stop. (A rate guard
-        given this guard takes the lease with the turn instead, in one transaction.)"""
+        given this guard takes the lease with the turn instead, in one transaction: `lease`.)"""
         lease = uuid.uuid4().hex
         while True:
-            with self.admitting() as admitted:
-                step = credit_step(self.state.reserve(lease, self.floor, CREDITS_PER_CALL, LEASE_TTL_S))
-                admitted(step)
+            step = self.state.atomically(lambda ops: self.lease(ops, lease))
             if step.wait == "go":
                 return lease
+            self.raise_if_refused(step)
             time.sleep(PROBE_WAIT_S)  # another request is finding out the balance
 
-    @contextmanager
-    def admitting(self) -> Iterator[Callable[[Step], None]]:
-        """Around asking the shared state for a lease: the request counts in flight for the run's budget
-        meanwhile (so concurrent workers cannot jointly cross it, with no lock held across the state's
-        transaction), and stays counted if `admitted(step)` hears it was granted; a refusal is raised, and
-        stops every later request."""
+    def lease(self, ops: KeyOps, lease: str) -> Step:
+        """Inside a transaction on the key's state: the run's budget, then the key's floor. Counted in flight
+        for the budget by its name, so a transaction run again after a rollback counts it once."""
+        self._admit(lease)
+        reservation = ops.reserve(lease, self.floor, CREDITS_PER_CALL, LEASE_TTL_S)
+        if reservation.decision != "grant":
+            self.settled(lease, None)
+        return credit_step(reservation)
+
+    def raise_if_refused(self, step: Step) -> None:
+        """A lease the floor refused stops this and every later request."""
+        if step.wait == "refused" and step.reservation is not None:
+            with self._lock:
+                self._stopped = self._stopped or CreditLimitReached(self._floor_message(step.reservation))
+                raise self._stopped
+
+    def _admit(self, lease: str) -> None:
         with self._lock:
-            self._check_budget()
-            self._in_flight += 1
-        granted = False
-
-        def admitted(step: Step) -> None:
-            nonlocal granted
-            if step.wait == "refused" and step.reservation is not None:
-                with self._lock:
-                    self._stopped = self._stopped or CreditLimitReached(self._floor_message(step.reservation))
-                    raise self._stopped
-            granted = step.wait == "go"
-
-        try:
-            yield admitted
-        finally:
-            if not granted:
-                with self._lock:
-                    self._in_flight -= 1
-
-    def _check_budget(self) -> None:
-        if self._stopped is not None:
-            raise self._stopped
-        if self.budget is not None and self.spent + (self._in_flight + 1) * CREDITS_PER_CALL > self.budget:
-            requests = "a request" if self._in_flight == 1 else "requests"
-            held = f", {self._in_flight} held by {requests} in flight" if self._in_flight else ""
-            self._stopped = CreditLimitReached(
-                f"run budget of {self.budget.normalize():f} credits reached ({self.spent.normalize():f} spent{held}); "
-                "raise the budget to enrich the rest"
-            )
-            raise self._stopped
+            if self._stopped is not None:
+                raise self._stopped
+            if lease in self._leases:
+                return
+            in_flight = len(self._leases)
+            if self.budget is not None and self.spent + (in_flight + 1) * CREDITS_PER_CALL > self.budget:
+                requests = "a request" if in_flight == 1 else "requests"
+                held = f", {in_flight} held by {requests} in flight" if in_flight else ""
+                self._stopped = CreditLimitReached(
+                    f"run budget of {self.budget.normalize():f} credits reached ({self.spent.normalize():f} spent"
+                    f"{held}); raise the budget to enrich the rest"
+                )
+                raise self._stopped
+            self._leases.add(lease)
 
     def _floor_message(self, reservation: Reservation) -> str:
         """What is known: the balance, how old, what is in flight, the floor, and when a top-up shows."""
@@ -407,14 +400,15 @@ class CreditGuard:
     def settle(self, lease: str, consumed: Decimal | None, remaining: Decimal | None) -> None:
         """Record what a finished call cost (None: not charged, or not reported) and free its lease."""
         self.state.settle(lease, remaining)
-        self.settled(consumed)
+        self.settled(lease, consumed)
 
-    def settled(self, consumed: Decimal | None) -> None:
-        """This run's side of a freed lease (freed in the shared state already): one fewer in flight, `consumed`
+    def settled(self, lease: str, consumed: Decimal | None) -> None:
+        """This run's side of a freed lease (freed in the shared state already): no longer in flight, `consumed`
         spent."""
         with self._lock:
-            self._in_flight -= 1
-            self.spent += consumed or Decimal(0)
+            if lease in self._leases:
+                self._leases.discard(lease)
+                self.spent += consumed or Decimal(0)
 
     @property
     def remaining(self) -> Decimal | None:
