@@ -188,15 +188,19 @@ class ShardWork:
 def current_items(dataset: Storage, inventory: pa.Table) -> list[Item]:
     """The inventory's files with their size and version, stat'ed here where the listing did not give
     them (a local folder); a file removed since the listing is left out."""
+    rows = list(zip(*(inventory[column].to_pylist() for column in ("path", "size", "version"))))
+    unstated = [path for path, _, version in rows if version is None]
+    stats = iter(dataset.stat_many(unstated) if unstated else ())
     items = []
-    for path, size, version in zip(*(inventory[column].to_pylist() for column in ("path", "size", "version"))):
+    for path, size, version in rows:
         if version is None:
-            try:
-                path, size, version = dataset.stat(path)
-            except FileNotFoundError:
+            found = next(stats)
+            if isinstance(found, FileNotFoundError):
                 continue
-            except OSError:  # swapped for a FIFO, a link out or to nowhere since the listing: its row will say so
-                size, version = 0, "not-a-regular-file"
+            if isinstance(found, OSError):  # swapped for a FIFO, a link out or to nowhere since the listing
+                size, version = 0, "not-a-regular-file"  # its row will say so
+            else:
+                path, size, version = found
         items.append(Item(path, size, version))
     return items
 
