@@ -193,7 +193,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--splits",
         type=_splits,
-        default="0.9,0.05,0.05",
+        default=None,  # DEFAULT_SPLITS: a string default would be parsed, importing `training`, before any check
         help="train,validation,test fractions of the training pairs, by content (default: 0.9,0.05,0.05)",
     )
     parser.add_argument(
@@ -511,6 +511,7 @@ def _run(args: argparse.Namespace, shards: int) -> int:
     from .live import open_view, shell_paths
     from .orchestration import ClipdropResource, build_definitions
     from .orchestration.runner import RunFailed, default_instance, run_pipeline
+    from .training import DEFAULT_SPLITS
 
     clipdrop = ClipdropResource(
         api_key=EnvVar("CLIPDROP_API_KEY"),
@@ -530,7 +531,7 @@ def _run(args: argparse.Namespace, shards: int) -> int:
         shards=shards,
         clipdrop=clipdrop,
         training_pairs=args.training_pairs,
-        training_splits=args.splits,
+        training_splits=args.splits or DEFAULT_SPLITS,
         webdataset=args.webdataset,
     )
     print(f"enriching {args.dataset} -> {args.output} ({shards} shards, {args.rpm} requests/min)", flush=True)
