@@ -44,6 +44,7 @@ from ._errors import (
 from ._state import ClaimStore
 from .client import ApiResult, ClipdropClient, Tally
 from .guards import ClaimGuard, slot_interval_s
+from .inventory import with_versions
 from .prepare import Oversize, PreparedImage, prepare
 from .storage import Storage
 
@@ -187,22 +188,9 @@ class ShardWork:
 
 def current_items(dataset: Storage, inventory: pa.Table) -> list[Item]:
     """The inventory's files with their size and version, stat'ed here where the listing did not give
-    them (a local folder); a file removed since the listing is left out."""
-    rows = list(zip(*(inventory[column].to_pylist() for column in ("path", "size", "version"))))
-    unstated = [path for path, _, version in rows if version is None]
-    stats = iter(dataset.stat_many(unstated) if unstated else ())
-    items = []
-    for path, size, version in rows:
-        if version is None:
-            found = next(stats)
-            if isinstance(found, FileNotFoundError):
-                continue
-            if isinstance(found, OSError):  # swapped for a FIFO, a link out or to nowhere since the listing
-                size, version = 0, "not-a-regular-file"  # its row will say so
-            else:
-                path, size, version = found
-        items.append(Item(path, size, version))
-    return items
+    them (see `with_versions`); a file removed since the listing is left out."""
+    table = with_versions(dataset, inventory)
+    return [Item(*row) for row in zip(*(table[column].to_pylist() for column in ("path", "size", "version")))]
 
 
 @dataclass(frozen=True)
