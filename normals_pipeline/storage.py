@@ -186,12 +186,13 @@ class LocalStorage:
 
     def _quick_stat(self, path: str, folders: dict[str, str]) -> FileEntry:
         """`stat`, where the name itself is no link: then it resolves to its folder's real path and its name."""
-        joined = self._join(path)
-        folder, _, name = joined.rpartition(os.sep)
+        folder, _, name = path.rpartition("/")
+        if not name or name == ".." or path[0] == "/":
+            return self.stat(path)  # which refuses it
         if (real_folder := folders.get(folder)) is None:
-            real_folder = folders[folder] = os.path.realpath(folder)
+            real_folder = folders[folder] = os.path.realpath(self._join(folder) if folder else self._top)
         try:
-            st = os.lstat(joined)
+            st = os.lstat(os.path.join(self._top, path))
         except OSError:
             return self.stat(path)
         if not stat.S_ISREG(st.st_mode) or not self._inside(os.path.join(real_folder, name)):
