@@ -349,6 +349,7 @@ class CliRun:
     concurrency: int | None = None
     shards: int | None = None
     logdir: Path | None = None
+    name: str | None = None  # of its log files (default: the output's name); several runs on one output differ
     started: float = 0.0
     wall_s: float = 0.0
     returncode: int | None = None
@@ -374,9 +375,9 @@ class CliRun:
         # Shared rate/credit state (SQLite files) next to the data, not in the user's cache: every run of
         # one figure shares it, as runs of one user would share theirs.
         env = client_env(CLIPDROP_API_KEY=self.key, NORMALS_STATE_DIR=str(self.output.parent / "state"))
-        logdir = self.logdir or self.output.parent
-        self._out_path, self._err_path = logdir / f"{self.output.name}.out", logdir / f"{self.output.name}.err"
-        self._usage_path = logdir / f"{self.output.name}.usage.json"
+        logdir, name = self.logdir or self.output.parent, self.name or self.output.name
+        self._out_path, self._err_path = logdir / f"{name}.out", logdir / f"{name}.err"
+        self._usage_path = logdir / f"{name}.usage.json"
         with open(self._out_path, "w") as out, open(self._err_path, "w") as err:
             self.started = time.monotonic()
             self.started_at = time.time()  # to cut this run out of an emulator's timeline
