@@ -91,7 +91,8 @@ def take_inventory(storage: Storage, shards: int) -> pa.Table:
     """Image files under `storage`, one row each, in listing order, built column-wise for speed.
 
     Size and version are what the store's listing gives for free (S3: size and ETag; a local folder:
-    nothing, the shard run stats its own files), so a listing costs little more than walking the names.
+    nothing: `with_versions` stats them, once, in the inventory asset), so a listing costs little more than walking
+    the names.
     Image names left out (FIFOs, sockets, devices, bad symlinks, names that are not UTF-8, S3 keys with
     an empty or dot part) are counted by reason in the schema metadata: see `skipped_entries`.
     """
