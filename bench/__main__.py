@@ -1,6 +1,6 @@
 """Run the benchmark figures, print a table, write bench/results/<date>-<host>.json.
 
-python -m bench                       # every figure (what `make bench` runs, ~12–13 min on 2 cores)
+python -m bench                       # every figure (what `make bench` runs, ~18–19 min on 2 cores)
 python -m bench --only rate-3000      # one figure (repeatable, or comma-separated; `throughput`: every rate-*)
 python -m bench --quick               # small sizes: a smoke run of the harness, not a measurement
 """
@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import listing, normals_decode, resources, s3, throughput
+from . import growth, listing, normals_decode, resources, s3, throughput
 from ._support import RESULTS
 
 
@@ -71,6 +71,11 @@ class Config:
     # figure 7: a size x size normal map, decoded this many times (and Pillow as many, in turns)
     normals_size: int = 1024
     normals_repeats: int = 200
+    # figure 9: no-op re-runs and +200 new images on datasets of these sizes (listed files)
+    growth_sizes: tuple[int, int, int] = (2_000, 20_000, 200_000)
+    growth_ratio: float = 3.0  # no-op at the largest ÷ at the middle size
+    growth_max_rss_mb: float = 1000.0  # peak RSS of the no-op at the largest size
+    growth_new_within_s: float = 2.0  # +200 new images, over the no-op, at every size
     # targets
     target_single: float = 0.98
     target_burstiness: float = 1.2
@@ -104,6 +109,7 @@ QUICK = Config(
     normals_repeats=10,
     learn_rpm=600,
     learn_images=60,
+    growth_sizes=(200, 400, 800),
 )
 
 RATES = (60, 300, 1200, 3000)  # figure 1, one row each; `--only throughput` selects them all
@@ -161,6 +167,14 @@ FIGURES = [
         throughput.learning_run,
     ),
     Figure("s3", "9 unthrottled on moto S3 ÷ on local disk", lambda c: f">= {c.target_s3}", s3.s3_speed),
+    Figure(
+        "growth",
+        "10 no-op re-run at 200 000 ÷ at 20 000 listed files",
+        lambda c: (
+            f"<= {c.growth_ratio}, <= {c.growth_max_rss_mb:.0f} MB, +200 new <= no-op + {c.growth_new_within_s:.0f} s"
+        ),
+        growth.growth,
+    ),
 ]
 NAMES = [figure.name for figure in FIGURES]
 GROUPS = {"throughput": [f"rate-{rpm}" for rpm in RATES]}

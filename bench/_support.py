@@ -353,6 +353,7 @@ class CliRun:
     logdir: Path | None = None
     options: tuple[str, ...] = ()  # more options of `run`, e.g. ("--no-training-pairs",)
     env: dict[str, str] = field(default_factory=dict)
+    name: str | None = None  # of its log files (default: the output's name); several runs on one output differ
     started: float = 0.0
     wall_s: float = 0.0
     returncode: int | None = None
@@ -378,11 +379,11 @@ class CliRun:
         # Shared rate/credit state (SQLite files) next to the data, not in the user's cache: every run of
         # one figure shares it, as runs of one user would share theirs.
         output = Path(urllib.parse.urlsplit(str(self.output)).path) if "://" in str(self.output) else Path(self.output)
-        logdir = self.logdir or output.parent
+        logdir, name = self.logdir or output.parent, self.name or output.name
         state = logdir / "state" if "://" in str(self.output) else output.parent / "state"
         env = client_env(CLIPDROP_API_KEY=self.key, NORMALS_STATE_DIR=str(state), **self.env)
-        self._out_path, self._err_path = logdir / f"{output.name}.out", logdir / f"{output.name}.err"
-        self._usage_path = logdir / f"{output.name}.usage.json"
+        self._out_path, self._err_path = logdir / f"{name}.out", logdir / f"{name}.err"
+        self._usage_path = logdir / f"{name}.usage.json"
         with open(self._out_path, "w") as out, open(self._err_path, "w") as err:
             self.started = time.monotonic()
             self.started_at = time.time()  # to cut this run out of an emulator's timeline

@@ -7,30 +7,33 @@ The core (this package's top level) has no Dagster import and works from a scrip
 The Dagster layer lives in `normals_pipeline.orchestration`.
 """
 
-from ._errors import (
-    ApiDown,
-    ApiTimeout,
-    ApiUnreachable,
-    ClipdropError,
-    CreditLimitReached,
-    ImageRejected,
-    InvalidApiKey,
-    InvalidResponse,
-    MissingApiKey,
-    NoAnswer,
-    OutOfCredits,
-    RateLimited,
-    RunStopped,
-    ServerError,
-    TransientError,
-)
-from .client import DEFAULT_API_URL, ApiResult, ClipdropClient, RetryPolicy
-from .enrich import Enricher, Item, ShardResult, current_items
-from .guards import CreditGuard, RateGuard, rate_guard_for
-from .inventory import read_inventory, shard_of, take_inventory, write_inventory
-from .manifest import MANIFEST_SCHEMA, read_manifest, read_manifests, write_manifest
-from .prepare import PreparedImage, prepare
-from .storage import LocalStorage, S3Storage, Storage, open_storage
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._errors import (
+        ApiDown,
+        ApiTimeout,
+        ApiUnreachable,
+        ClipdropError,
+        CreditLimitReached,
+        ImageRejected,
+        InvalidApiKey,
+        InvalidResponse,
+        MissingApiKey,
+        NoAnswer,
+        OutOfCredits,
+        RateLimited,
+        RunStopped,
+        ServerError,
+        TransientError,
+    )
+    from .client import DEFAULT_API_URL, ApiResult, ClipdropClient, RetryPolicy
+    from .enrich import Enricher, Item, ShardResult, current_items
+    from .guards import CreditGuard, RateGuard, rate_guard_for
+    from .inventory import read_inventory, shard_of, take_inventory, write_inventory
+    from .manifest import MANIFEST_SCHEMA, read_manifest, read_manifests, write_manifest
+    from .prepare import PreparedImage, prepare
+    from .storage import LocalStorage, S3Storage, Storage, open_storage
 
 __all__ = [
     "DEFAULT_API_URL",
@@ -75,17 +78,45 @@ __all__ = [
     "write_manifest",
 ]
 
-# The Dagster Component, loaded on first use so that importing the core never imports Dagster. `dg` finds it
+# Every name is loaded on first use: `normals-pipeline --help`, its argument errors and the emulator start without
+# pandas, boto3 or httpx, and importing the core never imports Dagster (the Component). `dg` finds the Component
 # through the `dagster_dg_cli.registry_modules` entry point (`normals_pipeline`), which lists `dir()` of this
 # module: hence `__dir__`.
-_LAZY = {"SurfaceNormalsComponent": "normals_pipeline.components"}
+_MODULES = {
+    "._errors": (
+        "ApiDown",
+        "ApiTimeout",
+        "ApiUnreachable",
+        "ClipdropError",
+        "CreditLimitReached",
+        "ImageRejected",
+        "InvalidApiKey",
+        "InvalidResponse",
+        "MissingApiKey",
+        "NoAnswer",
+        "OutOfCredits",
+        "RateLimited",
+        "RunStopped",
+        "ServerError",
+        "TransientError",
+    ),
+    ".client": ("DEFAULT_API_URL", "ApiResult", "ClipdropClient", "RetryPolicy"),
+    ".enrich": ("Enricher", "Item", "ShardResult", "current_items"),
+    ".guards": ("CreditGuard", "RateGuard", "rate_guard_for"),
+    ".inventory": ("read_inventory", "shard_of", "take_inventory", "write_inventory"),
+    ".manifest": ("MANIFEST_SCHEMA", "read_manifest", "read_manifests", "write_manifest"),
+    ".prepare": ("PreparedImage", "prepare"),
+    ".storage": ("LocalStorage", "S3Storage", "Storage", "open_storage"),
+    ".components": ("SurfaceNormalsComponent",),
+}
+_LAZY = {name: module for module, names in _MODULES.items() for name in names}
 
 
 def __getattr__(name: str) -> object:
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -10,6 +10,7 @@ stderr; `--verbose` adds Dagster's log with its stack traces.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import os
@@ -17,10 +18,11 @@ import shlex
 import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
@@ -193,7 +195,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--splits",
         type=_splits,
-        default="0.9,0.05,0.05",
+        default=None,  # DEFAULT_SPLITS: a string default would be parsed, importing `training`, before any check
         help="train,validation,test fractions of the training pairs, by content (default: 0.9,0.05,0.05)",
     )
     parser.add_argument(
@@ -511,6 +513,7 @@ def _run(args: argparse.Namespace, shards: int) -> int:
     from .live import open_view, shell_paths
     from .orchestration import ClipdropResource, build_definitions
     from .orchestration.runner import RunFailed, default_instance, run_pipeline
+    from .training import DEFAULT_SPLITS
 
     clipdrop = ClipdropResource(
         api_key=EnvVar("CLIPDROP_API_KEY"),
@@ -530,7 +533,7 @@ def _run(args: argparse.Namespace, shards: int) -> int:
         shards=shards,
         clipdrop=clipdrop,
         training_pairs=args.training_pairs,
-        training_splits=args.splits,
+        training_splits=args.splits or DEFAULT_SPLITS,
         webdataset=args.webdataset,
     )
     print(f"enriching {args.dataset} -> {args.output} ({shards} shards, {args.rpm} requests/min)", flush=True)
@@ -658,6 +661,26 @@ def _print_training(training: TrainingSummary, output: str) -> None:
     print(f"training pairs: {training.pairs} ({splits}), left out: {left_out}; {_location(output, PARQUET_DIR + '/')}")
 
 
+def console() -> NoReturn:
+    """The `normals-pipeline` command: `main`, then the process ends as soon as its output is out."""
+    end(main())
+
+
+def end(code: int) -> NoReturn:
+    """Exit with `code` once the exit handlers have run and stdout and stderr are flushed, without the
+    interpreter's teardown, which frees every object of Dagster, pandas and pyarrow one by one: ~1 s after a
+    run, on a command that did its work. With another thread still going (none should be), the usual exit,
+    which waits for it."""
+    main_thread = threading.main_thread()
+    if any(thread is not main_thread and not thread.daemon for thread in threading.enumerate()):
+        sys.exit(code)
+    atexit._run_exitfuncs()  # logging's flush, temporary folders (Dagster's ephemeral instance), ...
+    with suppress(OSError, ValueError):  # a reader gone (a closed pipe): nothing more to say to it
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: see the module docstring. `--help` still exits 0 through argparse."""
     try:
@@ -687,4 +710,4 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -44,6 +44,7 @@ from ._errors import (
 from ._state import ClaimStore
 from .client import ApiResult, ClipdropClient, Tally
 from .guards import ClaimGuard, slot_interval_s
+from .inventory import with_versions
 from .prepare import Oversize, PreparedImage, prepare
 from .storage import Storage
 
@@ -188,18 +189,9 @@ class ShardWork:
 
 def current_items(dataset: Storage, inventory: pa.Table) -> list[Item]:
     """The inventory's files with their size and version, stat'ed here where the listing did not give
-    them (a local folder); a file removed since the listing is left out."""
-    items = []
-    for path, size, version in zip(*(inventory[column].to_pylist() for column in ("path", "size", "version"))):
-        if version is None:
-            try:
-                path, size, version = dataset.stat(path)
-            except FileNotFoundError:
-                continue
-            except OSError:  # swapped for a FIFO, a link out or to nowhere since the listing: its row will say so
-                size, version = 0, "not-a-regular-file"
-        items.append(Item(path, size, version))
-    return items
+    them (see `with_versions`); a file removed since the listing is left out."""
+    table = with_versions(dataset, inventory)
+    return [Item(*row) for row in zip(*(table[column].to_pylist() for column in ("path", "size", "version")))]
 
 
 @dataclass(frozen=True)

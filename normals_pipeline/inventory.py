@@ -26,7 +26,7 @@ SHARDS_KEY = "normals_pipeline.shards"
 INVENTORY_SCHEMA = pa.schema(
     [
         pa.field("path", pa.string(), nullable=False),
-        pa.field("size", pa.int64()),  # null where the listing does not give it (a local folder)
+        pa.field("size", pa.int64()),  # null where the listing does not give it (a local folder): see `with_versions`
         pa.field("version", pa.string()),
         pa.field("shard", pa.int32(), nullable=False),
     ]
@@ -91,7 +91,8 @@ def take_inventory(storage: Storage, shards: int) -> pa.Table:
     """Image files under `storage`, one row each, in listing order, built column-wise for speed.
 
     Size and version are what the store's listing gives for free (S3: size and ETag; a local folder:
-    nothing, the shard run stats its own files), so a listing costs little more than walking the names.
+    nothing: `with_versions` stats them, once, in the inventory asset), so a listing costs little more than walking
+    the names.
     Image names left out (FIFOs, sockets, devices, bad symlinks, names that are not UTF-8, S3 keys with
     an empty or dot part) are counted by reason in the schema metadata: see `skipped_entries`.
     """
@@ -117,6 +118,33 @@ def take_inventory(storage: Storage, shards: int) -> pa.Table:
         }
     )
     return pa.table([paths, sizes, versions, shard_ids], schema=schema)
+
+
+NOT_A_REGULAR_FILE = "not-a-regular-file"  # the version of a name swapped since the listing: its row says why
+
+
+def with_versions(dataset: Storage, table: pa.Table) -> pa.Table:
+    """The inventory with the size and version of every file the listing gave none (a local folder: one stat
+    each, `Storage.stat_many`), as an S3 listing gives them: the asset stores it so, and the plan and the
+    shard steps after it need no stat of their own. A file removed since the listing is left out; one that is
+    no regular file any more gets `NOT_A_REGULAR_FILE`, and its row will say why."""
+    versions = table["version"].to_pylist()
+    todo = [index for index, version in enumerate(versions) if version is None]
+    if not todo:
+        return table
+    paths, sizes = table["path"].to_pylist(), table["size"].to_pylist()
+    keep = [True] * len(paths)
+    for index, found in zip(todo, dataset.stat_many([paths[index] for index in todo])):
+        if isinstance(found, FileNotFoundError):
+            keep[index] = False
+        elif isinstance(found, OSError):  # a FIFO, a link out or to nowhere
+            sizes[index], versions[index] = 0, NOT_A_REGULAR_FILE
+        else:
+            sizes[index], versions[index] = found.size, found.version
+    size_at, version_at = table.schema.get_field_index("size"), table.schema.get_field_index("version")
+    table = table.set_column(size_at, table.schema.field(size_at), pa.array(sizes, pa.int64()))
+    table = table.set_column(version_at, table.schema.field(version_at), pa.array(versions, pa.string()))
+    return table if all(keep) else table.filter(pa.array(keep))
 
 
 def _encodable(path: str) -> bool:

@@ -102,6 +102,7 @@ class Storage(Protocol):
 
     def listing(self, suffixes: tuple[str, ...] | None = None) -> Listing: ...
     def stat(self, path: str) -> FileEntry: ...
+    def stat_many(self, paths: list[str]) -> list[FileEntry | OSError]: ...
     def read_bytes(self, path: str) -> bytes: ...
     def write_bytes(self, path: str, data: bytes, content_type: str | None = None) -> None: ...
     def create_if_absent(self, path: str, data: bytes, content_type: str | None = None) -> bool: ...
@@ -168,6 +169,34 @@ class LocalStorage:
     def stat(self, path: str) -> FileEntry:
         """Size and version of a regular file; for anything else, what `_resolved` raises (it would not be read)."""
         st = self._resolved(path)[1]
+        return FileEntry(path, st.st_size, f"{st.st_mtime_ns}-{st.st_size}")
+
+    def stat_many(self, paths: list[str]) -> list[FileEntry | OSError]:
+        """`stat` of each path, or the error it raises, in order: the same answers for a fraction of the cost at
+        100 000 files (a realpath per folder, resolved in this call, instead of one per file; a name that is not
+        a plain regular file, or a folder that leads out, goes the long way)."""
+        folders: dict[str, str] = {}
+        found: list[FileEntry | OSError] = []
+        for path in paths:
+            try:
+                found.append(self._quick_stat(path, folders))
+            except OSError as error:
+                found.append(error)
+        return found
+
+    def _quick_stat(self, path: str, folders: dict[str, str]) -> FileEntry:
+        """`stat`, where the name itself is no link: then it resolves to its folder's real path and its name."""
+        folder, _, name = path.rpartition("/")
+        if not name or name == ".." or path[0] == "/":
+            return self.stat(path)  # which refuses it
+        if (real_folder := folders.get(folder)) is None:
+            real_folder = folders[folder] = os.path.realpath(self._join(folder) if folder else self._top)
+        try:
+            st = os.lstat(os.path.join(self._top, path))
+        except OSError:
+            return self.stat(path)
+        if not stat.S_ISREG(st.st_mode) or not self._inside(os.path.join(real_folder, name)):
+            return self.stat(path)
         return FileEntry(path, st.st_size, f"{st.st_mtime_ns}-{st.st_size}")
 
     def read_bytes(self, path: str) -> bytes:
@@ -382,6 +411,16 @@ class S3Storage:
                 raise FileNotFoundError(f"no such object: {self.uri_for(path)}") from err
             raise
         return FileEntry(path, head["ContentLength"], head["ETag"].strip('"'))
+
+    def stat_many(self, paths: list[str]) -> list[FileEntry | OSError]:
+        """`stat` of each path, or the error it raises, in order (a listing gives S3 sizes: rarely called)."""
+        found: list[FileEntry | OSError] = []
+        for path in paths:
+            try:
+                found.append(self.stat(path))
+            except OSError as error:
+                found.append(error)
+        return found
 
     def read_bytes(self, path: str) -> bytes:
         try:

@@ -15,7 +15,9 @@ Layout under `<output>/training/`, one folder per dataset shard (hive key `parti
 hive keys) and the start of the file name (so `datasets` finds the splits by name). Each file holds at most
 about `PART_BYTES` of images, so a shard of any size is written in bounded memory; a re-run rewrites the
 shard's files and deletes those it did not write again, or keeps them when nothing they were made from changed
-(recorded in `training/.built/<key>.json`, a hidden folder no reader lists).
+(recorded in `training/.built/<key>.json` and `.parquet`, a hidden folder no reader lists). When rows were
+only added since, the files are kept and the new rows' pairs written as parts of their own: a run that
+enriches 200 new images reads 200 sources again, not the whole shard.
 
 `NormalsDataset` reads one split back as numpy arrays (image, normals, mask) for a torch `DataLoader` or
 any other loop, without this package importing torch.
@@ -34,7 +36,7 @@ import tarfile
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -231,15 +233,22 @@ def write_training_pairs(
     Idempotent: the shard's files are rewritten, and its files from an earlier run that this one did not
     write (a split or part that is now empty, WebDataset shards after `webdataset` was turned off) deleted.
     A shard whose successful rows and settings are those of its last build, which left nothing out and whose
-    files are all still there, is kept as it is (`reused`): a re-run reads no image again, as it sends none."""
+    files are all still there, is kept as it is (`reused`): a re-run reads no image again, as it sends none.
+    One whose rows were only added to since such a build keeps its files and gets the new pairs added."""
     fractions = check_splits(splits)
     rows = successful_rows(manifest)
-    stamp = _stamp(rows, fractions, webdataset)
-    if (kept := _last_build(output, partition_key, stamp)) is not None:
-        return kept
-    writer = _ShardWriter(output, partition_key, webdataset)
+    settings = _settings(fractions, webdataset)
+    stamp = _stamp(rows, settings)
+    last = _last_build(output, partition_key)
+    if last is not None and last[0]["stamp"] == stamp:
+        return last[1]
+    kept = _extendable(output, partition_key, last, settings, rows)
+    todo = rows if kept is None else rows[~_keys(rows).isin(kept[1])]
+    writer = _ShardWriter(output, partition_key, webdataset, None if kept is None else kept[0])
     result = TrainingResult(uri=output.uri_for(shard_folder(partition_key)))
-    for outcome in make_pairs(dataset, output, rows, fractions, oversize):
+    if kept is not None:
+        result.pairs, result.splits = kept[0].pairs, Counter(kept[0].splits)
+    for outcome in make_pairs(dataset, output, todo, fractions, oversize):
         if isinstance(outcome, str):
             result.left_out[outcome] += 1
             continue
@@ -247,36 +256,57 @@ def write_training_pairs(
         result.pairs += 1
         result.splits[outcome.split] += 1
     result.files = writer.close()
-    record = {"stamp": stamp, **{name: getattr(result, name) for name in ("pairs", "left_out", "splits", "files")}}
-    output.write_bytes(_build_record(partition_key), json.dumps(record).encode(), "application/json")
+    _record_build(
+        output, partition_key, rows, {"stamp": stamp, "settings": hashlib.sha256(settings).hexdigest()}, result
+    )
     return result
 
 
-def _build_record(partition_key: str) -> str:
-    """Where a shard's last build is recorded: a hidden folder, which no reader of the pairs lists."""
-    return f"{TRAINING_DIR}/.built/{partition_key}.json"
+def _build_record(partition_key: str, suffix: str = "json") -> str:
+    """Where a shard's last build is recorded: a hidden folder, which no reader of the pairs lists. The
+    `.parquet` beside it lists the rows (path, content hash) it was made from."""
+    return f"{TRAINING_DIR}/.built/{partition_key}.{suffix}"
 
 
-def _stamp(rows: pd.DataFrame, fractions: Mapping[str, float], webdataset: bool) -> str:
+def _record_build(
+    output: Storage, partition_key: str, rows: pd.DataFrame, stamps: dict, result: TrainingResult
+) -> None:
+    """The rows first, the record last: a record names only a build whose rows are written (see `_extendable`)."""
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(rows[["path", "content_hash"]], preserve_index=False), buffer)
+    output.write_bytes(_build_record(partition_key, "parquet"), buffer.getvalue(), "application/vnd.apache.parquet")
+    record = {**stamps, **{name: getattr(result, name) for name in ("pairs", "left_out", "splits", "files")}}
+    output.write_bytes(_build_record(partition_key), json.dumps(record).encode(), "application/json")
+
+
+def _keys(rows: pd.DataFrame) -> pd.Series:
+    """One string per row naming what its pair is made from: its path and its content."""
+    return rows["path"] + "\0" + rows["content_hash"]
+
+
+def _settings(fractions: Mapping[str, float], webdataset: bool) -> bytes:
+    """What a shard's pairs are made with, besides its rows."""
+    return json.dumps([sorted(fractions.items()), webdataset, PART_BYTES, ROW_GROUP_ROWS]).encode()
+
+
+def _stamp(rows: pd.DataFrame, settings: bytes) -> str:
     """What a shard's pairs are made from: its successful rows (a changed file has a new hash) and the settings."""
-    digest = hashlib.sha256(json.dumps([sorted(fractions.items()), webdataset, PART_BYTES, ROW_GROUP_ROWS]).encode())
+    digest = hashlib.sha256(settings)
     for path, content_hash in zip(rows["path"], rows["content_hash"]):
         digest.update(f"{path}\0{content_hash}\n".encode())
     return digest.hexdigest()
 
 
-def _last_build(output: Storage, partition_key: str, stamp: str) -> TrainingResult | None:
-    """The last build's result if it was made from the same rows and settings, left nothing out (a source
-    unreadable then may be readable now) and its files are all there."""
+def _last_build(output: Storage, partition_key: str) -> tuple[dict, TrainingResult] | None:
+    """The last build's record and result (`reused`), if it left nothing out (a source unreadable then may be
+    readable now) and its files are all there."""
     try:
         record = json.loads(output.read_bytes(_build_record(partition_key)))
     except (FileNotFoundError, ValueError):
         return None
-    if record.get("stamp") != stamp or record["left_out"]:  # what was left out may be readable now
+    if record["left_out"] or not all(output.exists(path) for path in record["files"]):
         return None
-    if not all(output.exists(path) for path in record["files"]):
-        return None
-    return TrainingResult(
+    result = TrainingResult(
         record["pairs"],
         Counter(record["left_out"]),
         Counter(record["splits"]),
@@ -284,12 +314,34 @@ def _last_build(output: Storage, partition_key: str, stamp: str) -> TrainingResu
         output.uri_for(shard_folder(partition_key)),
         reused=True,
     )
+    return record, result
+
+
+def _extendable(
+    output: Storage, partition_key: str, last: tuple[dict, TrainingResult] | None, settings: bytes, rows: pd.DataFrame
+) -> tuple[TrainingResult, pd.Series] | None:
+    """The last build and the rows it was made from, when `rows` only add to them with the same settings: its
+    files are kept and only the new rows' pairs are written. The rows read must be the record's own (its
+    stamp), so rows written by a build that stopped before its record never pass for built."""
+    if last is None or last[0].get("settings") != hashlib.sha256(settings).hexdigest():
+        return None
+    try:
+        built = pq.read_table(pa.BufferReader(output.read_bytes(_build_record(partition_key, "parquet")))).to_pandas()
+    except (FileNotFoundError, pa.ArrowException):
+        return None
+    if _stamp(built, settings) != last[0]["stamp"]:
+        return None
+    keys = _keys(built)
+    if not keys.isin(_keys(rows)).all():  # a row changed or went: its pair must go, so the shard is rebuilt
+        return None
+    return replace(last[1], reused=False), keys
 
 
 class _ShardWriter:
     """Buffers a shard's pairs per split (and for its WebDataset), writing a part whenever one is full."""
 
-    def __init__(self, output: Storage, partition_key: str, webdataset: bool) -> None:
+    def __init__(self, output: Storage, partition_key: str, webdataset: bool, kept: TrainingResult | None) -> None:
+        """`kept`: the last build, whose files stay; parts and sample keys go on after its own."""
         self.output = output
         self.key = partition_key
         self.webdataset = webdataset
@@ -300,6 +352,19 @@ class _ShardWriter:
         self.tar_parts = 0
         self.tar_samples = 0  # samples in the tars written so far: keys go on from there
         self.written: list[str] = []
+        if kept is not None:
+            self._go_on_after(kept)
+
+    def _go_on_after(self, kept: TrainingResult) -> None:
+        for path in kept.files:
+            name = posixpath.basename(path)
+            if name.endswith(".parquet"):
+                split, _, part = name.removesuffix(".parquet").rpartition("-")
+                self.parts[split] = max(self.parts[split], int(part) + 1)
+            elif name.endswith(".tar"):
+                self.tar_parts = max(self.tar_parts, int(name.removesuffix(".tar").rpartition("_")[2]) + 1)
+        self.tar_samples = kept.pairs if self.webdataset else 0
+        self.written = list(kept.files)
 
     def add(self, pair: Pair) -> None:
         self.buffers[pair.split].append(pair)

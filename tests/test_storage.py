@@ -88,6 +88,32 @@ def test_listing_recurses_without_a_stat_and_stat_gives_size_and_version(root: P
     assert storage.stat("b.jpg") == FileEntry("b.jpg", 5, f"{st.st_mtime_ns}-5")
 
 
+def test_stat_many_answers_as_stat_does_for_every_kind_of_name(root: Path, tmp_path: Path) -> None:
+    """The batch form takes a shortcut for plain files (one realpath per folder): every other name, a folder
+    swapped for a link out included, must still get `stat`'s own answer or error."""
+    _write(root / "a" / "plain.jpg", b"12345")
+    _write(root / "a" / "real.jpg", b"inside")
+    (root / "a" / "link.jpg").symlink_to(root / "a" / "real.jpg")
+    (root / "a" / "out.jpg").symlink_to(_write(tmp_path / "secret.jpg", b"secret"))
+    (root / "a" / "dangling.jpg").symlink_to(root / "nowhere.jpg")
+    os.mkfifo(root / "a" / "pipe.jpg")
+    _write(tmp_path / "elsewhere" / "b.jpg")
+    (root / "swapped").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    storage = LocalStorage(root)
+    names = ["a/plain.jpg", "a/link.jpg", "a/out.jpg", "a/dangling.jpg", "a/pipe.jpg", "a/gone.jpg", "swapped/b.jpg"]
+
+    def one(path: str) -> object:
+        try:
+            return storage.stat(path)
+        except OSError as error:
+            return (type(error), str(error))
+
+    many = [found if isinstance(found, FileEntry) else (type(found), str(found)) for found in storage.stat_many(names)]
+    assert many == [one(path) for path in names]
+    assert isinstance(many[0], FileEntry) and many[0].size == 5
+    assert many[-1][0] is PermissionError
+
+
 def test_hidden_files_and_directories_are_skipped(root: Path) -> None:
     _write(root / ".hidden.jpg")
     _write(root / ".cache" / "x.jpg")

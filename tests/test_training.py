@@ -366,3 +366,54 @@ def test_an_unchanged_shard_is_kept_and_one_with_left_outs_is_built_again(enrich
     assert not back.reused and back.pairs == 13 and not back.left_out
     (tmp_path / "out" / back.files[0]).unlink()  # a file of the last build lost: built again
     assert not write_training_pairs(dataset, output, "00", manifest, splits=EVEN).reused
+
+
+def _tar_keys(output: Storage) -> list[str]:
+    keys = []
+    for path in sorted(p for p in output.list_prefix(WEBDATASET_DIR) if p.endswith(".tar")):
+        with tarfile.open(fileobj=io.BytesIO(output.read_bytes(path))) as tar:
+            keys += sorted({name.partition(".")[0] for name in tar.getnames()})
+    return keys
+
+
+def test_rows_only_added_keep_the_built_files_and_add_parts_for_the_new_pairs(enriched, tmp_path):
+    """A run that enriched a few new images reads those again, not the whole shard; a row gone or changed
+    rebuilds the shard, so no pair of an image no longer there is kept."""
+    import normals_pipeline.training as training
+
+    dataset, output, manifest = enriched
+    ordered = manifest[manifest["error_code"].isna()].sort_values("path", ignore_index=True)
+    earlier = ordered.drop(index=[4, 9])
+    first = write_training_pairs(dataset, output, "00", earlier, splits=EVEN, webdataset=True)
+    assert first.pairs == 11
+    written = {path: (tmp_path / "out" / path).stat().st_mtime_ns for path in first.files}
+
+    grown = write_training_pairs(dataset, output, "00", manifest, splits=EVEN, webdataset=True)
+    assert not grown.reused and grown.pairs == 13 and not grown.left_out
+    assert set(first.files) < set(grown.files) and sorted(output.list_prefix("training/parquet")) == sorted(
+        path for path in grown.files if path.endswith(".parquet")
+    )
+    assert {path: (tmp_path / "out" / path).stat().st_mtime_ns for path in first.files} == written  # kept
+    keys = _tar_keys(output)
+    assert len(keys) == len(set(keys)) == 13  # sample keys go on after the kept tars'
+    assert grown.splits == Counter(training.split_of(digest, EVEN) for digest in ordered["content_hash"])
+    assert sum(len(NormalsDataset(output, split=split)) for split in EVEN) == 13
+    assert write_training_pairs(dataset, output, "00", manifest, splits=EVEN, webdataset=True).reused
+
+    shrunk = write_training_pairs(dataset, output, "00", earlier, splits=EVEN, webdataset=True)
+    assert not shrunk.reused and shrunk.pairs == 11
+    assert len([p for p in shrunk.files if p.endswith(".parquet")]) == len(shrunk.splits)  # rebuilt: one part each
+    assert sum(len(NormalsDataset(output, split=s)) for s in EVEN) == 11
+
+
+def test_a_build_stopped_before_its_record_is_never_taken_for_built(enriched, tmp_path):
+    """Its rows list is written before its record: rows listed by no record make the next run rebuild."""
+    dataset, output, manifest = enriched
+    earlier = manifest[manifest["error_code"].isna()].sort_values("path", ignore_index=True).drop(index=[4])
+    write_training_pairs(dataset, output, "00", earlier, splits=EVEN)
+    record = (tmp_path / "out" / "training" / ".built" / "00.json").read_bytes()
+    write_training_pairs(dataset, output, "00", manifest, splits=EVEN)
+    (tmp_path / "out" / "training" / ".built" / "00.json").write_bytes(record)  # as if stopped before the record
+    again = write_training_pairs(dataset, output, "00", manifest, splits=EVEN)
+    assert not again.reused and again.pairs == 13
+    assert sum(len(NormalsDataset(output, split=s)) for s in EVEN) == 13

@@ -6,8 +6,10 @@ import argparse
 import sys
 import threading
 from decimal import Decimal, InvalidOperation
+from typing import TYPE_CHECKING
 
-from ._server import Emulator, EmulatorConfig, Faults, fingerprint, format_decimal
+if TYPE_CHECKING:
+    from ._server import EmulatorConfig
 
 __all__ = ["add_arguments", "config_from_args", "run"]
 
@@ -71,6 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
+    from ._server import EmulatorConfig, Faults  # numpy and Pillow: not for `normals-pipeline --help`
+
     faults = Faults(
         error_rate=args.error_rate,
         error_burst=args.error_burst,
@@ -104,6 +108,8 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until interrupted; print one line, URL first, so scripts can scrape it."""
+    from ._server import Emulator, fingerprint, format_decimal
+
     try:
         emulator = Emulator(config_from_args(args)).start()
     except (ValueError, OSError) as error:

@@ -26,6 +26,7 @@ from ..inventory import (
     skipped_entries,
     skipped_names,
     take_inventory,
+    with_versions,
     write_inventory,
 )
 from ..live import plain_number
@@ -90,7 +91,7 @@ def build_assets(
         dataset, output = storage.dataset(), storage.output()
         _refuse_nested(dataset, output)
         _check_layout(output, shards)
-        table = take_inventory(dataset, shards)
+        table = with_versions(dataset, take_inventory(dataset, shards))  # stat'ed once, here: the steps after need none
         uri = write_inventory(output, table)
         per_shard = table.group_by("shard").aggregate([("path", "count")]).to_pylist()
         context.log.info(f"{table.num_rows} images in {dataset.uri}")

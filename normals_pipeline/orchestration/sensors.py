@@ -41,6 +41,15 @@ def shard_digests(table: pa.Table, shards: int) -> dict[str, str]:
     }
 
 
+def as_listed(stored: pa.Table, listing: pa.Table) -> pa.Table:
+    """The stored inventory as a listing shows it, to compare the two: a local folder's listing gives no
+    versions (the inventory's come from a stat each, `with_versions`), so they are left out of both."""
+    if listing["version"].null_count < listing.num_rows:
+        return stored
+    at = stored.schema.get_field_index("version")
+    return stored.set_column(at, stored.schema.field(at), pa.nulls(stored.num_rows, pa.string()))
+
+
 def listing_digest(digests: dict[str, str]) -> str:
     """One digest of a listing's shard digests: equal listings, equal digests."""
     return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:16]
@@ -65,9 +74,10 @@ def build_new_images_sensor(
     )
     def new_images_sensor(context: SensorEvaluationContext):
         storage: DatasetResource = getattr(context.resources, storage_key)
-        listing = shard_digests(take_inventory(storage.dataset(), shards), shards)
+        listed = take_inventory(storage.dataset(), shards)
+        listing = shard_digests(listed, shards)
         try:
-            stored = shard_digests(read_inventory(storage.output()), shards)
+            stored = shard_digests(as_listed(read_inventory(storage.output()), listed), shards)
         except InventoryMissing:
             stored = None
         if stored != listing:
