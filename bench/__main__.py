@@ -71,7 +71,7 @@ class Config:
     # figure 7: a size x size normal map, decoded this many times (and Pillow as many, in turns)
     normals_size: int = 1024
     normals_repeats: int = 200
-    # figure 9: no-op re-runs and +200 new images on datasets of these sizes (listed files)
+    # figure 10: no-op re-runs and +200 new images on datasets of these sizes (listed files)
     growth_sizes: tuple[int, int, int] = (2_000, 20_000, 200_000)
     growth_ratio: float = 3.0  # no-op at the largest ÷ at the middle size
     growth_max_rss_mb: float = 1000.0  # peak RSS of the no-op at the largest size

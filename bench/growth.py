@@ -1,4 +1,4 @@
-"""Figure 9: growth with the dataset. A no-op re-run and a run with 200 new images, each a default
+"""Figure 10: growth with the dataset. A no-op re-run and a run with 200 new images, each a default
 `normals-pipeline run` (16 shards, one Dagster run), on datasets of 2 000, 20 000 and 200 000 listed files:
 wall time and peak RSS.
 
@@ -128,7 +128,7 @@ def _run(dataset: Path, output: Path, url: str, key: str, logdir: Path, name: st
 
 
 def growth(cfg: Any, workdir: Path) -> dict[str, Any]:
-    """Figure 9: see the module docstring."""
+    """Figure 10: see the module docstring."""
     sizes = list(cfg.growth_sizes)
     key = fresh_key("growth")
     stand_in = EmulatorProcess(
