@@ -3,6 +3,7 @@
 from collections.abc import Callable, Iterator
 from typing import NoReturn
 
+import pandas as pd
 import pyarrow.compute as pc
 from dagster import (
     AssetCheckEvaluation,
@@ -142,6 +143,17 @@ def build_assets(
         keys = list(context.partition_keys)
         dataset, output = storage.dataset(), storage.output()
         items = _items_by_shard(dataset, output, keys, shards)
+        previews: dict[str, MetadataValue] = {}
+        failures: dict[str, pd.DataFrame] = {}
+
+        def shard_done(key: str, result: ShardResult) -> None:
+            """On the thread that writes each finished shard, while the others are still being sent: its log line,
+            its schema check and its preview (not made for a stopped shard)."""
+            _log_shard(context, key, result, len(items[key]))
+            failures.update(schema_failures({key: result.manifest}))
+            if result.stopped is None:
+                previews[key] = preview_metadata(result.manifest, output, dataset)
+
         with clipdrop.get_client() as client:
             claims = clipdrop.claim_store()
             for warning in take_set_aside_warnings():  # a state file this process had to set aside to open
@@ -156,12 +168,12 @@ def build_assets(
                 claims=claims,
                 progress=_progress_relay(context),
                 notify=context.log.info,
-                on_shard=lambda key, result: _log_shard(context, key, result, len(items[key])),
+                on_shard=shard_done,
             )
         metadata = {key: shard_metadata(result, len(items[key])) for key, result in results.items()}
         stopped = {key: result.stopped for key, result in results.items() if result.stopped is not None}
         finished = {  # what a materialization shows: the figures and a preview (not made for stopped shards)
-            key: {**metadata[key], "preview": preview_metadata(result.manifest, output, dataset)}
+            key: {**metadata[key], "preview": previews.get(key) or preview_metadata(result.manifest, output, dataset)}
             for key, result in results.items()
             if key not in stopped
         }
@@ -170,7 +182,7 @@ def build_assets(
         for key in keys:
             context.add_asset_metadata(finished[key], partition_key=key)
         manifests = {key: result.manifest for key, result in results.items()}
-        failures = schema_failures(manifests)
+        failures.update(schema_failures({key: df for key, df in manifests.items() if key not in failures}))
         yield MaterializeResult(check_results=[range_result(manifests, failures)])
         yield from per_shard_evaluations(context.instance, names.asset(SURFACE_NORMALS), manifests, failures)
 
