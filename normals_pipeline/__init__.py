@@ -9,6 +9,8 @@ The Dagster layer lives in `normals_pipeline.orchestration`.
 
 from typing import TYPE_CHECKING
 
+from ._lazy import lazy_names
+
 if TYPE_CHECKING:
     from ._errors import (
         ApiDown,
@@ -109,16 +111,4 @@ _MODULES = {
     ".storage": ("LocalStorage", "S3Storage", "Storage", "open_storage"),
     ".components": ("SurfaceNormalsComponent",),
 }
-_LAZY = {name: module for module, names in _MODULES.items() for name in names}
-
-
-def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_names(__name__, _MODULES, globals())

@@ -7,6 +7,8 @@ normal-map convention (OpenGL style: +X right, +Y up, +Z toward the viewer).
 
 from typing import TYPE_CHECKING
 
+from .._lazy import lazy_names
+
 if TYPE_CHECKING:
     from ._normals import BACKGROUND_RGB, render_normal_map
     from ._server import API_PATH, Emulator, EmulatorConfig, Faults, fingerprint, format_decimal
@@ -27,16 +29,4 @@ _MODULES = {
     "._normals": ("BACKGROUND_RGB", "render_normal_map"),
     "._server": ("API_PATH", "Emulator", "EmulatorConfig", "Faults", "fingerprint", "format_decimal"),
 }
-_LAZY = {name: module for module, names in _MODULES.items() for name in names}
-
-
-def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_names(__name__, _MODULES, globals())
