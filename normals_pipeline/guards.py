@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -174,7 +175,9 @@ class RateGuard:
             try:
                 step = self._look(turn, taken, credit)
             except BaseException:
-                if taken == "turn":
+                # A look that failed half way (a store without transactions, Redis or memory, keeps what it did
+                # before the failure: the turn, when the budget then refused) holds nothing after it.
+                with suppress(Exception):  # the state failing: what it holds lapses; the first error is the one
                     self._void(turn)
                 if credit is not None:
                     credit.settled(turn, None)  # counted for the budget by a look that then failed

@@ -211,3 +211,16 @@ def test_a_429_lowers_the_key_rate_for_every_guard_on_it():
         guard.finished(guard.acquire())
     guard.finished(guard.acquire(), "rate_limited")
     assert guard.effective_rpm == other.effective_rpm == 300  # 3 sent before it: no lower than half at once
+
+
+def test_a_budget_stop_leaves_no_turn_held_on_a_store_without_transactions():
+    """Memory and Redis run a look's steps one by one: the turn it took before the budget refused is given back,
+    or it would count against the key's rate (every run's, on Redis) until it lapsed."""
+    state = MemoryState()
+    guard, credit = RateGuard(6000, state), CreditGuard(budget=Decimal(1), state=state)
+    first = guard.acquire(credit=credit)  # the budget's one credit, in flight
+    with pytest.raises(CreditLimitReached, match="run budget of 1"):
+        guard.acquire(credit=credit)
+    assert set(state._turns) == {first}
+    guard.finished(first, credit=credit, charge=(Decimal(1), None))
+    assert credit.spent == 1 and not state._turns
