@@ -25,6 +25,7 @@ from pyrate_limiter.abstracts import RateItem
 from ._errors import ApiDown, CreditLimitReached, OutOfCredits, RunStopped
 from ._state import (
     BALANCE_TTL_S,
+    BREAKER_POLL_S,
     ClaimStore,
     KeyOps,
     KeyState,
@@ -150,6 +151,7 @@ class RateGuard:
         # This process's sends, in memory: a shared bucket (a file lock or a Redis lock and a commit per request)
         # was the largest cost of an unthrottled run, and bounds nothing the shared turns do not bound already.
         self._limiter = Limiter(_SendsBucket(paced_rates(rpm)), buffer_ms=5)
+        self._failed = threading.local()  # this thread's last request failed (a 5xx, no answer): see `acquire`
 
     @property
     def effective_rpm(self) -> int:
@@ -171,6 +173,9 @@ class RateGuard:
         turn = uuid.uuid4().hex  # the same token through voided turns: it may hold the breaker's probe
         taken: Taken = "nothing"
         held_since: float | None = None  # when the breaker began to hold this request
+        # A retry after a failure lets a request that has not tried yet be the breaker's next probe: else the one
+        # whose probe just failed, looking first, could probe again and again until its attempts ran out.
+        yields, self._failed.last = getattr(self._failed, "last", False), False
         while True:
             try:
                 step = self._look(turn, taken, credit)
@@ -196,6 +201,8 @@ class RateGuard:
                 )
             taken = {"slot": "slot", "turn": "slot", "credit": "turn"}.get(step.wait, "nothing")
             seconds = min(step.seconds, BREAKER_LOOK_S) if step.wait == "breaker" else step.seconds
+            if step.wait == "breaker" and yields:
+                seconds, yields = seconds + BREAKER_POLL_S, False
             if _sleep(seconds, stop):
                 return self._void(turn)
 
@@ -252,6 +259,7 @@ class RateGuard:
         if outcome == "rate_limited":
             self.state.lower_rate(turn, self.rpm, MINUTE_MS / 1000)
         elif outcome in ("server_error", "no_answer"):
+            self._failed.last = True
             self.state.server_failed(turn, outcome == "server_error", BREAKER_AFTER, open_s, max_open_s)
         consumed, remaining = charge
 
