@@ -185,3 +185,18 @@ class StateUnavailable(RunStopped):
             "sending stopped and every answer that arrived is stored: bring it back, then re-run"
         )
         self.answer = answer
+
+
+def stop_message(error: Exception, api_url: str) -> str:
+    """One line: what happened and what to do. Built from our own messages, which never hold the key."""
+    if isinstance(error, ApiUnreachable):
+        return (
+            f"cannot reach the Clipdrop API at {api_url} ({error.message}); check the URL and the network, then re-run"
+        )
+    return error.message if isinstance(error, ClipdropError) else f"{type(error).__name__}: {error}"
+
+
+def stopped_line(message: str) -> str:
+    """The line a stopped run ends with, in every shell: the reason, and that what was paid for is kept."""
+    advice = "finished images are kept" if "re-run" in message else "finished images are kept; re-run to continue"
+    return f"run stopped: {message} ({advice})"

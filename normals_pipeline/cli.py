@@ -102,7 +102,7 @@ def _seconds(text: str) -> float:
 
 def _api_url(text: str) -> str:
     """The resource's own rule, so the CLI and a YAML or UI configuration accept the same URLs."""
-    from .orchestration.resources import check_api_url
+    from .settings import check_api_url
 
     try:
         return check_api_url(text)
@@ -567,14 +567,14 @@ def _run(args: argparse.Namespace, shards: int) -> int:
 
 def _stop_reason(error: BaseException, signal_name: str | None) -> str:
     """The one-line reason a started run stopped."""
+    from ._errors import stopped_line
     from .orchestration.runner import CheckFailed
 
     if signal_name is not None:
         return f"stopped by {signal_name}; finished images kept (re-run to continue)"
     if isinstance(error, CheckFailed):
         return str(error)
-    advice = "finished images are kept" if "re-run" in str(error) else "finished images are kept; re-run to continue"
-    return f"run stopped: {error} ({advice})"
+    return stopped_line(str(error))
 
 
 def _print_stopped(progress: Progress | None, elapsed: float) -> None:

@@ -27,6 +27,7 @@ from decimal import Decimal
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from . import manifest, ownership
 from ._errors import (
@@ -44,7 +45,7 @@ from ._errors import (
 from ._state import ClaimStore
 from .client import ApiResult, ClipdropClient, Tally
 from .guards import ClaimGuard, slot_interval_s
-from .inventory import with_versions
+from .inventory import read_inventory, with_versions
 from .prepare import Oversize, PreparedImage, prepare
 from .storage import Storage
 
@@ -119,6 +120,15 @@ class Progress:
         """Time left at the pace so far; None until an image is done."""
         return (self.total - self.done) * self.elapsed_s / self.done if self.done else None
 
+    def line(self) -> str:
+        """One line for a log (Dagster's event log, an Airflow task's): where the run stands."""
+        left = f", about {self.left_s:.0f} s left" if self.left_s is not None else ""
+        return (
+            f"{self.done}/{self.total} images processed, {self.enriched} enriched, {self.error_count} errors; "
+            f"{self.requests} requests, {self.credits.normalize():f} credits spent, "
+            f"{self.elapsed_s:.0f} s elapsed{left}"
+        )
+
     def __add__(self, later: Progress) -> Progress:
         """This run followed by a later one (`--shards-per-run`): counts add up, the balance is the later's."""
         errors = Counter(self.errors) + Counter(later.errors)
@@ -185,6 +195,12 @@ class ShardWork:
     journal: Callable[[dict, float], None] | None = None  # a finished row and what this run paid for it
     costs_lost: bool = False  # part of its record was unreadable (see `Enricher.run`)
     warnings: list[str] = field(default_factory=list)
+
+
+def items_by_shard(dataset: Storage, output: Storage, keys: list[str], shards: int) -> dict[str, list[Item]]:
+    """The current items of each of a run's shards (partition keys), from one read of the output's inventory."""
+    inventory = read_inventory(output, shards=shards)
+    return {key: current_items(dataset, inventory.filter(pc.equal(inventory["shard"], int(key)))) for key in keys}
 
 
 def current_items(dataset: Storage, inventory: pa.Table) -> list[Item]:

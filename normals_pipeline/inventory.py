@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from normals_pipeline import manifest
 from normals_pipeline.storage import Storage
 
 DEFAULT_SHARDS = 16
@@ -39,6 +40,10 @@ class InventoryMissing(FileNotFoundError):
 
 class InventoryMismatch(ValueError):
     """The inventory was taken with another shard count than the pipeline's."""
+
+
+class OutputInsideDataset(ValueError):
+    """An output inside the dataset would feed the pipeline its own normal maps."""
 
 
 def count_from_env(name: str, default: int, most: int = 10_000) -> int:
@@ -145,6 +150,19 @@ def with_versions(dataset: Storage, table: pa.Table) -> pa.Table:
     table = table.set_column(size_at, table.schema.field(size_at), pa.array(sizes, pa.int64()))
     table = table.set_column(version_at, table.schema.field(version_at), pa.array(versions, pa.string()))
     return table if all(keep) else table.filter(pa.array(keep))
+
+
+def refresh_inventory(dataset: Storage, output: Storage, shards: int) -> tuple[pa.Table, str]:
+    """List the dataset, stat what the listing left unsized (once: the steps after need no stat), and write the
+    inventory: the first step of every run, whichever shell runs it. Refuses an output inside the dataset
+    (`OutputInsideDataset`) and a shard count other than the output's (`manifest.LayoutMismatch`)."""
+    if (output.uri + "/").startswith(dataset.uri.rstrip("/") + "/"):
+        raise OutputInsideDataset(
+            f"the output {output.uri} lies inside the dataset {dataset.uri}: choose an output outside it"
+        )
+    manifest.check_layout(output, shards, lambda: inventory_shards(output))
+    table = with_versions(dataset, take_inventory(dataset, shards))
+    return table, write_inventory(output, table)
 
 
 def _encodable(path: str) -> bool:

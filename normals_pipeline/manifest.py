@@ -32,6 +32,7 @@ import pandera.pandas as pandera
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+from pandera.errors import SchemaErrors
 
 from ._state import default_state_dir
 from .storage import LocalStorage, Storage, path_problem
@@ -135,6 +136,19 @@ def to_frame(rows: list[dict]) -> pd.DataFrame:
 def validate(df: pd.DataFrame) -> pd.DataFrame:
     """Raise `pandera.errors.SchemaErrors` listing every failure, not just the first."""
     return MANIFEST_SCHEMA.validate(df, lazy=True)
+
+
+FAILURE_COLUMNS = ["column", "check", "failure_case"]
+
+
+def failure_cases(df: pd.DataFrame) -> pd.DataFrame:
+    """Every failing column and check of `df` (`FAILURE_COLUMNS`; empty when it passes), from one lazy validation:
+    what the Dagster check and the Airflow validation report."""
+    try:
+        validate(df)
+    except SchemaErrors as errors:
+        return errors.failure_cases[FAILURE_COLUMNS]
+    return pd.DataFrame(columns=FAILURE_COLUMNS)
 
 
 @dataclass(frozen=True)

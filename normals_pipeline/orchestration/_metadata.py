@@ -96,16 +96,6 @@ def plan_metadata(plan: Plan, shortfall: str | None) -> dict[str, Any]:
     return metadata
 
 
-def progress_line(progress: Progress) -> str:
-    """One line for a log: where the run stands."""
-    left = f", about {progress.left_s:.0f} s left" if progress.left_s is not None else ""
-    return (
-        f"{progress.done}/{progress.total} images processed, {progress.enriched} enriched, "
-        f"{progress.error_count} errors; {progress.requests} requests, {progress.credits.normalize():f} credits spent, "
-        f"{progress.elapsed_s:.0f} s elapsed{left}"
-    )
-
-
 COLUMN_SCHEMA = "dagster/column_schema"
 # The README's manifest table, column by column (manifest.py's pandera columns carry no descriptions).
 COLUMN_DESCRIPTIONS = {

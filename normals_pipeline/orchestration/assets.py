@@ -4,7 +4,6 @@ from collections.abc import Callable, Iterator
 from typing import NoReturn
 
 import pandas as pd
-import pyarrow.compute as pc
 from dagster import (
     AssetCheckEvaluation,
     AssetExecutionContext,
@@ -18,20 +17,12 @@ from dagster import (
 )
 
 from .. import manifest
-from .._errors import ApiUnreachable, ClipdropError
+from .._errors import ClipdropError, stop_message
 from .._state import take_set_aside_warnings
-from ..enrich import Item, Progress, ShardResult, Throttle, current_items, enrich_shards
-from ..inventory import (
-    inventory_shards,
-    read_inventory,
-    skipped_entries,
-    skipped_names,
-    take_inventory,
-    with_versions,
-    write_inventory,
-)
+from ..enrich import Progress, ShardResult, Throttle, items_by_shard
+from ..inventory import OutputInsideDataset, refresh_inventory, skipped_entries, skipped_names
 from ..live import plain_number
-from ..storage import Storage, readable_location
+from ..storage import readable_location
 from ._metadata import (
     PROGRESS_LISTENER,
     SHARD_LISTENER,
@@ -40,35 +31,11 @@ from ._metadata import (
     plain,
     plan_metadata,
     preview_metadata,
-    progress_line,
     shard_metadata,
 )
 from .checks import manifest_check_spec, per_shard_evaluations, range_result, schema_failures
 from .naming import CLIPDROP, INVENTORY, STORAGE, SURFACE_NORMALS, Names
 from .resources import ClipdropResource, DatasetResource
-
-
-def _refuse_nested(dataset: Storage, output: Storage) -> None:
-    """An output inside the dataset would feed the pipeline its own normal maps."""
-    if (output.uri + "/").startswith(dataset.uri.rstrip("/") + "/"):
-        raise Failure(f"the output {output.uri} lies inside the dataset {dataset.uri}: choose an output outside it")
-
-
-def stop_message(error: Exception, api_url: str) -> str:
-    """One line: what happened and what to do. Built from our own messages, which never hold the key."""
-    if isinstance(error, ApiUnreachable):
-        return (
-            f"cannot reach the Clipdrop API at {api_url} ({error.message}); check the URL and the network, then re-run"
-        )
-    return error.message if isinstance(error, ClipdropError) else f"{type(error).__name__}: {error}"
-
-
-def _check_layout(output: Storage, shards: int) -> None:
-    """A shard count other than the output's would list images in two partitions: refuse it."""
-    try:
-        manifest.check_layout(output, shards, lambda: inventory_shards(output))
-    except manifest.LayoutMismatch as error:
-        raise Failure(description=str(error), allow_retries=False) from None
 
 
 def build_assets(
@@ -90,10 +57,10 @@ def build_assets(
         next run (what it would send and charge, per shard), found without a request."""
         storage: DatasetResource = getattr(context.resources, storage_key)
         dataset, output = storage.dataset(), storage.output()
-        _refuse_nested(dataset, output)
-        _check_layout(output, shards)
-        table = with_versions(dataset, take_inventory(dataset, shards))  # stat'ed once, here: the steps after need none
-        uri = write_inventory(output, table)
+        try:
+            table, uri = refresh_inventory(dataset, output, shards)
+        except (OutputInsideDataset, manifest.LayoutMismatch) as error:
+            raise Failure(description=str(error), allow_retries=False) from None
         per_shard = table.group_by("shard").aggregate([("path", "count")]).to_pylist()
         context.log.info(f"{table.num_rows} images in {dataset.uri}")
         skipped = skipped_entries(table)
@@ -142,7 +109,7 @@ def build_assets(
         clipdrop: ClipdropResource = getattr(context.resources, clipdrop_key)
         keys = list(context.partition_keys)
         dataset, output = storage.dataset(), storage.output()
-        items = _items_by_shard(dataset, output, keys, shards)
+        items = items_by_shard(dataset, output, keys, shards)
         previews: dict[str, MetadataValue] = {}
         failures: dict[str, pd.DataFrame] = {}
 
@@ -154,22 +121,15 @@ def build_assets(
             if result.stopped is None:
                 previews[key] = preview_metadata(result.manifest, output, dataset)
 
-        with clipdrop.get_client() as client:
-            claims = clipdrop.claim_store()
-            for warning in take_set_aside_warnings():  # a state file this process had to set aside to open
-                context.log.warning(warning)
-            results = enrich_shards(
-                dataset,
-                output,
-                client,
-                [(key, items[key]) for key in keys],
-                concurrency=clipdrop.concurrency,
-                oversize=clipdrop.oversize,
-                claims=claims,
-                progress=_progress_relay(context),
-                notify=context.log.info,
-                on_shard=shard_done,
-            )
+        results = clipdrop.settings().enrich(
+            dataset,
+            output,
+            [(key, items[key]) for key in keys],
+            warn=context.log.warning,
+            progress=_progress_relay(context),
+            notify=context.log.info,
+            on_shard=shard_done,
+        )
         metadata = {key: shard_metadata(result, len(items[key])) for key, result in results.items()}
         stopped = {key: result.stopped for key, result in results.items() if result.stopped is not None}
         finished = {  # what a materialization shows: the figures and a preview (not made for stopped shards)
@@ -187,12 +147,6 @@ def build_assets(
         yield from per_shard_evaluations(context.instance, names.asset(SURFACE_NORMALS), manifests, failures)
 
     return [image_inventory, surface_normals]
-
-
-def _items_by_shard(dataset: Storage, output: Storage, keys: list[str], shards: int) -> dict[str, list[Item]]:
-    """The current items of each of the run's shards, from one read of the inventory."""
-    inventory = read_inventory(output, shards=shards)
-    return {key: current_items(dataset, inventory.filter(pc.equal(inventory["shard"], int(key)))) for key in keys}
 
 
 def _log_shard(context: AssetExecutionContext, key: str, result: ShardResult, images: int) -> None:
@@ -236,6 +190,6 @@ def _progress_relay(context: AssetExecutionContext) -> Callable[[Progress], None
         if listener is not None:
             listener(progress)
         if throttle.due(progress) or progress.done == progress.total:
-            context.log.info(progress_line(progress))
+            context.log.info(progress.line())
 
     return relay

@@ -11,7 +11,6 @@ would plot among that partition's own.
 from __future__ import annotations
 
 import pandas as pd
-import pandera.errors
 from dagster import (
     AssetCheckEvaluation,
     AssetCheckResult,
@@ -55,15 +54,7 @@ def _target(instance: DagsterInstance, asset_key: AssetKey, key: str) -> AssetCh
 def schema_failures(manifests: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
     """Each shard's failure cases (`shard, column, check, failure_case`; empty when it passes), validating
     each manifest once and lazily, so every failing column and check is listed, not just the first."""
-    failures = {}
-    for key, df in manifests.items():
-        try:
-            manifest.validate(df)
-        except pandera.errors.SchemaErrors as errors:
-            failures[key] = errors.failure_cases[["column", "check", "failure_case"]].assign(shard=key)
-        else:
-            failures[key] = pd.DataFrame(columns=["column", "check", "failure_case", "shard"])
-    return failures
+    return {key: manifest.failure_cases(df).assign(shard=key) for key, df in manifests.items()}
 
 
 def per_shard_evaluations(

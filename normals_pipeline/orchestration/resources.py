@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from decimal import Decimal
@@ -14,24 +13,11 @@ from dagster_aws.s3 import S3Resource
 from pydantic import Field, field_validator
 
 from .._state import ClaimStore
-from ..client import DEFAULT_API_URL, ClipdropClient, RetryPolicy
-from ..enrich import MAX_IN_FLIGHT
-from ..guards import MAX_TIMEOUT_S, CreditGuard, claim_store, key_state, rate_guard_for
-from ..plan import Plan, make_plan
+from ..client import DEFAULT_API_URL, ClipdropClient
+from ..guards import MAX_TIMEOUT_S
+from ..plan import Plan
+from ..settings import ClipdropSettings, check_api_url
 from ..storage import Storage, open_storage
-
-
-def check_api_url(url: str) -> str:
-    """`url` if it is http(s) with a host. Anything else would only fail at the first request, and then
-    be retried as a network error for a long while before the run says it cannot reach the API."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        parts.port  # noqa: B018 - raises on a port that is not a number in range
-    except ValueError as error:
-        raise ValueError(f"the API URL {url!r} is not a valid URL ({error})") from None
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"the API URL must start with http:// or https:// and name a host, got {url!r}")
-    return url
 
 
 class ClipdropResource(ConfigurableResource):
@@ -75,54 +61,40 @@ class ClipdropResource(ConfigurableResource):
         An EnvVar is checked once Dagster resolves it at launch; a non-string is left to the `str` type."""
         return check_api_url(value) if isinstance(value, str) and not isinstance(value, EnvVar) else value
 
+    def settings(self) -> ClipdropSettings:
+        """The core's settings of this key. Called on the definitions' resource too (the inventory's plan), whose
+        key may still be an `EnvVar`: read here, empty (balance unknown) when unset."""
+        key = self.api_key.get_value() if isinstance(self.api_key, EnvVar) else self.api_key
+        return ClipdropSettings(
+            api_key=key or "",
+            api_url=self.api_url,
+            requests_per_minute=self.requests_per_minute,
+            concurrency=self.concurrency,
+            credit_floor=Decimal(str(self.credit_floor)),
+            run_budget=Decimal(str(self.run_budget)) if self.run_budget is not None else None,
+            timeout_s=self.timeout_seconds,
+            max_attempts=self.max_attempts,
+            oversize=self.oversize,
+            redis_url=self.redis_url,
+        )
+
     @contextmanager
     def get_client(self) -> Iterator[ClipdropClient]:
         """A client for one run: the rate guard is shared by the process, the credit guard is the run's."""
-        budget = Decimal(str(self.run_budget)) if self.run_budget is not None else None
-        rate_guard = rate_guard_for(self.api_key, self.requests_per_minute, self.redis_url)
-        client = ClipdropClient(
-            self.api_key,
-            base_url=self.api_url,
-            rate_guard=rate_guard,
-            credit_guard=CreditGuard(floor=Decimal(str(self.credit_floor)), budget=budget, state=rate_guard.state),
-            timeout_s=self.timeout_seconds,
-            retry=RetryPolicy(attempts=self.max_attempts),
-            max_connections=self.concurrency or MAX_IN_FLIGHT,
-        )
-        try:
+        with self.settings().open_client() as client:
             yield client
-        finally:
-            client.close()
 
     def plan(self, dataset: Storage, output: Storage, inventory: pa.Table, shards: int) -> Plan:
         """What the next run with these settings would send and charge, from `inventory`: no request, no write."""
-        return make_plan(
-            dataset,
-            output,
-            shards,
-            inventory=inventory,
-            rpm=self.requests_per_minute,
-            concurrency=self.concurrency,
-            oversize=self.oversize,
-            claims=self.claim_store(),
-            balance=self._known_balance(),
-        )
-
-    def _known_balance(self) -> tuple[Decimal, float] | None:
-        """The key's last reported balance and its age, read from its shared state. Called on the definitions'
-        resource too (the inventory's plan), whose key may still be an `EnvVar`: read here, unknown when unset."""
-        key = self.api_key.get_value() if isinstance(self.api_key, EnvVar) else self.api_key
-        return key_state(key, self.redis_url).known_balance() if key else None
+        return self.settings().plan(dataset, output, inventory, shards)
 
     def shortfall(self, plan: Plan) -> str | None:
         """Why a run would not fit the key's balance less `credit_floor`, or `run_budget`; None if it would."""
-        budget = Decimal(str(self.run_budget)) if self.run_budget is not None else None
-        return plan.shortfall(Decimal(str(self.credit_floor)), budget)
+        return self.settings().shortfall(plan)
 
     def claim_store(self) -> ClaimStore:
-        """Claims (one sender per content, one writer per shard) where every run can see them: the
-        same place as the key's guards, Redis with `redis_url`, else this host's SQLite file."""
-        return claim_store(self.redis_url)
+        """Claims where every run can see them: the same place as the key's guards (see `ClipdropSettings`)."""
+        return self.settings().claim_store()
 
 
 class DatasetResource(ConfigurableResource):
