@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test dev ui-test emulator bench cluster-up cluster-down clean
+.PHONY: install demo test dev ui-test airflow-install airflow-test emulator bench cluster-up cluster-down clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,21 @@ ui-test: $(UI_STAMP)
 	@test -x /usr/bin/chromium || { echo "make ui-test needs Debian's Chromium: apt-get install -y chromium" >&2; exit 2; }
 	NORMALS_UI_TEST=1 $(BIN)/python -m pytest -q tests/test_ui.py
 
+# The Airflow provider (normals_pipeline.airflow, README "Airflow"): Airflow 3 in the same environment as Dagster
+# (constraints.txt pins both), so `.venv-airflow` is a link to `.venv` and `.venv-airflow/bin/airflow` runs it.
+AIRFLOW_STAMP := $(VENV)/.installed-airflow
+$(AIRFLOW_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,cluster,airflow]'
+	ln -sfn $(VENV) .venv-airflow
+	touch $(AIRFLOW_STAMP)
+
+airflow-install: $(AIRFLOW_STAMP)
+
+# tests/test_airflow.py (a few minutes): `airflow dags test normals_enrichment` against the emulator on SQLite, a
+# Dagster run and an Airflow DAG on one key at once, a mapped task retried after a kill.
+airflow-test: $(AIRFLOW_STAMP)
+	NORMALS_AIRFLOW_TEST=1 $(BIN)/python -m pytest -q tests/test_airflow.py
+
 emulator: $(STAMP)
 	$(BIN)/normals-pipeline emulator
 
@@ -61,4 +76,4 @@ cluster-down:
 	deploy/cluster.sh down
 
 clean:
-	rm -rf $(VENV) demo-output dev-data .dagster_home .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-airflow demo-output dev-data .dagster_home .pytest_cache .hypothesis
