@@ -116,6 +116,12 @@ def test_without_a_connection_the_hook_reads_the_same_variables_as_definitions(m
     assert (settings.api_key, settings.api_url, settings.requests_per_minute) == ("env-key", "http://127.0.0.1:9", 120)
 
 
+def test_no_key_in_the_connection_or_the_environment_fails_the_task_naming_both(monkeypatch):
+    monkeypatch.delenv("CLIPDROP_API_KEY", raising=False)
+    with pytest.raises(AirflowFailException, match="no Clipdrop API key: .*'no_such_connection'.*CLIPDROP_API_KEY"):
+        ClipdropHook("no_such_connection").settings()
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [({"rpm_typo": 5}, "unknown Clipdrop connection extra"), ({"requests_per_minute": 0}, "requests_per_minute")],
