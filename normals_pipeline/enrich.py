@@ -123,8 +123,9 @@ class Progress:
     def line(self) -> str:
         """One line for a log (Dagster's event log, an Airflow task's): where the run stands."""
         left = f", about {self.left_s:.0f} s left" if self.left_s is not None else ""
+        pace = f" ({60 * self.done / self.elapsed_s:.0f} images/min)" if self.elapsed_s > 0 else ""
         return (
-            f"{self.done}/{self.total} images processed, {self.enriched} enriched, {self.error_count} errors; "
+            f"{self.done}/{self.total} images processed{pace}, {self.enriched} enriched, {self.error_count} errors; "
             f"{self.requests} requests, {self.credits.normalize():f} credits spent, "
             f"{self.elapsed_s:.0f} s elapsed{left}"
         )

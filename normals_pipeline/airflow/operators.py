@@ -17,7 +17,7 @@ from .. import manifest
 from .._errors import ClipdropError, stop_message, stopped_line
 from .._state import take_set_aside_warnings
 from ..enrich import Progress, ShardResult, Throttle, items_by_shard
-from ..inventory import OutputInsideDataset, refresh_inventory
+from ..inventory import OutputInsideDataset, refresh_inventory, skipped_entries
 from ..live import plain_number
 from ..manifest import LayoutMismatch
 from ..storage import Storage, open_storage
@@ -57,6 +57,9 @@ class NormalsInventoryOperator(_NormalsOperator):
             table, uri = refresh_inventory(dataset, output, self.shards)
         except (OutputInsideDataset, LayoutMismatch) as error:
             raise AirflowFailException(str(error)) from None
+        if skipped := skipped_entries(table):
+            reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(skipped.items()))
+            self.log.warning("entries skipped (%s): only regular files with UTF-8 names are read", reasons)
         settings = ClipdropHook(self.clipdrop_conn_id).settings()
         plan = settings.plan(dataset, output, table, self.shards)
         for warning in [*take_set_aside_warnings(), *plan.warnings]:
