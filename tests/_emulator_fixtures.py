@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from decimal import Decimal
@@ -40,3 +44,14 @@ def emulator_factory() -> Iterator[Callable[..., Emulator]]:
 def emulator(emulator_factory: Callable[..., Emulator]) -> Emulator:
     """A running emulator accepting ``test-key`` with 1000 credits."""
     return emulator_factory()
+
+
+def kill_once_charged(emulator: Emulator, victim: subprocess.Popen, charged: int, timeout_s: float = 120) -> Decimal:
+    """SIGKILL `victim`'s process group (started with `start_new_session=True`) once the emulator has charged
+    `charged` images, others being in flight then; what had been charged when it was gone."""
+    deadline = time.monotonic() + timeout_s
+    while Decimal(emulator.stats()["charged"]) < charged and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    return Decimal(emulator.stats()["charged"])

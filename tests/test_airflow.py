@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ if os.environ.get("NORMALS_AIRFLOW_TEST") != "1":
 pytest.importorskip("airflow.sdk", reason="the Airflow tests need the `airflow` extra (make airflow-install)")
 
 import pyarrow.dataset as ds  # noqa: E402
+from _emulator_fixtures import kill_once_charged  # noqa: E402
 from airflow.sdk.exceptions import AirflowFailException  # noqa: E402
 
 from normals_pipeline.airflow import ClipdropHook, NormalsEnrichOperator, normals_dag, pool_for  # noqa: E402
@@ -211,12 +211,7 @@ def test_a_mapped_task_retried_after_a_kill_sends_nothing_twice(airflow_home, tm
     make_portraits(tmp_path / "in", images)
     output = tmp_path / "airflow"
     victim = dags_test(airflow_home, tmp_path / "in", output, emulator.url, rpm=6000, concurrency=in_flight)
-    deadline = time.monotonic() + 120
-    while Decimal(emulator.stats()["charged"]) < 6 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.killpg(victim.pid, signal.SIGKILL)
-    victim.wait()
-    charged_before = Decimal(emulator.stats()["charged"])
+    charged_before = kill_once_charged(emulator, victim, 6)
     assert 6 <= charged_before < images, "the kill should land mid-task"
 
     retry = dags_test(airflow_home, tmp_path / "in", output, emulator.url, rpm=6000, concurrency=in_flight)

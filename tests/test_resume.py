@@ -1,15 +1,14 @@
 """A run killed with SIGKILL mid-shard loses at most the requests in flight; the same command finishes it."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from decimal import Decimal
 from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
+from _emulator_fixtures import kill_once_charged
 from PIL import Image
 
 from normals_pipeline.synthetic import make_portraits
@@ -42,12 +41,7 @@ def test_kill_9_then_rerun_gives_one_row_per_image_and_charges_only_what_was_in_
     victim = subprocess.Popen(
         args, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    deadline = time.monotonic() + 60
-    while Decimal(emulator.stats()["charged"]) < 6 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.killpg(victim.pid, signal.SIGKILL)
-    victim.wait()
-    charged_before = Decimal(emulator.stats()["charged"])
+    charged_before = kill_once_charged(emulator, victim, 6, timeout_s=60)
     assert 6 <= charged_before < IMAGES, "the kill should land mid-shard"
 
     finished = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
