@@ -9,7 +9,7 @@ whose map is gone, or whose sizes disagree is left out and counted by reason; it
 Layout under `<output>/training/`, one folder per dataset shard (hive key `partition`, as the manifest's):
 
     parquet/partition=<key>/<split>-<part>.parquet   image, normal_map, path, content_hash, width, height, split,
-                                                     person_fraction, unit_norm_error, facing_fraction
+                                                     key, person_fraction, unit_norm_error, facing_fraction
     webdataset/<key>_<part>.tar + <key>_<part>_stats.json   (optional) img2dataset's layout
 
 The three figures are `normals.MapQuality`'s, measured once as the pair is built. A map whose person covers
@@ -17,7 +17,9 @@ less than `min_person_fraction` of it (the flat map the API returns when it find
 `no_person` unless `keep_no_person`: it would teach a model that a face is a wall. That reason is a fact of
 the map, not a passing failure, so a build that left out only `no_person` maps is still reused.
 
-`split` is a column inside the files (so every reader has it, Hugging Face `datasets` included, which reads no
+`key` names a pair across the dataset, `<partition>_<index>`, the WebDataset sample's key (a pair added to a
+kept build takes the next index; a rebuild numbers the shard's pairs again in path order). `split` is a column
+inside the files (so every reader has it, Hugging Face `datasets` included, which reads no
 hive keys) and the start of the file name (so `datasets` finds the splits by name). Each file holds at most
 about `PART_BYTES` of images, so a shard of any size is written in bounded memory; a re-run rewrites the
 shard's files and deletes those it did not write again, or keeps them when nothing they were made from changed
@@ -93,6 +95,7 @@ _FEATURES = {
     "width": {"dtype": "int32", "_type": "Value"},
     "height": {"dtype": "int32", "_type": "Value"},
     "split": {"dtype": "string", "_type": "Value"},
+    "key": {"dtype": "string", "_type": "Value"},
     **{name: {"dtype": "float32", "_type": "Value"} for name in QUALITY_COLUMNS},
 }
 # `datasets` decodes the two struct columns as PIL images only with its features in the `huggingface` key.
@@ -105,6 +108,7 @@ SCHEMA = pa.schema(
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
         pa.field("split", pa.string()),
+        pa.field("key", pa.string()),
         *(pa.field(name, pa.float32()) for name in QUALITY_COLUMNS),  # null without a person pixel
     ],
     metadata={"huggingface": json.dumps({"info": {"features": _FEATURES}})},
@@ -154,6 +158,7 @@ class Pair:
     image_type: str  # the image's content type: JPEG, PNG (with alpha) or WEBP, as sent
     normal_map: bytes
     quality: MapQuality
+    key: str = ""  # the sample key, given as the shard's writer takes the pair
 
     @property
     def nbytes(self) -> int:
@@ -358,6 +363,14 @@ def _build_record(partition_key: str, suffix: str = "json") -> str:
     return f"{TRAINING_DIR}/.built/{partition_key}.{suffix}"
 
 
+def build_stamp(output: Storage, partition_key: str) -> str | None:
+    """The stamp of a shard's last build (None: never built): its pairs are the same as long as it is."""
+    try:
+        return json.loads(output.read_bytes(_build_record(partition_key)))["stamp"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+
+
 def _record_build(
     output: Storage, partition_key: str, built: pd.DataFrame, stamps: dict, result: TrainingResult
 ) -> None:
@@ -375,9 +388,11 @@ def _keys(rows: pd.DataFrame) -> pd.Series:
 
 
 def _settings(fractions: Mapping[str, float], webdataset: bool, min_person_fraction: float, keep: bool) -> bytes:
-    """What a shard's pairs are made with, besides its rows (the figures' columns and rule included)."""
-    quality = [QUALITY_COLUMNS, min_person_fraction, keep, normals.FACING_ANGLE]
-    return json.dumps([sorted(fractions.items()), webdataset, PART_BYTES, ROW_GROUP_ROWS, quality]).encode()
+    """What a shard's pairs are made with, besides its rows (the columns and the no_person rule included)."""
+    quality = [min_person_fraction, keep, normals.FACING_ANGLE]
+    return json.dumps(
+        [sorted(fractions.items()), webdataset, PART_BYTES, ROW_GROUP_ROWS, SCHEMA.names, quality]
+    ).encode()
 
 
 def _digest(settings: bytes) -> str:
@@ -449,7 +464,7 @@ class _ShardWriter:
         self.parts: Counter[str] = Counter()
         self.samples: list[Pair] = []
         self.tar_parts = 0
-        self.tar_samples = 0  # samples in the tars written so far: keys go on from there
+        self.pairs = 0  # pairs taken so far: sample keys go on from there
         self.written: list[str] = []
         if kept is not None:
             self._go_on_after(kept)
@@ -462,10 +477,12 @@ class _ShardWriter:
                 self.parts[split] = max(self.parts[split], int(part) + 1)
             elif name.endswith(".tar"):
                 self.tar_parts = max(self.tar_parts, int(name.removesuffix(".tar").rpartition("_")[2]) + 1)
-        self.tar_samples = kept.pairs if self.webdataset else 0
+        self.pairs = kept.pairs
         self.written = list(kept.files)
 
     def add(self, pair: Pair) -> None:
+        pair = replace(pair, key=sample_key(self.key, self.pairs))
+        self.pairs += 1
         self.buffers[pair.split].append(pair)
         self.buffered[pair.split] += pair.nbytes
         if self.buffered[pair.split] >= PART_BYTES:
@@ -494,7 +511,7 @@ class _ShardWriter:
     def _flush_tar(self) -> None:
         """A tar of img2dataset's layout, then its stats file (written last, as img2dataset's completion marker)."""
         name = f"{WEBDATASET_DIR}/{self.key}_{self.tar_parts:04d}"
-        self._put(f"{name}.tar", tar_bytes(self.samples, self.key, self.tar_samples), "application/x-tar")
+        self._put(f"{name}.tar", tar_bytes(self.samples), "application/x-tar")
         stats = {
             "count": len(self.samples),
             "successes": len(self.samples),
@@ -502,7 +519,6 @@ class _ShardWriter:
         }
         self._put(f"{name}_stats.json", json.dumps(stats).encode(), "application/json")
         self.tar_parts += 1
-        self.tar_samples += len(self.samples)
         self.samples, self.buffered[""] = [], 0
 
     def _put(self, path: str, data: bytes, content_type: str) -> None:
@@ -526,6 +542,7 @@ def parquet_bytes(pairs: list[Pair]) -> bytes:
         "width": [p.width for p in pairs],
         "height": [p.height for p in pairs],
         "split": [p.split for p in pairs],
+        "key": [p.key for p in pairs],
         **{name: [getattr(p.quality, name) for p in pairs] for name in QUALITY_COLUMNS},
     }
     table = pa.table(columns, schema=SCHEMA)
@@ -540,12 +557,12 @@ def sample_key(partition_key: str, index: int) -> str:
     return f"{partition_key}_{index:06d}"
 
 
-def tar_bytes(pairs: list[Pair], partition_key: str, first: int = 0) -> bytes:
+def tar_bytes(pairs: list[Pair]) -> bytes:
     """`{key}.jpg|png|webp` (the image as sent), `{key}.normal.jpg` and `{key}.json` per pair, in that order."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for index, pair in enumerate(pairs, start=first):
-            key = sample_key(partition_key, index)
+        for pair in pairs:
+            key = pair.key
             meta = {
                 "key": key,
                 "path": pair.path,

@@ -463,6 +463,7 @@ def test_rows_only_added_keep_the_built_files_and_add_parts_for_the_new_pairs(en
     assert {path: (tmp_path / "out" / path).stat().st_mtime_ns for path in first.files} == written  # kept
     keys = _tar_keys(output)
     assert len(keys) == len(set(keys)) == 13  # sample keys go on after the kept tars'
+    assert sorted(pairs_table(output)["key"].to_pylist()) == sorted(keys)  # the pairs name their samples alike
     assert grown.splits == Counter(training.split_of(digest, EVEN) for digest in ordered["content_hash"])
     assert sum(len(NormalsDataset(output, split=split)) for split in EVEN) == 13
     assert write_training_pairs(dataset, output, "00", manifest, splits=EVEN, webdataset=True).reused

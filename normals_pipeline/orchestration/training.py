@@ -45,6 +45,8 @@ COLUMNS = {
     "width": "Width of the image and of the map.",
     "height": "Height of the image and of the map.",
     "split": "train, validation or test, from the content hash: stable across runs, shared by duplicates.",
+    "key": "The pair's sample key across the dataset, <partition>_<index>: the WebDataset sample's and the "
+    "exported layouts' file stem.",
     "person_fraction": "Share of the map's pixels in the person mask (normals.decode).",
     "unit_norm_error": "Mean | |n| - 1 | over the person pixels before renormalising, n = rgb / 127.5 - 1 "
     "(null without a person pixel).",
