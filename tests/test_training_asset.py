@@ -127,3 +127,31 @@ def test_the_quality_check_counts_maps_of_no_one_per_partition_and_only_warns(tm
     single = defs.resolve_job_def("enrich_shard").execute_in_process(instance=instance, partition_key="00")
     [check] = [e for e in single.get_asset_check_evaluations() if e.check_name == "normal_map_quality"]
     assert check.partition == "00" and check.metadata["no_person"].value == expected["00"]  # reused, same figures
+
+
+def test_export_layouts_are_written_in_the_same_runs_and_kept_when_nothing_changed(tmp_path, emulator):
+    make_portraits(tmp_path / "in", 6)
+    Image.new("RGB", (320, 240), (120, 140, 160)).save(tmp_path / "in" / "blank.jpg")
+    output = tmp_path / "out"
+    defs = definitions(tmp_path / "in", output, emulator.url, export_layouts=["sapiens", "marigold"])
+    instance = DagsterInstance.ephemeral()
+    defs.resolve_job_def("refresh_inventory").execute_in_process(instance=instance)
+    assert defs.resolve_job_def("enrich_shard").execute_in_process(instance=instance, tags=RANGE).success
+
+    exported = {key: m["exported"].value for key, m in training_materializations(instance).items()}
+    assert sum(shard["sapiens"]["samples"] for shard in exported.values()) == 6  # the photo of no one left out
+    sapiens = output / "training" / "sapiens"
+    assert len(list(sapiens.glob("*/normals/*.npy"))) == len(list(sapiens.glob("*/masks/*.png"))) == 6
+    listed = [
+        (output / "training" / "marigold" / f"{split}.txt").read_text() for split in ("train", "validation", "test")
+    ]
+    assert sum(text.count("\n") for text in listed) == 6
+    files = {path: path.stat().st_mtime_ns for path in (output / "training").rglob("*") if path.is_file()}
+
+    assert defs.resolve_job_def("enrich_shard").execute_in_process(instance=instance, tags=RANGE).success
+    again = {key: m["exported"].value for key, m in training_materializations(instance).items()}
+    assert all(shard[layout]["reused"] for shard in again.values() for layout in ("sapiens", "marigold"))
+    assert {path: path.stat().st_mtime_ns for path in (output / "training").rglob("*") if path.is_file()} == files
+
+    with pytest.raises(ValueError, match="unknown layout"):
+        normals_definitions(dataset="/d", output="/o", export_layouts=["hypersim"])

@@ -55,6 +55,7 @@ def build_definitions(
     webdataset: bool = False,
     min_person_fraction: float = MIN_PERSON_FRACTION,
     keep_no_person: bool = False,
+    export_layouts: Sequence[str] = (),
     automation: Automation = "none",
     owners: Sequence[str] = (),
 ) -> Definitions:
@@ -62,8 +63,9 @@ def build_definitions(
     Component and the CLI all go through here. `shards_per_run`: how many shards a backfill puts in one run.
     `training_pairs`: the `training_pairs` asset, in the shard job with `surface_normals` (so the sensor,
     the schedule's follow-ups and `normals-pipeline run` build them too); a map whose person covers less than
-    `min_person_fraction` of it is left out of them unless `keep_no_person`. `automation`: see `automation.py`;
-    `owners`: emails or `team:name`, on every asset."""
+    `min_person_fraction` of it is left out of them unless `keep_no_person`; `export_layouts` (sapiens,
+    marigold, dsine) are written from them in the same runs (`normals_pipeline.export`). `automation`: see
+    `automation.py`; `owners`: emails or `team:name`, on every asset."""
     check_automation(automation, sensor_enabled, schedule_enabled)
     clipdrop = clipdrop or ClipdropResource(api_key=EnvVar("CLIPDROP_API_KEY"))
     names = Names.of(key_prefix)
@@ -87,6 +89,7 @@ def build_definitions(
                     webdataset,
                     min_person_fraction,
                     keep_no_person,
+                    export_layouts,
                 )
             )
         if automation != "none":

@@ -5,7 +5,7 @@ puts both in the same runs: the pairs of a shard are built right after its maps,
 `normals_pipeline.training` (this module only reads the settings and reports).
 """
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from dagster import (
@@ -20,8 +20,9 @@ from dagster import (
     asset,
 )
 
+from ..export import check_layout, export_partition, finish_layout, layout_dir
 from ..manifest import read_manifest
-from ..storage import readable_location
+from ..storage import Storage, readable_location
 from ..training import (
     MIN_PERSON_FRACTION,
     PARQUET_DIR,
@@ -81,9 +82,11 @@ def build_training_asset(
     webdataset: bool,
     min_person_fraction: float = MIN_PERSON_FRACTION,
     keep_no_person: bool = False,
+    export_layouts: Sequence[str] = (),
 ):
     storage_key = names.name(STORAGE)
     fractions = check_splits(splits)  # refused when the definitions load, not in the first run
+    layouts = {layout: check_layout(layout) for layout in export_layouts}  # each in its trainer's convention
 
     @asset(
         key=names.asset(TRAINING_PAIRS),
@@ -98,7 +101,8 @@ def build_training_asset(
         description=(
             f"Each enriched image as it was sent next to its normal map, the same size, under <output>/{PARQUET_DIR}/"
             f"partition=<key>/<split>-<part>.parquet (Hugging Face Image columns; splits {fractions} by content)"
-            + (", and WebDataset tars." if webdataset else ".")
+            + (", and WebDataset tars" if webdataset else "")
+            + (f"; also in the layouts {', '.join(layouts)} under <output>/training/<layout>/." if layouts else ".")
         ),
     )
     def training_pairs(context: AssetExecutionContext) -> Iterator[MaterializeResult | AssetCheckEvaluation]:
@@ -108,6 +112,7 @@ def build_training_asset(
         storage: DatasetResource = getattr(context.resources, storage_key)
         dataset, output = storage.dataset(), storage.output()
         figures: dict[str, dict[str, Any]] = {}
+        present = {layout: set(output.list_prefix(layout_dir(layout))) for layout in layouts}  # listed once a run
         for key in context.partition_keys:
             warnings: list[str] = []
             shard = read_manifest(output, key, warnings)
@@ -127,10 +132,30 @@ def build_training_asset(
             left_out = ", ".join(f"{reason}: {n}" for reason, n in sorted(result.left_out.items())) or "none"
             kept = " (unchanged since the last build: kept)" if result.reused else ""
             context.log.info(f"shard {key}: {result.pairs} training pairs, left out: {left_out}{kept}")
-            context.add_asset_metadata(training_metadata(result), partition_key=key)
+            exported = _export(context, output, key, layouts, present)
+            context.add_asset_metadata(training_metadata(result) | exported, partition_key=key)
+        for layout, convention in layouts.items():
+            finish_layout(output, layout, convention)  # lists and meta.json, from every partition's record
         yield MaterializeResult(check_results=[check_quality(figures, numbers=len(figures) < 2)])
         if len(figures) > 1:
             results = {key: check_quality({key: shard}) for key, shard in figures.items()}
             yield from evaluations_of(context.instance, names.asset(TRAINING_PAIRS), results)
 
     return training_pairs
+
+
+def _export(
+    context: AssetExecutionContext,
+    output: Storage,
+    key: str,
+    layouts: Mapping[str, str],
+    present: Mapping[str, set[str]],
+) -> dict[str, Any]:
+    """The shard's pairs in each layout (`present`: each layout's files, listed once a run); its metadata."""
+    figures = {}
+    for layout, convention in layouts.items():
+        done = export_partition(output, key, layout, convention, present[layout])
+        state = "unchanged: kept" if done.reused else f"{done.written} files written, {done.deleted} deleted"
+        context.log.info(f"shard {key}: {layout} layout, {done.samples} samples, {state}")
+        figures[layout] = {"samples": done.samples, "written": done.written, "reused": done.reused}
+    return {"exported": MetadataValue.json(figures)} if figures else {}
