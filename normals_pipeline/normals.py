@@ -149,13 +149,18 @@ class MapQuality:
 
 def assess(data: bytes) -> MapQuality:
     """A JPEG map's `MapQuality`, from the mask and normals `decode` gives (InvalidNormalMap if unreadable)."""
-    rgb = np.asarray(_open_jpeg(data))
-    vectors, mask = decode_rgb(rgb)
+    image = _open_jpeg(data)
+    width, height = image.size
+    bands = tuple(np.frombuffer(image.tobytes("raw", band), np.uint8).reshape(height, width) for band in "RGB")
+    vectors, mask = _decode_planes(bands, _signs("opengl"))
     person = int(np.count_nonzero(mask))
     if person == 0:
         return MapQuality(0.0, None, None)
-    encoded = rgb[mask].astype(np.float32) / _HALF - np.float32(1)
-    error = np.abs(np.linalg.norm(encoded, axis=-1) - np.float32(1))
+    squared = np.zeros(person, dtype=np.float32)
+    for band in bands:  # the person's pixels a band at a time: three small gathers, not an N×3 copy
+        values = band[mask].astype(np.float32) - _HALF
+        squared += values * values
+    error = np.abs(np.sqrt(squared) / _HALF - np.float32(1))
     facing = int(np.count_nonzero(vectors[..., 2][mask] > _COS_FACING))
     return MapQuality(person / mask.size, float(error.mean()), facing / person)
 
