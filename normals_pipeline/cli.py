@@ -1,10 +1,11 @@
-"""normals-pipeline: enrich images with Clipdrop surface normals (plan, run, demo, portraits, reshard, emulator).
+"""normals-pipeline: enrich images with Clipdrop surface normals (plan, run, export, demo, portraits, reshard, emulator)
 
 Exit codes: 0 the run completed (per-image errors included), 1 the run stopped (key refused, credits
 gone, API unreachable, a manifest failed its check, SIGTERM or Ctrl-C), 2 it could not start (bad option,
 key or dataset missing, output inside the dataset or not writable). `plan`: 0 the run would fit, 1 it would
-not (budget, balance less the floor), 2 it cannot start. Every error is one `normals-pipeline: ` line on
-stderr; `--verbose` adds Dagster's log with its stack traces.
+not (budget, balance less the floor), 2 it cannot start. `export`: 0 written (or nothing changed), 2 it cannot
+start (no training pairs under the output). Every error is one `normals-pipeline: ` line on stderr;
+`--verbose` adds Dagster's log with its stack traces.
 """
 
 from __future__ import annotations
@@ -238,10 +239,46 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="the same seed writes the same bytes; another seed, other portraits (default: 0)",
     )
+    export = commands.add_parser(
+        "export", help="write the training pairs in a trainer's folder layout: no request, from the pairs alone"
+    )
+    export.add_argument("--output", required=True, help="folder or s3://bucket/prefix enriched before")
+    export.add_argument(
+        "--layout",
+        required=True,
+        choices=["sapiens", "marigold", "dsine"],
+        help="written under <output>/training/<layout>/",
+    )
+    export.add_argument(
+        "--convention",
+        choices=["opengl", "opencv", "omnidata", "dsine"],
+        default=None,
+        help="axes of the normals written (default: the trainer's: sapiens opencv, marigold opengl, dsine dsine)",
+    )
     reshard = commands.add_parser("reshard", help="move an output's manifests to another shard count (no run going)")
     reshard.add_argument("--output", required=True, help="folder or s3://bucket/prefix enriched before")
     reshard.add_argument("--shards", type=_count(MAX_SHARDS), required=True, help="the new number of partitions")
     return parser
+
+
+def export_command(output_uri: str, layout: str, convention: str | None) -> int:
+    """Every partition's pairs in `layout`; only what changed since the last export is written."""
+    from .export import export_layout, layout_dir, pair_partitions
+    from .storage import open_storage
+    from .training import PARQUET_DIR
+
+    try:
+        output = open_storage(output_uri)
+    except ValueError as error:
+        raise CannotStart(str(error)) from None
+    if not pair_partitions(output):
+        where = _location(output_uri, PARQUET_DIR + "/")
+        raise CannotStart(f"no training pairs under {where}: `normals-pipeline run` builds them")
+    result = export_layout(output, layout, convention)
+    change = f"{result.written} files written, {result.deleted} deleted" if not result.reused else "unchanged"
+    where = _location(output_uri, layout_dir(layout) + "/")
+    print(f"{layout} ({result.convention}): {result.samples} samples, {change}; {where}")
+    return 0
 
 
 def reshard_command(output_uri: str, shards: int) -> int:
@@ -696,6 +733,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_command(args)
     if args.command == "plan":
         return plan_command(args)
+    if args.command == "export":
+        return export_command(args.output, args.layout, args.convention)
     if args.command == "reshard":
         return reshard_command(args.output, args.shards)
     if args.command == "portraits":

@@ -56,7 +56,10 @@ __all__ = [
     "SEED_ANGLE",
     "CELL",
     "Convention",
+    "FACING_ANGLE",
     "InvalidNormalMap",
+    "MapQuality",
+    "assess",
     "decode",
     "decode_rgb",
     "flip_horizontal",
@@ -68,9 +71,11 @@ __all__ = [
 BACKGROUND_ANGLE = 25.0  # degrees from +Z: a background candidate (see the mask rule)
 SEED_ANGLE = 3.0  # degrees from +Z: an edge cell where the background may start
 CELL = 8  # px: the grid on which candidates are connected to the edges
+FACING_ANGLE = 25.0  # degrees from the viewer: a person pixel that faces the camera (`MapQuality.facing_fraction`)
 
 _JPEG_START, _JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
 _COS_ANGLE = np.float32(np.cos(np.radians(BACKGROUND_ANGLE)))
+_COS_FACING = np.float32(np.cos(np.radians(FACING_ANGLE)))
 _COS_SEED = np.float32(np.cos(np.radians(SEED_ANGLE)))
 _HALF = np.float32(127.5)
 _BLOCK_PIXELS = 65_536  # pixels per block: their float work (3 × 4 bytes each, 768 KiB) stays in the CPU cache
@@ -124,6 +129,40 @@ def decode_rgb(rgb: np.ndarray, convention: str = "opengl") -> tuple[np.ndarray,
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected an H×W×3 uint8 array, got {rgb.dtype} {rgb.shape}")
     return _decode_planes((rgb[..., 0], rgb[..., 1], rgb[..., 2]), signs)
+
+
+@dataclass(frozen=True)
+class MapQuality:
+    """What a trainer wants to know of a map before it trusts it.
+
+    `person_fraction`: share of the pixels in the mask (0 for the flat map the API returns when it finds no
+    person). `unit_norm_error`: mean | |n| - 1 | over the person pixels before renormalising, with
+    ``n = rgb / 127.5 - 1`` (the map's own encoding): JPEG and a bad map bend vectors off the unit sphere.
+    `facing_fraction`: share of the person pixels within `FACING_ANGLE` of the viewer. Both are None without a
+    person pixel (the background is drawn, not predicted, so it says nothing of the map).
+    """
+
+    person_fraction: float
+    unit_norm_error: float | None
+    facing_fraction: float | None
+
+
+def assess(data: bytes) -> MapQuality:
+    """A JPEG map's `MapQuality`, from the mask and normals `decode` gives (InvalidNormalMap if unreadable)."""
+    image = _open_jpeg(data)
+    width, height = image.size
+    bands = tuple(np.frombuffer(image.tobytes("raw", band), np.uint8).reshape(height, width) for band in "RGB")
+    vectors, mask = _decode_planes(bands, _signs("opengl"))
+    person = int(np.count_nonzero(mask))
+    if person == 0:
+        return MapQuality(0.0, None, None)
+    squared = np.zeros(person, dtype=np.float32)
+    for band in bands:  # the person's pixels a band at a time: three small gathers, not an N×3 copy
+        values = band[mask].astype(np.float32) - _HALF
+        squared += values * values
+    error = np.abs(np.sqrt(squared) / _HALF - np.float32(1))
+    facing = int(np.count_nonzero(vectors[..., 2][mask] > _COS_FACING))
+    return MapQuality(person / mask.size, float(error.mean()), facing / person)
 
 
 def load(uri: str, convention: str = "opengl", *, s3_client: Any = None) -> tuple[np.ndarray, np.ndarray]:

@@ -8,10 +8,18 @@ whose map is gone, or whose sizes disagree is left out and counted by reason; it
 
 Layout under `<output>/training/`, one folder per dataset shard (hive key `partition`, as the manifest's):
 
-    parquet/partition=<key>/<split>-<part>.parquet   image, normal_map, path, content_hash, width, height, split
+    parquet/partition=<key>/<split>-<part>.parquet   image, normal_map, path, content_hash, width, height, split,
+                                                     key, person_fraction, unit_norm_error, facing_fraction
     webdataset/<key>_<part>.tar + <key>_<part>_stats.json   (optional) img2dataset's layout
 
-`split` is a column inside the files (so every reader has it, Hugging Face `datasets` included, which reads no
+The three figures are `normals.MapQuality`'s, measured once as the pair is built. A map whose person covers
+less than `min_person_fraction` of it (the flat map the API returns when it finds no one) is left out as
+`no_person` unless `keep_no_person`: it would teach a model that a face is a wall. That reason is a fact of
+the map, not a passing failure, so a build that left out only `no_person` maps is still reused.
+
+`key` names a pair across the dataset, `<partition>_<index>`, the WebDataset sample's key (a pair added to a
+kept build takes the next index; a rebuild numbers the shard's pairs again in path order). `split` is a column
+inside the files (so every reader has it, Hugging Face `datasets` included, which reads no
 hive keys) and the start of the file name (so `datasets` finds the splits by name). Each file holds at most
 about `PART_BYTES` of images, so a shard of any size is written in bounded memory; a re-run rewrites the
 shard's files and deletes those it did not write again, or keeps them when nothing they were made from changed
@@ -48,6 +56,7 @@ from PIL import Image
 from . import normals
 from ._errors import ImageRejected
 from .enrich import normal_map_path
+from .normals import InvalidNormalMap, MapQuality
 from .prepare import Oversize, prepare
 from .storage import LocalStorage, S3Storage, Storage, open_storage
 
@@ -57,7 +66,20 @@ WEBDATASET_DIR = f"{TRAINING_DIR}/webdataset"
 SPLITS = ("train", "validation", "test")
 DEFAULT_SPLITS: Mapping[str, float] = {"train": 0.9, "validation": 0.05, "test": 0.05}
 # Why a successful manifest row has no pair (counted, never raised).
-LEFT_OUT_REASONS = ("source_missing", "source_unreadable", "source_changed", "map_missing", "size_mismatch")
+LEFT_OUT_REASONS = (
+    "source_missing",
+    "source_unreadable",
+    "source_changed",
+    "map_missing",
+    "map_unreadable",
+    "size_mismatch",
+    "no_person",
+)
+LASTING_REASONS = frozenset({"no_person"})  # a property of the map and the settings: the next run leaves it out too
+MIN_PERSON_FRACTION = 0.01  # below this share of person pixels a map is `no_person`
+# Mean | |n| - 1 | above which a map is reported: the emulator's maps (JPEG quality 90) measure 0.007-0.009.
+UNIT_NORM_BOUND = 0.05
+QUALITY_COLUMNS = ("person_fraction", "unit_norm_error", "facing_fraction")
 PART_BYTES = 64 * 2**20  # image + map bytes per file: bounds memory, and a size loaders stream well
 ROW_GROUP_ROWS = 16  # small row groups: `NormalsDataset` reads one group per item it is asked for
 READ_THREADS = 8  # sources and maps are read in parallel (S3 latency), a window at a time
@@ -73,6 +95,8 @@ _FEATURES = {
     "width": {"dtype": "int32", "_type": "Value"},
     "height": {"dtype": "int32", "_type": "Value"},
     "split": {"dtype": "string", "_type": "Value"},
+    "key": {"dtype": "string", "_type": "Value"},
+    **{name: {"dtype": "float32", "_type": "Value"} for name in QUALITY_COLUMNS},
 }
 # `datasets` decodes the two struct columns as PIL images only with its features in the `huggingface` key.
 SCHEMA = pa.schema(
@@ -84,6 +108,8 @@ SCHEMA = pa.schema(
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
         pa.field("split", pa.string()),
+        pa.field("key", pa.string()),
+        *(pa.field(name, pa.float32()) for name in QUALITY_COLUMNS),  # null without a person pixel
     ],
     metadata={"huggingface": json.dumps({"info": {"features": _FEATURES}})},
 )
@@ -131,6 +157,8 @@ class Pair:
     image: bytes
     image_type: str  # the image's content type: JPEG, PNG (with alpha) or WEBP, as sent
     normal_map: bytes
+    quality: MapQuality
+    key: str = ""  # the sample key, given as the shard's writer takes the pair
 
     @property
     def nbytes(self) -> int:
@@ -147,6 +175,29 @@ class TrainingResult:
     files: list[str] = field(default_factory=list)  # paths written, relative to the output
     uri: str = ""  # the shard's Parquet folder
     reused: bool = False  # nothing changed since the last build: its files were kept
+    quality: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(QUALITY_COLUMNS)))  # per pair
+
+
+QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
+
+
+def quality_figures(
+    result: TrainingResult, min_person_fraction: float = MIN_PERSON_FRACTION, unit_norm_bound: float = UNIT_NORM_BOUND
+) -> dict[str, Any]:
+    """A shard's maps as its quality check reports them: how many were measured, how many show no person
+    (left out, or kept with `keep_no_person`), how many are off the unit sphere by more than the bound, and
+    the quantiles of `person_fraction` over its pairs (`p50` the median), with the thresholds used."""
+    fractions = result.quality["person_fraction"].astype("float64")
+    left_out = result.left_out["no_person"]
+    quantiles = {f"p{round(q * 100):02d}": round(float(fractions.quantile(q)), 4) for q in QUANTILES}
+    return {
+        "maps": result.pairs + left_out,
+        "no_person": left_out + int((fractions < min_person_fraction).sum()),
+        "unit_norm_above_bound": int((result.quality["unit_norm_error"].astype("float64") > unit_norm_bound).sum()),
+        "person_fraction_quantiles": quantiles if len(fractions) else {},
+        "min_person_fraction": min_person_fraction,
+        "unit_norm_bound": unit_norm_bound,
+    }
 
 
 def successful_rows(manifest: pd.DataFrame) -> pd.DataFrame:
@@ -161,6 +212,8 @@ def make_pair(
     row: Mapping[str, Any],
     fractions: Mapping[str, float] = DEFAULT_SPLITS,
     oversize: Oversize = "downscale",
+    min_person_fraction: float = MIN_PERSON_FRACTION,
+    keep_no_person: bool = False,
 ) -> Pair | str:
     """A manifest row's pair, or the reason it has none (one of `LEFT_OUT_REASONS`).
 
@@ -183,9 +236,23 @@ def make_pair(
         return "map_missing"
     if _size(normal_map) != (sent.width, sent.height):
         return "size_mismatch"
+    try:
+        quality = normals.assess(normal_map)
+    except InvalidNormalMap:
+        return "map_unreadable"
+    if quality.person_fraction < min_person_fraction and not keep_no_person:
+        return "no_person"
     split = split_of(row["content_hash"], fractions)
     return Pair(
-        row["path"], row["content_hash"], sent.width, sent.height, split, sent.data, sent.content_type, normal_map
+        row["path"],
+        row["content_hash"],
+        sent.width,
+        sent.height,
+        split,
+        sent.data,
+        sent.content_type,
+        normal_map,
+        quality,
     )
 
 
@@ -204,14 +271,19 @@ def make_pairs(
     rows: pd.DataFrame,
     fractions: Mapping[str, float] = DEFAULT_SPLITS,
     oversize: Oversize = "downscale",
+    min_person_fraction: float = MIN_PERSON_FRACTION,
+    keep_no_person: bool = False,
 ) -> Iterator[Pair | str]:
     """`make_pair` for each row, in order, READ_THREADS at a time, a window of rows in memory at once."""
     records = rows.to_dict("records")
     window = 4 * READ_THREADS
+
+    def pair(row: Mapping[str, Any]) -> Pair | str:
+        return make_pair(dataset, output, row, fractions, oversize, min_person_fraction, keep_no_person)
+
     with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="training-pairs") as pool:
         for start in range(0, len(records), window):
-            chunk = records[start : start + window]
-            yield from pool.map(lambda row: make_pair(dataset, output, row, fractions, oversize), chunk)
+            yield from pool.map(pair, records[start : start + window])
 
 
 def shard_folder(partition_key: str) -> str:
@@ -227,53 +299,84 @@ def write_training_pairs(
     splits: Mapping[str, float] = DEFAULT_SPLITS,
     webdataset: bool = False,
     oversize: Oversize = "downscale",
+    min_person_fraction: float = MIN_PERSON_FRACTION,
+    keep_no_person: bool = False,
 ) -> TrainingResult:
     """Build one shard's pairs from its manifest and write them (see the module docstring for the layout).
 
     Idempotent: the shard's files are rewritten, and its files from an earlier run that this one did not
     write (a split or part that is now empty, WebDataset shards after `webdataset` was turned off) deleted.
-    A shard whose successful rows and settings are those of its last build, which left nothing out and whose
-    files are all still there, is kept as it is (`reused`): a re-run reads no image again, as it sends none.
-    One whose rows were only added to since such a build keeps its files and gets the new pairs added."""
+    A shard whose successful rows and settings are those of its last build, which left nothing out but
+    `no_person` maps and whose files are all still there, is kept as it is (`reused`): a re-run reads no image
+    again, as it sends none. One whose rows were only added to since such a build keeps its files and gets the
+    new pairs added."""
     fractions = check_splits(splits)
     rows = successful_rows(manifest)
-    settings = _settings(fractions, webdataset)
+    settings = _settings(fractions, webdataset, min_person_fraction, keep_no_person)
     stamp = _stamp(rows, settings)
     last = _last_build(output, partition_key)
-    if last is not None and last[0]["stamp"] == stamp:
-        return last[1]
-    kept = _extendable(output, partition_key, last, settings, rows)
-    todo = rows if kept is None else rows[~_keys(rows).isin(kept[1])]
-    writer = _ShardWriter(output, partition_key, webdataset, None if kept is None else kept[0])
+    if last is not None and last.record["stamp"] == stamp:
+        return last.result
+    kept = _extendable(last, settings, rows)
+    todo = rows if kept is None else rows[~_keys(rows).isin(_keys(last.rows))]
+    writer = _ShardWriter(output, partition_key, webdataset, kept)
     result = TrainingResult(uri=output.uri_for(shard_folder(partition_key)))
+    measured = pd.DataFrame(columns=list(QUALITY_COLUMNS), dtype="float64")
     if kept is not None:
-        result.pairs, result.splits = kept[0].pairs, Counter(kept[0].splits)
-    for outcome in make_pairs(dataset, output, todo, fractions, oversize):
+        result.pairs, result.splits, result.left_out = kept.pairs, Counter(kept.splits), Counter(kept.left_out)
+        measured = last.rows.set_index(_keys(last.rows))[list(QUALITY_COLUMNS)].dropna(subset=["person_fraction"])
+    figures = {}
+    outcomes = make_pairs(dataset, output, todo, fractions, oversize, min_person_fraction, keep_no_person)
+    for key, outcome in zip(_keys(todo), outcomes):
         if isinstance(outcome, str):
             result.left_out[outcome] += 1
             continue
         writer.add(outcome)
+        figures[key] = [getattr(outcome.quality, name) for name in QUALITY_COLUMNS]
         result.pairs += 1
         result.splits[outcome.split] += 1
     result.files = writer.close()
-    _record_build(
-        output, partition_key, rows, {"stamp": stamp, "settings": hashlib.sha256(settings).hexdigest()}, result
-    )
+    new = pd.DataFrame.from_dict(figures, orient="index", columns=list(QUALITY_COLUMNS), dtype="float64")
+    built = _with_quality(rows, pd.concat([measured, new]) if len(measured) else new)
+    result.quality = _pair_quality(built)
+    _record_build(output, partition_key, built, {"stamp": stamp, "settings": _digest(settings)}, result)
     return result
+
+
+def _with_quality(rows: pd.DataFrame, figures: pd.DataFrame) -> pd.DataFrame:
+    """The rows' path and content hash with each pair's figures (NaN for a row left out)."""
+    built = rows[["path", "content_hash"]].reset_index(drop=True)
+    keys = _keys(built)
+    for name in QUALITY_COLUMNS:
+        built[name] = keys.map(figures[name]).astype("float64") if len(figures) else float("nan")
+    return built
+
+
+def _pair_quality(built: pd.DataFrame) -> pd.DataFrame:
+    """The figures of the rows that are pairs (a pair always has a `person_fraction`)."""
+    return built.dropna(subset=["person_fraction"])[list(QUALITY_COLUMNS)].reset_index(drop=True)
 
 
 def _build_record(partition_key: str, suffix: str = "json") -> str:
     """Where a shard's last build is recorded: a hidden folder, which no reader of the pairs lists. The
-    `.parquet` beside it lists the rows (path, content hash) it was made from."""
+    `.parquet` beside it lists the rows (path, content hash) it was made from, with their pairs' figures."""
     return f"{TRAINING_DIR}/.built/{partition_key}.{suffix}"
 
 
+def build_stamp(output: Storage, partition_key: str) -> str | None:
+    """The stamp of a shard's last build (None: never built): its pairs are the same as long as it is."""
+    try:
+        return json.loads(output.read_bytes(_build_record(partition_key)))["stamp"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+
+
 def _record_build(
-    output: Storage, partition_key: str, rows: pd.DataFrame, stamps: dict, result: TrainingResult
+    output: Storage, partition_key: str, built: pd.DataFrame, stamps: dict, result: TrainingResult
 ) -> None:
     """The rows first, the record last: a record names only a build whose rows are written (see `_extendable`)."""
     buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pandas(rows[["path", "content_hash"]], preserve_index=False), buffer)
+    pq.write_table(pa.Table.from_pandas(built, preserve_index=False), buffer)
     output.write_bytes(_build_record(partition_key, "parquet"), buffer.getvalue(), "application/vnd.apache.parquet")
     record = {**stamps, **{name: getattr(result, name) for name in ("pairs", "left_out", "splits", "files")}}
     output.write_bytes(_build_record(partition_key), json.dumps(record).encode(), "application/json")
@@ -284,9 +387,16 @@ def _keys(rows: pd.DataFrame) -> pd.Series:
     return rows["path"] + "\0" + rows["content_hash"]
 
 
-def _settings(fractions: Mapping[str, float], webdataset: bool) -> bytes:
-    """What a shard's pairs are made with, besides its rows."""
-    return json.dumps([sorted(fractions.items()), webdataset, PART_BYTES, ROW_GROUP_ROWS]).encode()
+def _settings(fractions: Mapping[str, float], webdataset: bool, min_person_fraction: float, keep: bool) -> bytes:
+    """What a shard's pairs are made with, besides its rows (the columns and the no_person rule included)."""
+    quality = [min_person_fraction, keep, normals.FACING_ANGLE]
+    return json.dumps(
+        [sorted(fractions.items()), webdataset, PART_BYTES, ROW_GROUP_ROWS, SCHEMA.names, quality]
+    ).encode()
+
+
+def _digest(settings: bytes) -> str:
+    return hashlib.sha256(settings).hexdigest()
 
 
 def _stamp(rows: pd.DataFrame, settings: bytes) -> str:
@@ -297,14 +407,24 @@ def _stamp(rows: pd.DataFrame, settings: bytes) -> str:
     return digest.hexdigest()
 
 
-def _last_build(output: Storage, partition_key: str) -> tuple[dict, TrainingResult] | None:
-    """The last build's record and result (`reused`), if it left nothing out (a source unreadable then may be
-    readable now) and its files are all there."""
+@dataclass
+class _LastBuild:
+    record: dict
+    result: TrainingResult  # `reused`
+    rows: pd.DataFrame  # what it was made from, with its pairs' figures
+
+
+def _last_build(output: Storage, partition_key: str) -> _LastBuild | None:
+    """The last build, if it left nothing out but for lasting reasons (a source unreadable then may be readable
+    now), its files are all there and its rows' list can be read."""
     try:
         record = json.loads(output.read_bytes(_build_record(partition_key)))
-    except (FileNotFoundError, ValueError):
+        rows = pq.read_table(pa.BufferReader(output.read_bytes(_build_record(partition_key, "parquet")))).to_pandas()
+    except (FileNotFoundError, ValueError, pa.ArrowException):
         return None
-    if record["left_out"] or not all(output.exists(path) for path in record["files"]):
+    if set(record["left_out"]) - LASTING_REASONS or not all(output.exists(path) for path in record["files"]):
+        return None
+    if not set(QUALITY_COLUMNS) <= set(rows.columns):  # built by a version without the figures
         return None
     result = TrainingResult(
         record["pairs"],
@@ -313,28 +433,22 @@ def _last_build(output: Storage, partition_key: str) -> tuple[dict, TrainingResu
         record["files"],
         output.uri_for(shard_folder(partition_key)),
         reused=True,
+        quality=_pair_quality(rows),
     )
-    return record, result
+    return _LastBuild(record, result, rows)
 
 
-def _extendable(
-    output: Storage, partition_key: str, last: tuple[dict, TrainingResult] | None, settings: bytes, rows: pd.DataFrame
-) -> tuple[TrainingResult, pd.Series] | None:
-    """The last build and the rows it was made from, when `rows` only add to them with the same settings: its
-    files are kept and only the new rows' pairs are written. The rows read must be the record's own (its
-    stamp), so rows written by a build that stopped before its record never pass for built."""
-    if last is None or last[0].get("settings") != hashlib.sha256(settings).hexdigest():
+def _extendable(last: _LastBuild | None, settings: bytes, rows: pd.DataFrame) -> TrainingResult | None:
+    """The last build, when `rows` only add to the rows it was made from with the same settings: its files are
+    kept and only the new rows' pairs are written. The rows read must be the record's own (its stamp), so rows
+    written by a build that stopped before its record never pass for built."""
+    if last is None or last.record.get("settings") != _digest(settings):
         return None
-    try:
-        built = pq.read_table(pa.BufferReader(output.read_bytes(_build_record(partition_key, "parquet")))).to_pandas()
-    except (FileNotFoundError, pa.ArrowException):
+    if _stamp(last.rows, settings) != last.record["stamp"]:
         return None
-    if _stamp(built, settings) != last[0]["stamp"]:
+    if not _keys(last.rows).isin(_keys(rows)).all():  # a row changed or went: its pair must go, so rebuild
         return None
-    keys = _keys(built)
-    if not keys.isin(_keys(rows)).all():  # a row changed or went: its pair must go, so the shard is rebuilt
-        return None
-    return replace(last[1], reused=False), keys
+    return replace(last.result, reused=False)
 
 
 class _ShardWriter:
@@ -350,7 +464,7 @@ class _ShardWriter:
         self.parts: Counter[str] = Counter()
         self.samples: list[Pair] = []
         self.tar_parts = 0
-        self.tar_samples = 0  # samples in the tars written so far: keys go on from there
+        self.pairs = 0  # pairs taken so far: sample keys go on from there
         self.written: list[str] = []
         if kept is not None:
             self._go_on_after(kept)
@@ -363,10 +477,12 @@ class _ShardWriter:
                 self.parts[split] = max(self.parts[split], int(part) + 1)
             elif name.endswith(".tar"):
                 self.tar_parts = max(self.tar_parts, int(name.removesuffix(".tar").rpartition("_")[2]) + 1)
-        self.tar_samples = kept.pairs if self.webdataset else 0
+        self.pairs = kept.pairs
         self.written = list(kept.files)
 
     def add(self, pair: Pair) -> None:
+        pair = replace(pair, key=sample_key(self.key, self.pairs))
+        self.pairs += 1
         self.buffers[pair.split].append(pair)
         self.buffered[pair.split] += pair.nbytes
         if self.buffered[pair.split] >= PART_BYTES:
@@ -395,7 +511,7 @@ class _ShardWriter:
     def _flush_tar(self) -> None:
         """A tar of img2dataset's layout, then its stats file (written last, as img2dataset's completion marker)."""
         name = f"{WEBDATASET_DIR}/{self.key}_{self.tar_parts:04d}"
-        self._put(f"{name}.tar", tar_bytes(self.samples, self.key, self.tar_samples), "application/x-tar")
+        self._put(f"{name}.tar", tar_bytes(self.samples), "application/x-tar")
         stats = {
             "count": len(self.samples),
             "successes": len(self.samples),
@@ -403,7 +519,6 @@ class _ShardWriter:
         }
         self._put(f"{name}_stats.json", json.dumps(stats).encode(), "application/json")
         self.tar_parts += 1
-        self.tar_samples += len(self.samples)
         self.samples, self.buffered[""] = [], 0
 
     def _put(self, path: str, data: bytes, content_type: str) -> None:
@@ -427,6 +542,8 @@ def parquet_bytes(pairs: list[Pair]) -> bytes:
         "width": [p.width for p in pairs],
         "height": [p.height for p in pairs],
         "split": [p.split for p in pairs],
+        "key": [p.key for p in pairs],
+        **{name: [getattr(p.quality, name) for p in pairs] for name in QUALITY_COLUMNS},
     }
     table = pa.table(columns, schema=SCHEMA)
     buffer = io.BytesIO()
@@ -440,12 +557,12 @@ def sample_key(partition_key: str, index: int) -> str:
     return f"{partition_key}_{index:06d}"
 
 
-def tar_bytes(pairs: list[Pair], partition_key: str, first: int = 0) -> bytes:
+def tar_bytes(pairs: list[Pair]) -> bytes:
     """`{key}.jpg|png|webp` (the image as sent), `{key}.normal.jpg` and `{key}.json` per pair, in that order."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for index, pair in enumerate(pairs, start=first):
-            key = sample_key(partition_key, index)
+        for pair in pairs:
+            key = pair.key
             meta = {
                 "key": key,
                 "path": pair.path,

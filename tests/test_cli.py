@@ -325,6 +325,35 @@ def test_run_builds_training_pairs_by_default_and_not_with_the_flag(dataset, tmp
     assert not (tmp_path / "off" / "training").exists()
 
 
+def test_export_writes_a_layout_from_the_pairs_and_a_rerun_writes_nothing(
+    dataset, tmp_path, emulator, monkeypatch, capsys
+):
+    """A photo of no one (a flat map) is left out of the pairs, so of the layout; export sends nothing."""
+    from PIL import Image
+
+    Image.new("RGB", (320, 240), (120, 140, 160)).save(dataset / "blank.jpg")
+    monkeypatch.setenv("CLIPDROP_API_KEY", "test-key")
+    assert run(dataset, tmp_path / "out", emulator.url) == 0
+    assert "left out: no_person: 1" in capsys.readouterr().out
+    requests = emulator.stats()["requests"]
+    out = tmp_path / "out"
+
+    assert main(["export", "--output", str(out), "--layout", "sapiens"]) == 0
+    written = capsys.readouterr().out
+    assert f"sapiens (opencv): 4 samples, 13 files written, 0 deleted; {out}/training/sapiens/" in written
+    assert len(list((out / "training" / "sapiens").glob("*/normals/*.npy"))) == 4
+    assert main(["export", "--output", str(out), "--layout", "sapiens"]) == 0
+    assert "sapiens (opencv): 4 samples, unchanged" in capsys.readouterr().out
+    assert main(["export", "--output", str(out), "--layout", "dsine", "--convention", "opengl"]) == 0
+    assert "dsine (opengl): 4 samples" in capsys.readouterr().out
+    assert emulator.stats()["requests"] == requests  # no request
+
+    assert main(["export", "--output", str(tmp_path / "none"), "--layout", "marigold"]) == 2
+    assert "no training pairs under" in capsys.readouterr().err
+    assert main(["export", "--output", str(out), "--layout", "hypersim"]) == 2
+    assert "invalid choice: 'hypersim'" in capsys.readouterr().err
+
+
 def test_bad_split_fractions_are_one_line_exit_2(dataset, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CLIPDROP_API_KEY", "test-key")
     assert run(dataset, tmp_path / "out", "http://127.0.0.1:9", "--splits", "0.5,0.6,0") == 2

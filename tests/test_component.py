@@ -53,6 +53,9 @@ DEFAULTS = {
     "training_pairs": True,
     "training_splits": {"train": 0.9, "validation": 0.05, "test": 0.05},
     "webdataset": False,
+    "min_person_fraction": 0.01,
+    "keep_no_person": False,
+    "export_layouts": [],
     "automation": "none",
     "owners": [],
 }

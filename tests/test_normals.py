@@ -18,7 +18,10 @@ from PIL import Image, ImageFile
 from normals_pipeline.emulator._normals import _foreground_mask, render_normal_map
 from normals_pipeline.normals import (
     CONVENTIONS,
+    FACING_ANGLE,
     InvalidNormalMap,
+    MapQuality,
+    assess,
     decode,
     decode_rgb,
     flip_horizontal,
@@ -120,6 +123,38 @@ def test_mask_of_the_emulators_maps(seed: int) -> None:
     portrait = _synthetic_portrait(random.Random(seed)).convert("RGB")
     _, mask = decode(render_normal_map(portrait))
     assert _iou(mask, _foreground_mask(portrait)) >= 0.98
+
+
+# --- quality figures ---------------------------------------------------------------------------------
+
+
+def test_assess_measures_a_portrait_by_its_own_definitions() -> None:
+    truth, true_mask, _ = _portrait()
+    data = _jpeg(truth, 90)
+    quality = assess(data)
+    normals, mask = decode(data)
+    rgb = np.asarray(Image.open(io.BytesIO(data))).astype(np.float64)[mask]
+    assert quality.person_fraction == pytest.approx(mask.mean())
+    assert quality.person_fraction == pytest.approx(true_mask.mean(), abs=0.01)
+    expected_error = np.abs(np.linalg.norm(rgb / 127.5 - 1, axis=-1) - 1).mean()
+    assert quality.unit_norm_error == pytest.approx(expected_error, rel=1e-4)
+    assert 0 < quality.unit_norm_error < 0.05  # JPEG only bends the vectors a little
+    facing = (normals[mask][:, 2] > np.cos(np.radians(FACING_ANGLE))).mean()
+    assert quality.facing_fraction == pytest.approx(facing)
+    truth_facing = (truth[true_mask][:, 2] > np.cos(np.radians(FACING_ANGLE))).mean()
+    assert quality.facing_fraction == pytest.approx(truth_facing, abs=0.03)
+
+
+def test_assess_a_flat_map_and_one_off_the_unit_sphere() -> None:
+    flat = np.zeros((96, 64, 3))
+    flat[..., 2] = 1
+    assert assess(_jpeg(flat)) == MapQuality(0.0, None, None)
+    truth, _, _ = _portrait(128, 128)
+    short = Image.fromarray((_rgb(truth).astype(np.float64) * 0.5 + 64).astype(np.uint8))  # |n| about 0.5
+    buffer = io.BytesIO()
+    short.save(buffer, "JPEG", quality=95)
+    quality = assess(buffer.getvalue())
+    assert quality.person_fraction > 0.1 and quality.unit_norm_error > 0.4
 
 
 def test_a_close_up_whose_head_covers_the_top_edge() -> None:

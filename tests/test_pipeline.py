@@ -97,8 +97,9 @@ def test_materialization_metadata_and_check(portraits, tmp_path, emulator):
         "preview",
     ):
         assert key in metadata
-    [check] = result.get_asset_check_evaluations()
-    assert check.passed
+    checks = {check.check_name: check for check in result.get_asset_check_evaluations()}
+    assert set(checks) == {"manifest_schema", "normal_map_quality"}  # the manifest's and the pairs'
+    assert all(check.passed for check in checks.values())
 
 
 def test_out_of_credits_stops_the_run_and_keeps_what_is_done(portraits, tmp_path, emulator_factory):
@@ -371,5 +372,7 @@ def test_a_range_run_ties_a_check_evaluation_to_every_partition(portraits, tmp_p
     evaluations = result.get_asset_check_evaluations()
     tied = {evaluation.partition for evaluation in evaluations if evaluation.partition}
     assert tied == {"00", "01", "02", "03"} and all(evaluation.passed for evaluation in evaluations)
-    [whole] = [evaluation for evaluation in evaluations if not evaluation.partition]
-    assert whole.metadata["shards"].value == "00, 01, 02, 03"  # the range's own result names its shards
+    wholes = {evaluation.check_name: evaluation for evaluation in evaluations if not evaluation.partition}
+    assert set(wholes) == {"manifest_schema", "normal_map_quality"}  # one each: the manifest's and the pairs'
+    for whole in wholes.values():
+        assert whole.metadata["shards"].value == "00, 01, 02, 03"  # the range's own result names its shards

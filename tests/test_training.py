@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import ExifTags, Image
 
+from normals_pipeline import normals
 from normals_pipeline.client import ClipdropClient
 from normals_pipeline.emulator._normals import render_normal_map
 from normals_pipeline.enrich import current_items, enrich_shard, normal_map_path
@@ -29,11 +30,13 @@ from normals_pipeline.storage import LocalStorage, S3Storage, Storage
 from normals_pipeline.synthetic import make_portraits
 from normals_pipeline.training import (
     PARQUET_DIR,
+    QUALITY_COLUMNS,
     SCHEMA,
     WEBDATASET_DIR,
     NormalsDataset,
     _S3File,
     check_splits,
+    quality_figures,
     split_files,
     split_of,
     write_training_pairs,
@@ -59,6 +62,70 @@ def enriched(tmp_path, emulator):
     shutil.copy(folder / "portrait_000.jpg", folder / "copy of 000.jpg")
     dataset, output = LocalStorage(folder), LocalStorage(tmp_path / "out")
     return dataset, output, enrich(dataset, output, emulator.url)
+
+
+def add_blanks(folder, count: int = 2) -> None:
+    """Plain photos with no one in them: the emulator, like the API, answers each with a flat map."""
+    for index in range(count):
+        Image.new("RGB", (320 + 16 * index, 240), (90 + 40 * index, 120, 150)).save(folder / f"blank_{index}.jpg")
+
+
+@pytest.fixture
+def mixed(tmp_path, emulator):
+    """6 portraits and 2 photos of no one, enriched into `out`."""
+    folder = tmp_path / "in"
+    make_portraits(folder, 6)
+    add_blanks(folder)
+    dataset, output = LocalStorage(folder), LocalStorage(tmp_path / "out")
+    return dataset, output, enrich(dataset, output, emulator.url)
+
+
+def pairs_table(output: Storage):
+    return pads.dataset(output.root / PARQUET_DIR, partitioning="hive").to_table().sort_by("path")
+
+
+def test_maps_of_no_one_are_left_out_and_the_pairs_carry_their_figures(mixed):
+    dataset, output, manifest = mixed
+    assert manifest["error_code"].isna().all()  # each flat map was paid for
+    result = write_training_pairs(dataset, output, "00", manifest)
+    assert result.pairs == 6 and result.left_out == {"no_person": 2}
+    table = pairs_table(output)
+    assert not any(path.startswith("blank") for path in table["path"].to_pylist())
+    for row in table.to_pylist():
+        quality = normals.assess(row["normal_map"]["bytes"])
+        for name in QUALITY_COLUMNS:
+            assert row[name] == pytest.approx(getattr(quality, name), rel=1e-6)
+        assert row["person_fraction"] > 0.2 and 0 < row["unit_norm_error"] < 0.05 and 0 < row["facing_fraction"] < 1
+    figures = quality_figures(result)
+    assert (figures["maps"], figures["no_person"], figures["unit_norm_above_bound"]) == (8, 2, 0)
+    assert figures["person_fraction_quantiles"]["p00"] == pytest.approx(min(table["person_fraction"].to_pylist()), 1e-3)
+
+    again = write_training_pairs(dataset, output, "00", manifest)  # no_person is lasting: the build is kept
+    assert again.reused and again.left_out == {"no_person": 2} and quality_figures(again) == figures
+
+    kept = write_training_pairs(dataset, output, "00", manifest, keep_no_person=True)  # another setting: rebuilt
+    assert not kept.reused and kept.pairs == 8 and not kept.left_out
+    flat = [row for row in pairs_table(output).to_pylist() if row["path"].startswith("blank")]
+    assert [(row["person_fraction"], row["unit_norm_error"], row["facing_fraction"]) for row in flat] == [
+        (0.0, None, None)
+    ] * 2
+    assert quality_figures(kept)["no_person"] == 2 and quality_figures(kept, min_person_fraction=0.0)["no_person"] == 0
+
+    strict = write_training_pairs(dataset, output, "00", manifest, min_person_fraction=0.99)
+    assert not strict.reused and strict.pairs == 0 and strict.left_out == {"no_person": 8}
+
+
+def test_pairs_added_to_a_kept_build_keep_every_pairs_figures(mixed):
+    dataset, output, manifest = mixed
+    ordered = manifest.sort_values("path", ignore_index=True)
+    first = write_training_pairs(dataset, output, "00", ordered.drop(index=[0, 5]))  # a blank and a portrait
+    grown = write_training_pairs(dataset, output, "00", manifest)
+    assert not grown.reused and grown.pairs == 6 and grown.left_out == {"no_person": 2}
+    assert set(first.files) < set(grown.files)  # kept and added to
+    stored = sorted(pairs_table(output)["person_fraction"].to_pylist())
+    assert sorted(grown.quality["person_fraction"]) == pytest.approx(stored, rel=1e-6)  # the kept pairs' and the new
+    assert (quality_figures(grown)["maps"], quality_figures(grown)["no_person"]) == (8, 2)
+    assert write_training_pairs(dataset, output, "00", manifest).quality.equals(grown.quality)
 
 
 def test_pairs_load_through_all_four_readers(enriched, tmp_path):
@@ -396,6 +463,7 @@ def test_rows_only_added_keep_the_built_files_and_add_parts_for_the_new_pairs(en
     assert {path: (tmp_path / "out" / path).stat().st_mtime_ns for path in first.files} == written  # kept
     keys = _tar_keys(output)
     assert len(keys) == len(set(keys)) == 13  # sample keys go on after the kept tars'
+    assert sorted(pairs_table(output)["key"].to_pylist()) == sorted(keys)  # the pairs name their samples alike
     assert grown.splits == Counter(training.split_of(digest, EVEN) for digest in ordered["content_hash"])
     assert sum(len(NormalsDataset(output, split=split)) for split in EVEN) == 13
     assert write_training_pairs(dataset, output, "00", manifest, splits=EVEN, webdataset=True).reused

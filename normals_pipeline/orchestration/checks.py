@@ -1,4 +1,5 @@
-"""Asset checks: every materialized shard's manifest is validated against the pandera schema.
+"""Asset checks: every materialized shard's manifest is validated against the pandera schema, and every shard's
+training pairs are looked at for maps a trainer should not trust (`normal_map_quality`, a warning).
 
 The check is partitioned like the asset, so a run of one shard ties its result to the partition. Dagster
 1.13 wants exactly one result per check from a step, and a step over a range of shards has no single
@@ -9,6 +10,9 @@ would plot among that partition's own.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import pandas as pd
 from dagster import (
@@ -30,6 +34,7 @@ from .. import manifest
 from ._metadata import markdown_table
 
 MANIFEST_CHECK = "manifest_schema"
+QUALITY_CHECK = "normal_map_quality"
 
 
 def manifest_check_spec(asset_key: AssetKey, partitions: PartitionsDefinition) -> AssetCheckSpec:
@@ -67,22 +72,27 @@ def per_shard_evaluations(
     shards, once they are materialized; see the module)."""
     if len(manifests) < 2:
         return []
-    evaluations = []
-    for key, df in manifests.items():
-        result = check_manifests({key: df}, {key: failures[key]})
-        evaluations.append(
-            AssetCheckEvaluation(
-                asset_key=asset_key,
-                check_name=MANIFEST_CHECK,
-                passed=result.passed,
-                metadata=result.metadata,
-                severity=result.severity,
-                description=result.description,
-                partition=key,
-                target_materialization_data=_target(instance, asset_key, key),
-            )
+    results = {key: check_manifests({key: df}, {key: failures[key]}) for key, df in manifests.items()}
+    return evaluations_of(instance, asset_key, results)
+
+
+def evaluations_of(
+    instance: DagsterInstance, asset_key: AssetKey, results: Mapping[str, AssetCheckResult]
+) -> list[AssetCheckEvaluation]:
+    """Each shard's own result as an evaluation tied to its partition and its latest materialization."""
+    return [
+        AssetCheckEvaluation(
+            asset_key=asset_key,
+            check_name=result.check_name or "",
+            passed=result.passed,
+            metadata=result.metadata,
+            severity=result.severity,
+            description=result.description,
+            partition=key,
+            target_materialization_data=_target(instance, asset_key, key),
         )
-    return evaluations
+        for key, result in results.items()
+    ]
 
 
 def range_result(manifests: dict[str, pd.DataFrame], failures: dict[str, pd.DataFrame]) -> AssetCheckResult:
@@ -122,4 +132,44 @@ def check_manifests(
             "failure_cases": MetadataValue.md(markdown_table(cases.head(20))),
             "shards": shards,
         },
+    )
+
+
+def quality_check_spec(asset_key: AssetKey, partitions: PartitionsDefinition) -> AssetCheckSpec:
+    return AssetCheckSpec(
+        QUALITY_CHECK,
+        asset=asset_key,
+        description="No map of the shard shows no person, and none is far off the unit sphere (a warning: such "
+        "maps are left out of the pairs, or kept by setting).",
+        partitions_def=partitions,
+    )
+
+
+def check_quality(figures: Mapping[str, Mapping[str, Any]], numbers: bool = True) -> AssetCheckResult:
+    """The quality check for these shards (`figures`: each shard's `training.quality_figures`). It warns when a
+    map shows no person or is off the unit sphere by more than the bound. `numbers`: the counts and quantiles
+    as metadata too (not for a range: see the module); the thresholds are always there."""
+    no_person = sum(shard["no_person"] for shard in figures.values())
+    above = sum(shard["unit_norm_above_bound"] for shard in figures.values())
+    maps = sum(shard["maps"] for shard in figures.values())
+    first = next(iter(figures.values()), {})
+    metadata: dict[str, Any] = {
+        "min_person_fraction": first.get("min_person_fraction"),
+        "unit_norm_bound": first.get("unit_norm_bound"),
+        "shards": ", ".join(sorted(figures)),
+    }
+    if numbers:
+        quantiles = first.get("person_fraction_quantiles", {})
+        metadata |= {"maps": maps, "no_person": no_person, "unit_norm_above_bound": above}
+        metadata["person_fraction_quantiles"] = MetadataValue.json(quantiles)
+        if quantiles:
+            metadata["person_fraction_median"] = quantiles["p50"]
+    passed = no_person == 0 and above == 0
+    found = f"{no_person} with no person, {above} off the unit sphere by more than {first.get('unit_norm_bound')}"
+    return AssetCheckResult(
+        check_name=QUALITY_CHECK,
+        passed=passed,
+        severity=AssetCheckSeverity.WARN,
+        description=f"shard(s) {metadata['shards']}: {maps} maps, {found}",
+        metadata=metadata,
     )

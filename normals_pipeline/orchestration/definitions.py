@@ -17,7 +17,7 @@ from dagster import (
     with_source_code_references,
 )
 
-from ..training import DEFAULT_SPLITS
+from ..training import DEFAULT_SPLITS, MIN_PERSON_FRACTION
 from .assets import build_assets
 from .automation import (
     Automation,
@@ -53,14 +53,19 @@ def build_definitions(
     training_pairs: bool = True,
     training_splits: Mapping[str, float] = DEFAULT_SPLITS,
     webdataset: bool = False,
+    min_person_fraction: float = MIN_PERSON_FRACTION,
+    keep_no_person: bool = False,
+    export_layouts: Sequence[str] = (),
     automation: Automation = "none",
     owners: Sequence[str] = (),
 ) -> Definitions:
     """Everything Dagster needs for one dataset; `normals_definitions` (the factory), `definitions.py`, the
     Component and the CLI all go through here. `shards_per_run`: how many shards a backfill puts in one run.
     `training_pairs`: the `training_pairs` asset, in the shard job with `surface_normals` (so the sensor,
-    the schedule's follow-ups and `normals-pipeline run` build them too). `automation`: see `automation.py`;
-    `owners`: emails or `team:name`, on every asset."""
+    the schedule's follow-ups and `normals-pipeline run` build them too); a map whose person covers less than
+    `min_person_fraction` of it is left out of them unless `keep_no_person`; `export_layouts` (sapiens,
+    marigold, dsine) are written from them in the same runs (`normals_pipeline.export`). `automation`: see
+    `automation.py`; `owners`: emails or `team:name`, on every asset."""
     check_automation(automation, sensor_enabled, schedule_enabled)
     clipdrop = clipdrop or ClipdropResource(api_key=EnvVar("CLIPDROP_API_KEY"))
     names = Names.of(key_prefix)
@@ -74,7 +79,19 @@ def build_definitions(
         warnings.simplefilter("ignore", PreviewWarning)  # of runs, tie each check result to its partition, and so on
         assets = build_assets(names, shards, partitions, shards_per_run, group, pool, clipdrop)
         if training_pairs:
-            assets.append(build_training_asset(names, partitions, shards_per_run, group, training_splits, webdataset))
+            assets.append(
+                build_training_asset(
+                    names,
+                    partitions,
+                    shards_per_run,
+                    group,
+                    training_splits,
+                    webdataset,
+                    min_person_fraction,
+                    keep_no_person,
+                    export_layouts,
+                )
+            )
         if automation != "none":
             cron = observation_cron(automation, schedule_cron)
             assets = [*build_observations(names, shards, partitions, group, cron), *automated(assets, names)]

@@ -17,7 +17,7 @@ from dagster import Definitions, EnvVar
 
 from ..client import DEFAULT_API_URL
 from ..guards import key_fingerprint
-from ..training import DEFAULT_SPLITS
+from ..training import DEFAULT_SPLITS, MIN_PERSON_FRACTION
 from .automation import Automation
 from .definitions import DEFAULT_POOL, build_definitions
 from .naming import STORAGE
@@ -61,13 +61,19 @@ def normals_definitions(
     training_pairs: bool = True,
     training_splits: Mapping[str, float] = DEFAULT_SPLITS,
     webdataset: bool = False,
+    min_person_fraction: float = MIN_PERSON_FRACTION,
+    keep_no_person: bool = False,
+    export_layouts: Sequence[str] = (),
     automation: Automation = "none",
     owners: Sequence[str] = (),
 ) -> Definitions:
     """The inventory, surface-normals and training-pairs assets, their check, jobs, sensor and schedule for one
     dataset. Pass the key as `EnvVar(...)`: a plain string would be shown in the UI's resource configuration.
     `training_splits`: fractions of `train`, `validation`, `test` (each >= 0, summing to 1); `webdataset`: also
-    write the pairs as WebDataset tars. `automation`: `"eager"` (the dataset listed every minute) or `"on_cron"`
+    write the pairs as WebDataset tars; `min_person_fraction`: a map whose person covers less of it is left out
+    of the pairs as `no_person` (the flat map the API returns when it finds no one), unless `keep_no_person`;
+    `export_layouts`: trainers' layouts (sapiens, marigold, dsine) written from the pairs in the same runs.
+    `automation`: `"eager"` (the dataset listed every minute) or `"on_cron"`
     (on `schedule_cron`) enriches new images with no sensor, running only their shards; `"none"` requests nothing.
     `owners`: emails or `team:name`, on every asset. Merge several with `merge_normals_definitions`, which refuses a
     shared output."""
@@ -98,6 +104,9 @@ def normals_definitions(
         training_pairs=training_pairs,
         training_splits=training_splits,
         webdataset=webdataset,
+        min_person_fraction=min_person_fraction,
+        keep_no_person=keep_no_person,
+        export_layouts=export_layouts,
         automation=automation,
         owners=owners,
     )

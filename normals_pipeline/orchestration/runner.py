@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dagster import DagsterInstance, Definitions, ExecuteInProcessResult
+from dagster import AssetCheckSeverity, DagsterInstance, Definitions, ExecuteInProcessResult
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from ..enrich import Progress
@@ -123,12 +123,15 @@ def _failed_check(result: ExecuteInProcessResult, keys: list[str]) -> str | None
     """The one-line message for the failed asset checks of a shard run, None when all passed.
 
     A check that fails does not fail the step, so the run looks successful unless its events are read. The
-    shards' own evaluations carry the figures (a range's whole result does not; see `checks`).
+    shards' own evaluations carry the figures (a range's whole result does not; see `checks`). A warning
+    (`normal_map_quality`: its maps are left out and counted) does not stop the run.
     """
     failed = [
         event.event_specific_data
         for event in result.all_events
-        if event.event_type_value == "ASSET_CHECK_EVALUATION" and not event.event_specific_data.passed
+        if event.event_type_value == "ASSET_CHECK_EVALUATION"
+        and not event.event_specific_data.passed
+        and event.event_specific_data.severity != AssetCheckSeverity.WARN
     ]
     if not failed:
         return None

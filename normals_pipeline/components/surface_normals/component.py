@@ -23,7 +23,7 @@ from ...client import DEFAULT_API_URL
 from ...orchestration.automation import Automation
 from ...orchestration.factory import DEFAULT_KEY_ENV, normals_definitions, refuse_shared_outputs
 from ...orchestration.partitions import DEFAULT_SHARDS, DEFAULT_SHARDS_PER_RUN
-from ...training import DEFAULT_SPLITS, check_splits
+from ...training import DEFAULT_SPLITS, MIN_PERSON_FRACTION, check_splits
 from .scaffolder import SurfaceNormalsScaffolder
 
 # `{{ env.NAME }}` or `{{ env('NAME') }}`, the whole value, nothing else (no default, no expression).
@@ -249,6 +249,26 @@ class SurfaceNormalsComponent(dg.Component, dg.Model, dg.Resolvable):
     webdataset: Annotated[
         bool, _doc("Also write the training pairs as WebDataset tars (img2dataset's layout).", True)
     ] = False
+    min_person_fraction: Annotated[
+        float,
+        Field(ge=0, le=1),
+        _doc(
+            "A map whose person mask covers less of it is left out of the training pairs as no_person (the API "
+            "returns a flat map when it finds no one); the check normal_map_quality counts them.",
+            0.01,
+        ),
+    ] = MIN_PERSON_FRACTION
+    keep_no_person: Annotated[
+        bool, _doc("Keep the no_person maps as training pairs (still counted by normal_map_quality).", False)
+    ] = False
+    export_layouts: Annotated[
+        list[Literal["sapiens", "marigold", "dsine"]],
+        _doc(
+            "Trainers' folder layouts written from the training pairs in the same runs, under "
+            "<output>/training/<layout>/, each in its trainer's normal convention; kept when nothing changed.",
+            ["sapiens"],
+        ),
+    ] = []
     automation: Annotated[
         Automation,
         _doc(
@@ -313,6 +333,9 @@ class SurfaceNormalsComponent(dg.Component, dg.Model, dg.Resolvable):
             training_pairs=self.training_pairs,
             training_splits=self.training_splits,
             webdataset=self.webdataset,
+            min_person_fraction=self.min_person_fraction,
+            keep_no_person=self.keep_no_person,
+            export_layouts=self.export_layouts,
             automation=self.automation,
             owners=self.owners,
         )
