@@ -26,7 +26,13 @@ import pyarrow.dataset as ds  # noqa: E402
 from _emulator_fixtures import kill_once_charged  # noqa: E402
 from airflow.sdk.exceptions import AirflowFailException  # noqa: E402
 
-from normals_pipeline.airflow import ClipdropHook, NormalsEnrichOperator, normals_dag, pool_for  # noqa: E402
+from normals_pipeline.airflow import (  # noqa: E402
+    ClipdropHook,
+    NormalsEnrichOperator,
+    NormalsTrainingPairsOperator,
+    normals_dag,
+    pool_for,
+)
 from normals_pipeline.guards import key_fingerprint  # noqa: E402
 from normals_pipeline.inventory import refresh_inventory  # noqa: E402
 from normals_pipeline.storage import open_storage  # noqa: E402
@@ -157,6 +163,19 @@ def test_credits_running_out_fail_the_task_with_the_clis_line_and_keep_what_was_
         task.execute({})
     table = manifest_of(tmp_path / "out")
     assert table["normal_map_uri"].notna().sum() == 3 == int(Decimal(emulator.stats()["charged"]))
+
+
+def test_the_training_task_exports_layouts_and_carries_the_quality_figures(monkeypatch, tmp_path, emulator):
+    monkeypatch.setenv("AIRFLOW_CONN_CLIPDROP_DEFAULT", connection(emulator.url, requests_per_minute=6000))
+    make_portraits(tmp_path / "in", 6)
+    where = {"dataset_uri": str(tmp_path / "in"), "output_uri": str(tmp_path / "out"), "shards": 1}
+    refresh_inventory(open_storage(where["dataset_uri"]), open_storage(where["output_uri"]), 1)
+    NormalsEnrichOperator(task_id="enrich", shard_keys=["00"], **where).execute({})
+    task = NormalsTrainingPairsOperator(task_id="pairs", export_layouts=["sapiens"], **where)
+    extra = task.execute({})
+    assert extra["pairs"] == 6 and extra["no_person"] == 0 and extra["layouts"] == ["sapiens"]
+    assert len(list((tmp_path / "out" / "training" / "sapiens").rglob("*.npy"))) == 6
+    assert task.execute({})["shards_reused"] == 1  # nothing changed: kept
 
 
 # -- whole DAG runs -------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ training_pairs, with the manifest and the training pairs as assets downstream DA
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,7 @@ from typing import Any
 from airflow.sdk import DAG, Asset
 
 from ..inventory import DEFAULT_SHARDS, partition_keys, shard_count_from_env
-from ..training import DEFAULT_SPLITS
+from ..training import DEFAULT_SPLITS, MIN_PERSON_FRACTION
 from .hooks import ClipdropHook
 from .operators import (
     NormalsEnrichOperator,
@@ -60,6 +60,9 @@ def normals_dag(
     training_pairs: bool = True,
     training_splits: Mapping[str, float] = DEFAULT_SPLITS,
     webdataset: bool = False,
+    min_person_fraction: float = MIN_PERSON_FRACTION,
+    keep_no_person: bool = False,
+    export_layouts: Sequence[str] = (),
     schedule: Any = None,
     retries: int = 2,
     **dag_kwargs: Any,
@@ -93,6 +96,9 @@ def normals_dag(
                 outlets=[pairs_asset],
                 splits=training_splits,
                 webdataset=webdataset,
+                min_person_fraction=min_person_fraction,
+                keep_no_person=keep_no_person,
+                export_layouts=export_layouts,
                 **where,
             )
             validate >> pairs

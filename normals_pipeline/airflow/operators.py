@@ -17,11 +17,19 @@ from .. import manifest
 from .._errors import ClipdropError, stop_message, stopped_line
 from .._state import take_set_aside_warnings
 from ..enrich import Progress, ShardResult, Throttle, items_by_shard
+from ..export import check_layout, export_partition, finish_layout, layout_dir
 from ..inventory import OutputInsideDataset, refresh_inventory, skipped_entries
 from ..live import plain_number
 from ..manifest import LayoutMismatch
 from ..storage import Storage, open_storage
-from ..training import DEFAULT_SPLITS, check_splits, write_training_pairs
+from ..training import (
+    DEFAULT_SPLITS,
+    MIN_PERSON_FRACTION,
+    UNIT_NORM_BOUND,
+    check_splits,
+    quality_figures,
+    write_training_pairs,
+)
 from .hooks import ClipdropHook
 
 
@@ -163,28 +171,65 @@ class NormalsValidateOperator(_NormalsOperator):
 
 
 class NormalsTrainingPairsOperator(_NormalsOperator):
-    """Each shard's enriched images next to their maps as training Parquet (kept when nothing changed)."""
+    """Each shard's enriched images next to their maps as training Parquet (kept when nothing changed), maps that
+    show no person left out (unless `keep_no_person`), and the pairs in each of `export_layouts` (sapiens,
+    marigold, dsine); the quality figures warn in the log, as the Dagster check does, and ride on the event."""
 
     def __init__(
-        self, *, splits: Mapping[str, float] = DEFAULT_SPLITS, webdataset: bool = False, **kwargs: Any
+        self,
+        *,
+        splits: Mapping[str, float] = DEFAULT_SPLITS,
+        webdataset: bool = False,
+        min_person_fraction: float = MIN_PERSON_FRACTION,
+        keep_no_person: bool = False,
+        export_layouts: Sequence[str] = (),
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.splits, self.webdataset = check_splits(splits), webdataset
+        self.min_person_fraction, self.keep_no_person = min_person_fraction, keep_no_person
+        self.layouts = {layout: check_layout(layout) for layout in export_layouts}
 
     def execute(self, context: Context) -> dict[str, Any]:
         dataset, output = self.storages()
-        pairs, left_out, splits, reused = 0, Counter[str](), Counter[str](), 0
+        pairs, left_out, splits, reused, no_person, off_sphere = 0, Counter[str](), Counter[str](), 0, 0, 0
+        present = {layout: set(output.list_prefix(layout_dir(layout))) for layout in self.layouts}
         keys = manifest.manifest_keys(output)
         for key in keys:
             warnings: list[str] = []
             shard = manifest.read_manifest(output, key, warnings)
             for warning in warnings:
                 self.log.warning(warning)
-            result = write_training_pairs(dataset, output, key, shard, splits=self.splits, webdataset=self.webdataset)
+            result = write_training_pairs(
+                dataset,
+                output,
+                key,
+                shard,
+                splits=self.splits,
+                webdataset=self.webdataset,
+                min_person_fraction=self.min_person_fraction,
+                keep_no_person=self.keep_no_person,
+            )
+            quality = quality_figures(result, self.min_person_fraction, UNIT_NORM_BOUND)
+            if quality["no_person"] or quality["unit_norm_above_bound"]:
+                self.log.warning("shard %s: normal_map_quality: %s", key, quality)
+            for layout, convention in self.layouts.items():
+                export_partition(output, key, layout, convention, present[layout])
             pairs, reused = pairs + result.pairs, reused + result.reused
+            no_person, off_sphere = no_person + quality["no_person"], off_sphere + quality["unit_norm_above_bound"]
             left_out.update(result.left_out)
             splits.update(result.splits)
-        extra = {"pairs": pairs, "left_out_by_reason": dict(left_out), "splits": dict(splits), "shards_reused": reused}
+        for layout, convention in self.layouts.items():
+            finish_layout(output, layout, convention)
+        extra = {
+            "pairs": pairs,
+            "left_out_by_reason": dict(left_out),
+            "splits": dict(splits),
+            "shards_reused": reused,
+            "no_person": no_person,
+            "unit_norm_above_bound": off_sphere,
+            "layouts": sorted(self.layouts),
+        }
         self.log.info("training pairs of %d shards: %s", len(keys), extra)
         self.emit(context, extra)
         return extra
