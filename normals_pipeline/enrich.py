@@ -47,7 +47,7 @@ from .client import ApiResult, ClipdropClient, Tally
 from .guards import ClaimGuard, slot_interval_s
 from .inventory import read_inventory, with_versions
 from .prepare import Oversize, PreparedImage, prepare
-from .storage import Storage
+from .storage import LocalStorage, Storage
 
 NORMALS_DIR = "normals"
 LIST_PAGE = 1000  # keys a listing request returns (S3's page)
@@ -67,6 +67,7 @@ _EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
 MAX_IN_FLIGHT = 64  # images in flight at most when the window follows the rate
 HEADROOM = 1.5  # Little's law gives what the rate needs on average; latency varies
 MAX_BYTES_IN_FLIGHT = 256 * 2**20  # image bytes held by the images in flight, when the window follows the rate
+KEPT_BYTES = 64 * 2**20  # image bytes the plan keeps for the run that follows it (see `PlanReads`)
 PROGRESS_EVERY_S = 1.0  # where the run stands is reported at least this often, even while every answer is late
 STOP_GRACE_S = 5.0  # on an interrupt, answers on their way get this long before their exchanges are ended
 
@@ -236,6 +237,35 @@ def read_and_check(dataset: Storage, item: Item, oversize: Oversize) -> Checked:
         return Checked(digest, refusal=error)
 
 
+class PlanReads:
+    """Files the plan read, hashed and checked, kept for the run that follows it in the same process, which
+    then neither reads nor hashes them again: on S3 one GET per image instead of two. Keyed by the path and
+    version the inventory gave both, so the run sends exactly the bytes the plan hashed and counted. Only a
+    remote dataset's (a local read again is a page-cache hit, and memory is the scarcer), only files that
+    could be read (the run tries those again), up to `max_bytes` of image data in the order the plan meets
+    them (the run's), and each is taken once: what the run does not take goes with this object."""
+
+    def __init__(self, max_bytes: int = KEPT_BYTES) -> None:
+        self.room = max_bytes
+        self._kept: dict[tuple[str, Item, Oversize], Checked] = {}
+        self._lock = threading.Lock()
+
+    def keep(self, dataset: Storage, item: Item, oversize: Oversize, checked: Checked) -> None:
+        if checked.digest is None or isinstance(dataset, LocalStorage):
+            return
+        if checked.refusal is not None:  # its traceback holds the frames that read the file, bytes and all
+            checked.refusal.with_traceback(None)
+        size = len(checked.prepared.data) if checked.prepared is not None else 0
+        with self._lock:
+            if size <= self.room:
+                self.room -= size
+                self._kept[(dataset.uri, item, oversize)] = checked
+
+    def take(self, dataset: Storage, item: Item, oversize: Oversize) -> Checked | None:
+        with self._lock:
+            return self._kept.pop((dataset.uri, item, oversize), None)
+
+
 def normal_map_path(content_hash: str) -> str:
     return f"{NORMALS_DIR}/{content_hash[:2]}/{content_hash}.jpg"
 
@@ -318,6 +348,7 @@ class Enricher:
         oversize: Oversize = "downscale",
         claims: ClaimGuard | None = None,
         spool: Storage | None = None,
+        reads: PlanReads | None = None,
     ) -> None:
         self.dataset = dataset
         self.output = output
@@ -327,6 +358,7 @@ class Enricher:
         self.oversize = oversize
         self.claims = claims or ClaimGuard(None, claim_namespace(output))
         self.spool = spool or manifest.spool_for(output)  # paid maps the output refused wait here
+        self.reads = reads  # what the plan before this run read, hashed and checked already
         self._maps = StoredMaps(output)  # `run_shards` lists them when that is cheaper
         self._stop = threading.Event()
         self._stopped: Exception | None = None
@@ -499,7 +531,8 @@ class Enricher:
         """One image to one row; None when the run stopped before it was sent."""
         if self._stop.is_set():
             return None
-        checked = read_and_check(self.dataset, item, self.oversize)
+        kept = self.reads.take(self.dataset, item, self.oversize) if self.reads is not None else None
+        checked = kept or read_and_check(self.dataset, item, self.oversize)
         digest, prepared = checked.digest, checked.prepared
         if prepared is None:
             return _row(item, digest, error=checked.refusal)
@@ -648,6 +681,7 @@ def enrich_shards(
     progress: Callable[[Progress], None] | None = None,
     notify: Callable[[str], None] = lambda message: None,
     on_shard: Callable[[str, ShardResult], None] = lambda key, result: None,
+    reads: PlanReads | None = None,
 ) -> dict[str, ShardResult]:
     """Shards `(key, items)` start to finish as one stream: read each record (setting aside what is
     unreadable), enrich what is pending through one pool, and as each shard finishes write its manifest,
@@ -656,14 +690,15 @@ def enrich_shards(
     work done. Claims are taken in key order, so two ranged runs cannot wait on each other in a circle.
     Should a claim be lost all the same (Redis restarted or evicting, a holder paused past the TTL), the
     manifest is committed with every journaled row folded in (`manifest.commit_shard`): it still adds up.
-    `claims`: the store every process on the output shares (default: this process only)."""
+    `claims`: the store every process on the output shares (default: this process only); `reads`: what the
+    plan before this run read and checked (see `PlanReads`)."""
     guard = ClaimGuard(claims, claim_namespace(output))
     lease = ownership.take(output, guard.store, notify)  # refuses a run of another state: it would charge twice
     try:
         opened = [_open_shard(guard, output, key, items, notify) for key, items in sorted(shards)]
         works = [work for work, _, _ in opened]
         records = {work.key: (journal, state) for work, journal, state in opened}
-        enricher = Enricher(dataset, output, client, concurrency, oversize=oversize, claims=guard)
+        enricher = Enricher(dataset, output, client, concurrency, oversize=oversize, claims=guard, reads=reads)
         lease.on_lost(enricher._halt)
 
         def done(work: ShardWork, result: ShardResult) -> None:

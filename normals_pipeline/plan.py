@@ -24,6 +24,7 @@ from ._state import ClaimStore
 from .client import INITIAL_LATENCY_S
 from .enrich import (
     Item,
+    PlanReads,
     StoredMaps,
     claim_namespace,
     current_items,
@@ -129,13 +130,15 @@ def make_plan(
     oversize: Oversize = "downscale",
     claims: ClaimStore | None = None,
     balance: tuple[Decimal, float] | None = None,
+    keep: PlanReads | None = None,
 ) -> Plan:
     """Plan every shard (those without images at 0). `inventory`: the listing to plan (the inventory asset
     passes the one it wrote), else the dataset is listed here; `claims`: where runs on the output share theirs
-    (None: nothing is known of other runs); `balance`: the key's `KeyState.known_balance()`. The ETA assumes
-    the client's initial latency guess, which errs long."""
+    (None: nothing is known of other runs); `balance`: the key's `KeyState.known_balance()`; `keep`: where to
+    leave what was read for the run that follows in this process. The ETA assumes the client's initial
+    latency guess, which errs long."""
     table = inventory if inventory is not None else take_inventory(dataset, shards)
-    planner = _Planner(dataset, output, oversize, claims, shards)
+    planner = _Planner(dataset, output, oversize, claims, shards, keep)
     planned = {key: Figures() for key in partition_keys(shards)}  # an empty shard says 0 images
     with ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="plan") as pool:
         for shard, rows in _by_shard(table):
@@ -159,9 +162,16 @@ class _Planner:
     of one (in any shard) is a duplicate, as the run's claims and stored maps make it."""
 
     def __init__(
-        self, dataset: Storage, output: Storage, oversize: Oversize, claims: ClaimStore | None, shards: int
+        self,
+        dataset: Storage,
+        output: Storage,
+        oversize: Oversize,
+        claims: ClaimStore | None,
+        shards: int,
+        keep: PlanReads | None,
     ) -> None:
         self.dataset, self.output, self.oversize, self.claims, self.shards = dataset, output, oversize, claims, shards
+        self.keep = keep
         self.maps: StoredMaps | None = None  # made at the first shard with images to look at
         self.namespace = claim_namespace(output)
         self.seen: set[str] = set()
@@ -176,7 +186,8 @@ class _Planner:
         pending = pending_items(items, record.previous)
         if self.maps is None and pending:  # shards are alike (hashed): this one's figures stand for each
             self.maps = StoredMaps(self.output, len(pending) * self.shards, len(record.previous) * self.shards)
-        looks = _looks(pool, self.dataset, self.output, pending, self.oversize, self.maps or StoredMaps(self.output))
+        maps = self.maps or StoredMaps(self.output)
+        looks = _looks(pool, self.dataset, self.output, pending, self.oversize, maps, self.keep)
         return _figures(len(items), looks, self.seen, self._held)
 
     def _held(self, name: str) -> bool:
@@ -191,14 +202,17 @@ def _looks(
     items: list[Item],
     oversize: Oversize,
     maps: StoredMaps,
+    keep: PlanReads | None,
 ) -> Iterator[tuple[str, bool] | None]:
     """Each pending file as the run would meet it, in order, a chunk at a time: None if the local checks
     refuse it, else its content hash and whether a map of that content is stored (or waits in this host's
-    spool, paid for: the run stores it with no request)."""
+    spool, paid for: the run stores it with no request). What was read is left in `keep`, if given."""
     spool = manifest.spool_for(output)
 
     def look(item: Item) -> tuple[str, bool] | None:
         checked = read_and_check(dataset, item, oversize)
+        if keep is not None:
+            keep.keep(dataset, item, oversize, checked)
         if checked.prepared is None or checked.digest is None:
             return None
         path = normal_map_path(checked.digest)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._state import take_set_aside_warnings
 from .client import DEFAULT_API_URL, ClipdropClient, RetryPolicy
-from .enrich import MAX_IN_FLIGHT, Item, ShardResult, enrich_shards
+from .enrich import MAX_IN_FLIGHT, Item, PlanReads, ShardResult, enrich_shards
 from .guards import MAX_TIMEOUT_S, CreditGuard, claim_store, key_fingerprint, key_state, rate_guard_for
 from .plan import Plan, make_plan
 from .prepare import Oversize
@@ -96,8 +96,8 @@ class ClipdropSettings:
         warn: Callable[[str], None],
         **callbacks: Any,
     ) -> dict[str, ShardResult]:
-        """`enrich_shards` with this key's client and claims (`callbacks`: its `progress`, `notify`, `on_shard`);
-        `warn` hears of state this process had to set aside to open."""
+        """`enrich_shards` with this key's client and claims (`callbacks`: its `progress`, `notify`, `on_shard`,
+        `reads`); `warn` hears of state this process had to set aside to open."""
         with self.open_client() as client:
             claims = self.claim_store()
             for warning in take_set_aside_warnings():
@@ -122,8 +122,11 @@ class ClipdropSettings:
         """The key's last reported balance and its age, from its shared state; unknown without a key."""
         return key_state(self.api_key, self.redis_url).known_balance() if self.api_key else None
 
-    def plan(self, dataset: Storage, output: Storage, inventory: pa.Table, shards: int) -> Plan:
-        """What the next run with these settings would send and charge, from `inventory`: no request, no write."""
+    def plan(
+        self, dataset: Storage, output: Storage, inventory: pa.Table, shards: int, keep: PlanReads | None = None
+    ) -> Plan:
+        """What the next run with these settings would send and charge, from `inventory`: no request, no write.
+        `keep`: where to leave what was read for that run, when it follows in this process (see `PlanReads`)."""
         return make_plan(
             dataset,
             output,
@@ -134,6 +137,7 @@ class ClipdropSettings:
             oversize=self.oversize,
             claims=self.claim_store(),
             balance=self.known_balance(),
+            keep=keep,
         )
 
     def shortfall(self, plan: Plan) -> str | None:

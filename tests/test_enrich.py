@@ -1,5 +1,6 @@
 """The enrichment loop's in-flight window: by default it follows the key's rate and the observed latency."""
 
+import hashlib
 import io
 from types import SimpleNamespace
 
@@ -99,3 +100,102 @@ def test_stored_maps_come_from_one_listing_only_when_that_takes_fewer_requests(t
     maps = StoredMaps(output, looks, recorded)
     assert stored in maps and absent not in maps
     assert (output.listings, output.looks) == ((1, 0) if listed else (0, 2))
+
+
+def _on_s3(s3_client, bucket: str, files: dict[str, bytes]):
+    """`files` under s3://bucket/in, and that dataset with its output, s3://bucket/out."""
+    from normals_pipeline.storage import open_storage
+
+    for name, data in files.items():
+        s3_client.put_object(Bucket=bucket, Key=f"in/{name}", Body=data)
+    return open_storage(f"s3://{bucket}/in"), open_storage(f"s3://{bucket}/out")
+
+
+def _plan_then_run(dataset, output, url, reads, before_run=lambda: None):
+    """The plan of one shard keeping what it reads in `reads`, then the run of that shard taking from it."""
+    from normals_pipeline.enrich import current_items, enrich_shard
+    from normals_pipeline.inventory import take_inventory
+    from normals_pipeline.plan import make_plan
+
+    inventory = take_inventory(dataset, 1)
+    plan = make_plan(dataset, output, 1, inventory=inventory, rpm=100_000, keep=reads)
+    before_run()
+    with ClipdropClient("test-key", base_url=url, rate_guard=RateGuard(100_000)) as api:
+        result = enrich_shard(dataset, output, api, "0", current_items(dataset, inventory), reads=reads)
+    return plan, result
+
+
+def _portraits(tmp_path, count: int) -> dict[str, bytes]:
+    from normals_pipeline.synthetic import make_portraits
+
+    return {path.name: path.read_bytes() for path in make_portraits(tmp_path / "portraits", count)}
+
+
+def test_a_run_after_the_plan_on_s3_reads_each_image_once(tmp_path, s3_client, s3_bucket, s3_requests, emulator):
+    from normals_pipeline.enrich import PlanReads
+
+    portraits = _portraits(tmp_path, 5)
+    files = portraits | {"copy.png": next(iter(portraits.values())), "empty.jpg": b"", "broken.jpg": b"not an image"}
+    dataset, output = _on_s3(s3_client, s3_bucket, files)
+    s3_requests.clear()
+
+    plan, result = _plan_then_run(dataset, output, emulator.url, PlanReads())
+
+    reads = sorted(path for method, path in s3_requests if method == "GET" and path.startswith(f"/{s3_bucket}/in/"))
+    assert reads == sorted(f"/{s3_bucket}/in/{name}" for name in files)  # the plan's: the run took what it read
+    assert (plan.total.to_send, plan.total.duplicates, plan.total.refused) == (5, 1, 2)
+    hashes = {hashlib.sha256(data).hexdigest() for data in portraits.values()}
+    assert emulator.stats()["charged_by_content"] == dict.fromkeys(hashes, 1)  # the bytes the plan hashed, once each
+    rows = result.manifest.set_index("path")
+    assert rows.loc["empty.jpg", "error_code"] == "empty_file"
+    assert rows.loc["broken.jpg", "error_code"] == "unreadable_image"
+    assert result.enriched == 6
+
+
+def test_a_file_rewritten_after_the_plan_is_sent_as_the_plan_read_it_and_resent_by_the_next_run(
+    tmp_path, s3_client, s3_bucket, emulator
+):
+    """The run sends the bytes the plan hashed and counted, recorded under the version they were read at;
+    the next listing sees the new version, and the next run sends the new bytes."""
+    from normals_pipeline.enrich import PlanReads
+
+    files = _portraits(tmp_path, 3)
+    name = sorted(files)[0]
+    dataset, output = _on_s3(s3_client, s3_bucket, files)
+    rewritten = files[sorted(files)[1]] + b"\xff\xd9"  # other bytes, still an image
+
+    def rewrite() -> None:
+        s3_client.put_object(Bucket=s3_bucket, Key=f"in/{name}", Body=rewritten)
+
+    _, result = _plan_then_run(dataset, output, emulator.url, PlanReads(), rewrite)
+    row = result.manifest.set_index("path").loc[name]
+    assert row["content_hash"] == hashlib.sha256(files[name]).hexdigest()
+    assert row["source_version"] == hashlib.md5(files[name]).hexdigest()  # S3's ETag of the bytes sent
+
+    _, again = _plan_then_run(dataset, output, emulator.url, PlanReads())
+    assert again.new_rows == 1
+    assert again.manifest.set_index("path").loc[name, "content_hash"] == hashlib.sha256(rewritten).hexdigest()
+    assert emulator.stats()["charged"] == "4"
+
+
+def test_what_the_plan_keeps_is_a_remote_datasets_readable_files_up_to_a_byte_budget(tmp_path, s3_client, s3_bucket):
+    from normals_pipeline.enrich import Checked, Item, PlanReads, read_and_check
+
+    files = _portraits(tmp_path, 3)
+    dataset, _ = _on_s3(s3_client, s3_bucket, files)
+    items = [Item(name, len(data), hashlib.md5(data).hexdigest()) for name, data in sorted(files.items())]
+    checked = [read_and_check(dataset, item, "downscale") for item in items]
+    reads = PlanReads(max_bytes=len(checked[0].prepared.data) + len(checked[1].prepared.data) // 2)
+    for item, found in zip(items, checked):
+        reads.keep(dataset, item, "downscale", found)
+    reads.keep(dataset, Item("gone.jpg", 1, "x"), "downscale", Checked(None))  # unreadable: the run tries again
+    local = LocalStorage(tmp_path / "portraits")
+    reads.keep(local, items[2], "downscale", checked[2])  # a local read again is cheap: not kept
+
+    assert reads.take(dataset, items[0], "downscale") is checked[0]
+    assert reads.take(dataset, items[0], "downscale") is None  # taken once
+    assert reads.take(dataset, items[1], "downscale") is None  # over the budget
+    assert reads.take(dataset, items[2], "refuse") is None  # read under other settings
+    assert reads.take(dataset, Item(items[2].path, items[2].size, "other"), "downscale") is None  # another version
+    assert reads.take(dataset, Item("gone.jpg", 1, "x"), "downscale") is None
+    assert reads.take(local, items[2], "downscale") is None

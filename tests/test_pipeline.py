@@ -3,6 +3,7 @@
 import hashlib
 import os
 import shutil
+from collections import Counter
 from decimal import Decimal
 
 import pyarrow.dataset as ds
@@ -165,6 +166,34 @@ def test_s3_dataset_to_s3_output(portraits, s3_client, s3_bucket, s3_endpoint, e
 
     run_pipeline(defs, SHARDS, instance)
     assert Decimal(emulator.stats()["charged"]) == 8
+
+
+def test_a_run_on_s3_reads_each_new_image_once_and_sends_the_bytes_the_plan_hashed(
+    portraits, s3_client, s3_bucket, s3_requests, emulator
+):
+    """The inventory's plan reads and hashes every pending image; the shards' run that follows in the process
+    takes what it read instead of a second GET, and sends those very bytes (the emulator hashes what it got)."""
+    from normals_pipeline.orchestration._metadata import PREVIEW_ROWS
+
+    files = {path.relative_to(portraits).as_posix(): path.read_bytes() for path in portraits.rglob("*.*")}
+    files = {name: data for name, data in files.items() if not name.startswith(".") and not name.endswith(".txt")}
+    for name, data in files.items():
+        s3_client.put_object(Bucket=s3_bucket, Key=f"in/{name}", Body=data)
+    storage = DatasetResource(dataset_uri=f"s3://{s3_bucket}/in", output_uri=f"s3://{s3_bucket}/out")
+    resource = ClipdropResource(api_key="test-key", api_url=emulator.url, requests_per_minute=100_000)
+    defs = build_definitions(
+        dataset_uri="", output_uri="", shards=1, clipdrop=resource, storage=storage, training_pairs=False
+    )
+    s3_requests.clear()
+
+    summary = run_pipeline(defs, 1, DagsterInstance.ephemeral())
+
+    reads = Counter(path for method, path in s3_requests if method == "GET" and path.startswith(f"/{s3_bucket}/in/"))
+    assert set(reads) == {f"/{s3_bucket}/in/{name}" for name in files}
+    assert sum(reads.values()) == len(files) + PREVIEW_ROWS  # the plan's, and the preview's thumbnails
+    assert (summary.images, summary.enriched, dict(summary.errors)) == (10, 9, {"unreadable_image": 1})
+    sent = {hashlib.sha256(data).hexdigest() for name, data in files.items() if name != "broken.jpg"}
+    assert emulator.stats()["charged_by_content"] == dict.fromkeys(sent, 1)  # the duplicate charged once
 
 
 def test_s3_keys_with_empty_or_dot_parts_are_counted_as_skipped_and_no_run_fails(

@@ -15,7 +15,7 @@ import pandas as pd
 from dagster import BetaWarning, MetadataValue, TableColumn, TableColumnConstraints, TableRecord, TableSchema
 from PIL import Image, ImageOps
 
-from ..enrich import Progress, ShardResult
+from ..enrich import PlanReads, Progress, ShardResult
 from ..manifest import MANIFEST_SCHEMA
 from ..plan import TABLE_COLUMNS, Plan
 from ..storage import Storage, readable_location
@@ -24,6 +24,8 @@ from ..storage import Storage, readable_location
 SHARD_LISTENER: ContextVar[Callable[[str, dict], None] | None] = ContextVar("shard_listener", default=None)
 # Set likewise to hear where the run stands as its images finish (the CLI's live view).
 PROGRESS_LISTENER: ContextVar[Callable[[Progress], None] | None] = ContextVar("progress_listener", default=None)
+# Set likewise for the inventory's plan to leave what it read for the shard runs that follow in this process.
+PLAN_READS: ContextVar[PlanReads | None] = ContextVar("plan_reads", default=None)
 STOPPED_SHARDS = "stopped_shards"  # a failed run's metadata: {shard key: that shard's metadata}
 
 

@@ -24,6 +24,7 @@ from ..inventory import OutputInsideDataset, refresh_inventory, skipped_entries,
 from ..live import plain_number
 from ..storage import readable_location
 from ._metadata import (
+    PLAN_READS,
     PROGRESS_LISTENER,
     SHARD_LISTENER,
     STOPPED_SHARDS,
@@ -70,7 +71,7 @@ def build_assets(
                 f"entries skipped ({reasons}): only regular files with UTF-8 names, and S3 keys without an empty, "
                 "'.' or '..' part, are read"
             )
-        plan = settings.plan(dataset, output, table, shards)
+        plan = settings.plan(dataset, output, table, shards, keep=PLAN_READS.get())
         shortfall = settings.shortfall(plan)
         for warning in [*take_set_aside_warnings(), *plan.warnings, *([shortfall] if shortfall else [])]:
             context.log.warning(warning)
@@ -129,6 +130,7 @@ def build_assets(
             progress=_progress_relay(context),
             notify=context.log.info,
             on_shard=shard_done,
+            reads=PLAN_READS.get(),
         )
         metadata = {key: shard_metadata(result, len(items[key])) for key, result in results.items()}
         stopped = {key: result.stopped for key, result in results.items() if result.stopped is not None}

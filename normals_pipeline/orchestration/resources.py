@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 
 from .._state import ClaimStore
 from ..client import DEFAULT_API_URL, ClipdropClient
+from ..enrich import PlanReads
 from ..guards import MAX_TIMEOUT_S
 from ..plan import Plan
 from ..settings import ClipdropSettings, check_api_url
@@ -84,9 +85,12 @@ class ClipdropResource(ConfigurableResource):
         with self.settings().open_client() as client:
             yield client
 
-    def plan(self, dataset: Storage, output: Storage, inventory: pa.Table, shards: int) -> Plan:
-        """What the next run with these settings would send and charge, from `inventory`: no request, no write."""
-        return self.settings().plan(dataset, output, inventory, shards)
+    def plan(
+        self, dataset: Storage, output: Storage, inventory: pa.Table, shards: int, keep: PlanReads | None = None
+    ) -> Plan:
+        """What the next run with these settings would send and charge, from `inventory`: no request, no write.
+        `keep`: where to leave what was read for that run, when it follows in this process."""
+        return self.settings().plan(dataset, output, inventory, shards, keep)
 
     def shortfall(self, plan: Plan) -> str | None:
         """Why a run would not fit the key's balance less `credit_floor`, or `run_budget`; None if it would."""

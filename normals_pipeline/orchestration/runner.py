@@ -9,15 +9,16 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from dagster import AssetCheckSeverity, DagsterInstance, Definitions, ExecuteInProcessResult
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from ..enrich import Progress
+from ..enrich import PlanReads, Progress
 from ..inventory import partition_keys
-from ._metadata import PROGRESS_LISTENER, SHARD_LISTENER, STOPPED_SHARDS, plain
+from ._metadata import PLAN_READS, PROGRESS_LISTENER, SHARD_LISTENER, STOPPED_SHARDS, plain
 from .naming import INVENTORY_JOB, SHARD_JOB, SURFACE_NORMALS, TRAINING_PAIRS
 
 # Step failures are logged at ERROR with their whole stack trace; the caller prints one line instead and the
@@ -191,47 +192,58 @@ def run_pipeline(
     the code or the data, not from one image, so the next shards would most likely fail it as well.
     `verbose` logs each step to the console at INFO, stack traces included; otherwise the console is silent.
     """
-    logs = VERBOSE_LOGS if verbose else QUIET_LOGS
-    inventory = defs.resolve_job_def(INVENTORY_JOB).execute_in_process(
-        instance=instance, raise_on_error=False, run_config=logs
-    )
-    for message in [] if verbose else _warnings(instance, inventory.run_id):  # verbose: on the console already
-        warn(message)
-    if not inventory.success:
-        raise RunFailed(_failure_message(inventory)[0], started=False)
-    shard_job = defs.resolve_job_def(SHARD_JOB)
-    summary = RunSummary(training=TrainingSummary() if _builds(shard_job, TRAINING_PAIRS) else None)
-    reported: set[str] = set()
-    relay = _Relay(on_progress)
+    with _plan_reads():  # the inventory's plan reads the pending files once for the shard runs
+        logs = VERBOSE_LOGS if verbose else QUIET_LOGS
+        inventory = defs.resolve_job_def(INVENTORY_JOB).execute_in_process(
+            instance=instance, raise_on_error=False, run_config=logs
+        )
+        for message in [] if verbose else _warnings(instance, inventory.run_id):  # verbose: on the console already
+            warn(message)
+        if not inventory.success:
+            raise RunFailed(_failure_message(inventory)[0], started=False)
+        shard_job = defs.resolve_job_def(SHARD_JOB)
+        summary = RunSummary(training=TrainingSummary() if _builds(shard_job, TRAINING_PAIRS) else None)
+        reported: set[str] = set()
+        relay = _Relay(on_progress)
 
-    def report(key: str, metadata: dict) -> None:
-        reported.add(key)
-        summary.add(metadata)
-        progress(key, metadata)
+        def report(key: str, metadata: dict) -> None:
+            reported.add(key)
+            summary.add(metadata)
+            progress(key, metadata)
 
-    for keys in _ranges(partition_keys(shards), shards_per_run):
-        tokens = SHARD_LISTENER.set(report), PROGRESS_LISTENER.set(relay)  # as it goes, not at the run's end
-        try:
-            result = _execute(shard_job, keys, instance, logs)
-        finally:
-            SHARD_LISTENER.reset(tokens[0])
-            PROGRESS_LISTENER.reset(tokens[1])
-        relay.next_run()
-        done = _materializations(result)
-        if not result.success:
-            message, metadata = _failure_message(result)
-            done.update(metadata.get(STOPPED_SHARDS) or {})
-        for key in keys:
-            if key in done and key not in reported:
-                report(key, done[key])
-        if not result.success:
-            raise RunFailed(message)
-        if (failed := _failed_check(result, keys)) is not None:
-            raise CheckFailed(failed)
-        if summary.training is not None:
-            for metadata in _materializations(result, TRAINING_PAIRS).values():
-                summary.training.add(metadata)
-    return summary
+        for keys in _ranges(partition_keys(shards), shards_per_run):
+            tokens = SHARD_LISTENER.set(report), PROGRESS_LISTENER.set(relay)  # as it goes, not at the run's end
+            try:
+                result = _execute(shard_job, keys, instance, logs)
+            finally:
+                SHARD_LISTENER.reset(tokens[0])
+                PROGRESS_LISTENER.reset(tokens[1])
+            relay.next_run()
+            done = _materializations(result)
+            if not result.success:
+                message, metadata = _failure_message(result)
+                done.update(metadata.get(STOPPED_SHARDS) or {})
+            for key in keys:
+                if key in done and key not in reported:
+                    report(key, done[key])
+            if not result.success:
+                raise RunFailed(message)
+            if (failed := _failed_check(result, keys)) is not None:
+                raise CheckFailed(failed)
+            if summary.training is not None:
+                for metadata in _materializations(result, TRAINING_PAIRS).values():
+                    summary.training.add(metadata)
+        return summary
+
+
+@contextmanager
+def _plan_reads() -> Iterator[None]:
+    """What the plan reads, kept for the shard runs of this call (see `PlanReads`), then let go."""
+    token = PLAN_READS.set(PlanReads())
+    try:
+        yield
+    finally:
+        PLAN_READS.reset(token)
 
 
 def _warnings(instance: DagsterInstance, run_id: str) -> list[str]:
