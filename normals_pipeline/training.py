@@ -83,6 +83,7 @@ QUALITY_COLUMNS = ("person_fraction", "unit_norm_error", "facing_fraction")
 PART_BYTES = 64 * 2**20  # image + map bytes per file: bounds memory, and a size loaders stream well
 ROW_GROUP_ROWS = 16  # small row groups: `NormalsDataset` reads one group per item it is asked for
 READ_THREADS = 8  # sources and maps are read in parallel (S3 latency), a window at a time
+STAMP_CHUNK = 4096  # rows joined per update of a stamp: ~4x faster than one per row, memory bounded
 OPEN_FILES = 8  # Parquet files a NormalsDataset keeps open
 _EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
 
@@ -402,8 +403,10 @@ def _digest(settings: bytes) -> str:
 def _stamp(rows: pd.DataFrame, settings: bytes) -> str:
     """What a shard's pairs are made from: its successful rows (a changed file has a new hash) and the settings."""
     digest = hashlib.sha256(settings)
-    for path, content_hash in zip(rows["path"], rows["content_hash"]):
-        digest.update(f"{path}\0{content_hash}\n".encode())
+    paths, hashes = rows["path"].tolist(), rows["content_hash"].tolist()
+    for start in range(0, len(paths), STAMP_CHUNK):  # the same bytes as a line per row, hashed a chunk at a time
+        chunk = zip(paths[start : start + STAMP_CHUNK], hashes[start : start + STAMP_CHUNK])
+        digest.update("".join([f"{path}\0{content_hash}\n" for path, content_hash in chunk]).encode())
     return digest.hexdigest()
 
 
