@@ -390,6 +390,7 @@ def _acquire_times(kind: str, where: str, key: str, count: int, queue) -> None:
         queue.put(time.time())
 
 
+@pytest.mark.serial  # a shared rate's spacing, timed: with the machine to itself
 @pytest.mark.parametrize("kind", ["sqlite", "redis"])
 def test_processes_sharing_a_key_share_one_rate(kind, tmp_path, request):
     stamps = _in_processes(_acquire_times, kind, tmp_path, request, processes=3, each=10)
