@@ -21,6 +21,11 @@ from ..settings import ClipdropSettings, check_api_url
 from ..storage import Storage, open_storage
 
 
+def _resolved(value: str | None) -> str | None:
+    """A field's value, an `EnvVar` read from the environment (None when unset)."""
+    return value.get_value() if isinstance(value, EnvVar) else value
+
+
 class ClipdropResource(ConfigurableResource):
     """The Clipdrop API behind its rate and credit guards. Pass the key as `EnvVar("CLIPDROP_API_KEY")`."""
 
@@ -64,11 +69,10 @@ class ClipdropResource(ConfigurableResource):
 
     def settings(self) -> ClipdropSettings:
         """The core's settings of this key. Called on the definitions' resource too (the inventory's plan), whose
-        key may still be an `EnvVar`: read here, empty (balance unknown) when unset."""
-        key = self.api_key.get_value() if isinstance(self.api_key, EnvVar) else self.api_key
+        fields may still be `EnvVar`s: read here; the key empty (balance unknown) when unset."""
         return ClipdropSettings(
-            api_key=key or "",
-            api_url=self.api_url,
+            api_key=_resolved(self.api_key) or "",
+            api_url=_resolved(self.api_url) or DEFAULT_API_URL,
             requests_per_minute=self.requests_per_minute,
             concurrency=self.concurrency,
             credit_floor=Decimal(str(self.credit_floor)),
@@ -76,7 +80,7 @@ class ClipdropResource(ConfigurableResource):
             timeout_s=self.timeout_seconds,
             max_attempts=self.max_attempts,
             oversize=self.oversize,
-            redis_url=self.redis_url,
+            redis_url=_resolved(self.redis_url) or None,
         )
 
     @contextmanager
