@@ -25,7 +25,7 @@ from __future__ import annotations
 import io
 import json
 import posixpath
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -36,8 +36,21 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from . import normals
+from .manifest import read_manifest
 from .storage import Storage
-from .training import PARQUET_DIR, READ_THREADS, SPLITS, TRAINING_DIR, build_stamp
+from .training import (
+    DEFAULT_SPLITS,
+    MIN_PERSON_FRACTION,
+    PARQUET_DIR,
+    READ_THREADS,
+    SPLITS,
+    TRAINING_DIR,
+    UNIT_NORM_BOUND,
+    TrainingResult,
+    build_stamp,
+    quality_figures,
+    write_training_pairs,
+)
 
 LAYOUTS: Mapping[str, str] = MappingProxyType({"sapiens": "opencv", "marigold": "opengl", "dsine": "dsine"})
 _LISTED = ("marigold", "dsine")  # the layouts with <split>.txt file lists
@@ -70,6 +83,53 @@ class ExportResult:
         self.written += other.written
         self.deleted += other.deleted
         self.reused = self.reused and other.reused
+
+
+@dataclass
+class ShardBuild:
+    """One shard's training files: its pairs, their quality figures (what the quality check reports), and each
+    layout's export."""
+
+    pairs: TrainingResult
+    quality: dict[str, Any]
+    exported: dict[str, ExportResult]
+
+
+def build_shard(
+    dataset: Storage,
+    output: Storage,
+    partition_key: str,
+    *,
+    warn: Callable[[str], None],
+    splits: Mapping[str, float] = DEFAULT_SPLITS,
+    webdataset: bool = False,
+    min_person_fraction: float = MIN_PERSON_FRACTION,
+    keep_no_person: bool = False,
+    layouts: Mapping[str, str] = MappingProxyType({}),
+    present: Mapping[str, set[str]] = MappingProxyType({}),
+) -> ShardBuild:
+    """A shard's pairs from its manifest, then the same pairs in each of `layouts` ({layout: convention};
+    `present`: each layout's files, listed once by the caller): what the Dagster asset and the Airflow task run
+    for every shard. `warn` hears of a manifest that had to be set aside to read."""
+    warnings: list[str] = []
+    shard = read_manifest(output, partition_key, warnings)
+    for warning in warnings:
+        warn(warning)
+    pairs = write_training_pairs(
+        dataset,
+        output,
+        partition_key,
+        shard,
+        splits=splits,
+        webdataset=webdataset,
+        min_person_fraction=min_person_fraction,
+        keep_no_person=keep_no_person,
+    )
+    exported = {
+        layout: export_partition(output, partition_key, layout, convention, present.get(layout))
+        for layout, convention in layouts.items()
+    }
+    return ShardBuild(pairs, quality_figures(pairs, min_person_fraction, UNIT_NORM_BOUND), exported)
 
 
 def check_layout(layout: str, convention: str | None = None) -> str:

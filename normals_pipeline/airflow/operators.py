@@ -17,7 +17,7 @@ from .. import manifest
 from .._errors import ClipdropError, stop_message, stopped_line
 from .._state import take_set_aside_warnings
 from ..enrich import Progress, ShardResult, Throttle, items_by_shard
-from ..export import check_layout, export_partition, finish_layout, layout_dir
+from ..export import build_shard, check_layout, finish_layout, layout_dir
 from ..inventory import OutputInsideDataset, refresh_inventory, skipped_entries
 from ..live import plain_number
 from ..manifest import LayoutMismatch
@@ -25,10 +25,7 @@ from ..storage import Storage, open_storage
 from ..training import (
     DEFAULT_SPLITS,
     MIN_PERSON_FRACTION,
-    UNIT_NORM_BOUND,
     check_splits,
-    quality_figures,
-    write_training_pairs,
 )
 from .hooks import ClipdropHook
 
@@ -196,25 +193,21 @@ class NormalsTrainingPairsOperator(_NormalsOperator):
         present = {layout: set(output.list_prefix(layout_dir(layout))) for layout in self.layouts}
         keys = manifest.manifest_keys(output)
         for key in keys:
-            warnings: list[str] = []
-            shard = manifest.read_manifest(output, key, warnings)
-            for warning in warnings:
-                self.log.warning(warning)
-            result = write_training_pairs(
+            built = build_shard(
                 dataset,
                 output,
                 key,
-                shard,
+                warn=self.log.warning,
                 splits=self.splits,
                 webdataset=self.webdataset,
                 min_person_fraction=self.min_person_fraction,
                 keep_no_person=self.keep_no_person,
+                layouts=self.layouts,
+                present=present,
             )
-            quality = quality_figures(result, self.min_person_fraction, UNIT_NORM_BOUND)
+            result, quality = built.pairs, built.quality
             if quality["no_person"] or quality["unit_norm_above_bound"]:
                 self.log.warning("shard %s: normal_map_quality: %s", key, quality)
-            for layout, convention in self.layouts.items():
-                export_partition(output, key, layout, convention, present[layout])
             pairs, reused = pairs + result.pairs, reused + result.reused
             no_person, off_sphere = no_person + quality["no_person"], off_sphere + quality["unit_norm_above_bound"]
             left_out.update(result.left_out)

@@ -20,18 +20,14 @@ from dagster import (
     asset,
 )
 
-from ..export import check_layout, export_partition, finish_layout, layout_dir
-from ..manifest import read_manifest
-from ..storage import Storage, readable_location
+from ..export import ExportResult, build_shard, check_layout, finish_layout, layout_dir
+from ..storage import readable_location
 from ..training import (
     MIN_PERSON_FRACTION,
     PARQUET_DIR,
     SCHEMA,
-    UNIT_NORM_BOUND,
     TrainingResult,
     check_splits,
-    quality_figures,
-    write_training_pairs,
 )
 from .checks import check_quality, evaluations_of, quality_check_spec
 from .naming import STORAGE, SURFACE_NORMALS, TRAINING_PAIRS, Names
@@ -114,25 +110,23 @@ def build_training_asset(
         figures: dict[str, dict[str, Any]] = {}
         present = {layout: set(output.list_prefix(layout_dir(layout))) for layout in layouts}  # listed once a run
         for key in context.partition_keys:
-            warnings: list[str] = []
-            shard = read_manifest(output, key, warnings)
-            for warning in warnings:
-                context.log.warning(warning)
-            result = write_training_pairs(
+            built = build_shard(
                 dataset,
                 output,
                 key,
-                shard,
+                warn=context.log.warning,
                 splits=fractions,
                 webdataset=webdataset,
                 min_person_fraction=min_person_fraction,
                 keep_no_person=keep_no_person,
+                layouts=layouts,
+                present=present,
             )
-            figures[key] = quality_figures(result, min_person_fraction, UNIT_NORM_BOUND)
+            result, figures[key] = built.pairs, built.quality
             left_out = ", ".join(f"{reason}: {n}" for reason, n in sorted(result.left_out.items())) or "none"
             kept = " (unchanged since the last build: kept)" if result.reused else ""
             context.log.info(f"shard {key}: {result.pairs} training pairs, left out: {left_out}{kept}")
-            exported = _export(context, output, key, layouts, present)
+            exported = _exported(context, key, built.exported)
             context.add_asset_metadata(training_metadata(result) | exported, partition_key=key)
         for layout, convention in layouts.items():
             finish_layout(output, layout, convention)  # lists and meta.json, from every partition's record
@@ -144,17 +138,10 @@ def build_training_asset(
     return training_pairs
 
 
-def _export(
-    context: AssetExecutionContext,
-    output: Storage,
-    key: str,
-    layouts: Mapping[str, str],
-    present: Mapping[str, set[str]],
-) -> dict[str, Any]:
-    """The shard's pairs in each layout (`present`: each layout's files, listed once a run); its metadata."""
+def _exported(context: AssetExecutionContext, key: str, exported: Mapping[str, ExportResult]) -> dict[str, Any]:
+    """The shard's export in each layout: a log line each, and its metadata."""
     figures = {}
-    for layout, convention in layouts.items():
-        done = export_partition(output, key, layout, convention, present[layout])
+    for layout, done in exported.items():
         state = "unchanged: kept" if done.reused else f"{done.written} files written, {done.deleted} deleted"
         context.log.info(f"shard {key}: {layout} layout, {done.samples} samples, {state}")
         figures[layout] = {"samples": done.samples, "written": done.written, "reused": done.reused}
