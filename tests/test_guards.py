@@ -16,6 +16,9 @@ from normals_pipeline.guards import (
     rate_guard_for,
 )
 
+# Spacing and pauses timed on the real clock: with the machine to itself (`make test` runs `serial` tests alone).
+pytestmark = pytest.mark.serial
+
 
 def test_fingerprint_never_contains_the_key():
     fingerprint = key_fingerprint("sk-secret-123")

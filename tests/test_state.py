@@ -240,6 +240,7 @@ def _slots(state, clock, count: int, interval: float, tolerance: float, spacing:
     return sends
 
 
+@pytest.mark.serial  # "late" is timed on the real clock
 def test_a_late_slot_is_made_up_on_every_store(state, clock):
     interval, tolerance, spacing = 0.1, 0.5, 0.05
     # From idle: up to 0.5 s of slots saved up, sent 50 ms apart; the 12th is back on the schedule.
