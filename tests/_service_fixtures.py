@@ -8,7 +8,6 @@ import shutil
 import socket
 import subprocess
 import time
-import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -34,7 +33,6 @@ def redis_url() -> Iterator[str]:
     url = os.environ.get("NORMALS_TEST_REDIS_URL")
     if not url:
         _unavailable("Redis", "NORMALS_TEST_REDIS_URL is not set")
-    url = _worker_database(url)
     host = redis.Redis.from_url(url).connection_pool.connection_kwargs.get("host", "")
     if host not in _LOOPBACK:
         pytest.fail(f"tests only talk to loopback, not {host}")
@@ -49,15 +47,6 @@ def redis_url() -> Iterator[str]:
     if new:
         client.delete(*new)
     client.close()
-
-
-def _worker_database(url: str) -> str:
-    """Under pytest-xdist (`make test` runs two workers) each worker its own Redis database (gw0: 1, gw1: 2, ...):
-    the keys a test cleans up and the key's rate it measures are never another worker's."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if not worker:
-        return url
-    return urllib.parse.urlsplit(url)._replace(path=f"/{int(worker.removeprefix('gw')) + 1}").geturl()
 
 
 @pytest.fixture

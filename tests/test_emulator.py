@@ -454,7 +454,6 @@ def test_slow_requests_outlast_a_short_timeout(emulator_factory: Factory) -> Non
     assert time.monotonic() - started >= 0.6
 
 
-@pytest.mark.serial  # wall time of concurrent answers
 def test_latency_is_per_request_and_concurrent(emulator_factory: Factory) -> None:
     emulator = emulator_factory(latency=1.0)
     started = time.monotonic()
@@ -529,7 +528,6 @@ def test_cli_builds_the_config() -> None:
 # -- rendering -------------------------------------------------------------
 
 
-@pytest.mark.serial  # a render's wall time
 def test_large_inputs_render_at_full_size_quickly() -> None:
     source = Image.open(io.BytesIO(portrait((1024, 1024))))
     source.load()

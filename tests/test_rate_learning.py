@@ -31,10 +31,6 @@ from normals_pipeline.inventory import take_inventory
 from normals_pipeline.manifest import empty_manifest
 from normals_pipeline.synthetic import make_portraits
 
-# How many 429s the first one costs depends on how fast every sender hears of the pause: measured with the
-# machine to itself (`make test` runs the `serial` tests after the parallel ones, alone).
-pytestmark = pytest.mark.serial
-
 CLI = str(Path(sys.executable).with_name("normals-pipeline"))
 KEY = "test-key"
 REAL, CONFIGURED = 60, 120

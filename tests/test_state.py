@@ -240,7 +240,6 @@ def _slots(state, clock, count: int, interval: float, tolerance: float, spacing:
     return sends
 
 
-@pytest.mark.serial  # "late" is timed on the real clock
 def test_a_late_slot_is_made_up_on_every_store(state, clock):
     interval, tolerance, spacing = 0.1, 0.5, 0.05
     # From idle: up to 0.5 s of slots saved up, sent 50 ms apart; the 12th is back on the schedule.
@@ -391,7 +390,6 @@ def _acquire_times(kind: str, where: str, key: str, count: int, queue) -> None:
         queue.put(time.time())
 
 
-@pytest.mark.serial  # a shared rate's spacing, timed: with the machine to itself
 @pytest.mark.parametrize("kind", ["sqlite", "redis"])
 def test_processes_sharing_a_key_share_one_rate(kind, tmp_path, request):
     stamps = _in_processes(_acquire_times, kind, tmp_path, request, processes=3, each=10)
