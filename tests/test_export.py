@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.dataset as pads
 import pytest
 from PIL import Image
+from test_training import add_blanks
 
 from normals_pipeline import normals
 from normals_pipeline.client import ClipdropClient
@@ -32,14 +33,6 @@ def enrich_and_pair(dataset: Storage, output: Storage, url: str) -> None:
     with ClipdropClient("test-key", base_url=url, rate_guard=RateGuard(100_000)) as client:
         manifest = enrich_shard(dataset, output, client, "00", items).manifest
     write_training_pairs(dataset, output, "00", manifest, splits=EVEN)
-
-
-def add_blanks(folder, count: int = 2) -> list[str]:
-    """Photos of no one: the emulator, like the API, answers each with a flat map."""
-    names = [f"blank_{index}.jpg" for index in range(count)]
-    for index, name in enumerate(names):
-        Image.new("RGB", (320 + 16 * index, 240), (90 + 40 * index, 120, 150)).save(folder / name)
-    return names
 
 
 @pytest.fixture
