@@ -60,7 +60,7 @@ class ClipdropHook(BaseHook):
         try:
             conn = self.get_connection(self.clipdrop_conn_id)
         except AirflowNotFoundException:
-            key, url, extra = os.environ.get("CLIPDROP_API_KEY"), os.environ.get("CLIPDROP_API_URL"), {}
+            key, url = os.environ.get("CLIPDROP_API_KEY"), os.environ.get("CLIPDROP_API_URL")
             extra = {"requests_per_minute": os.environ.get("CLIPDROP_RPM", "60")}
         else:
             key, url, extra = conn.password, api_url_of(conn.host, conn.schema, conn.port), conn.extra_dejson
