@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -112,14 +111,21 @@ def _dg(project: Path, env: dict[str, str], *args: str) -> str:
     return done.stdout
 
 
-def _step_span(log: str) -> tuple[str, str]:
-    """When the run's surface_normals step started and succeeded, from `dg launch`'s event log lines."""
-    times = {}
-    for event in ("STEP_START", "STEP_SUCCESS"):
-        match = re.search(rf"^(\S+ \S+) \+0000 - dagster - .*__surface_normals - {event} - ", log, re.MULTILINE)
-        assert match, f"no {event} of surface_normals in:\n{log}"
-        times[event] = match[1]
-    return times["STEP_START"], times["STEP_SUCCESS"]
+def _step_spans(home: Path) -> list[tuple[float, float]]:
+    """When each run's surface_normals step started and succeeded, from the instance's event log (the runs'
+    stdout is not enough: two processes write each run's log lines into one pipe, and lines can interleave)."""
+    kinds = {dg.DagsterEventType.STEP_START, dg.DagsterEventType.STEP_SUCCESS}
+    spans = []
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        for run in instance.get_runs():
+            times = {
+                entry.dagster_event_type: entry.timestamp
+                for entry in instance.all_logs(run.run_id, of_type=kinds)
+                if entry.step_key and entry.step_key.endswith("__surface_normals")
+            }
+            assert times.keys() == kinds, (run.run_id, times)
+            spans.append((times[dg.DagsterEventType.STEP_START], times[dg.DagsterEventType.STEP_SUCCESS]))
+    return spans
 
 
 def test_two_instances_scaffolded_checked_and_run_on_one_key(tmp_path: Path, emulator_factory) -> None:
@@ -245,7 +251,7 @@ def test_two_instances_scaffolded_checked_and_run_on_one_key(tmp_path: Path, emu
         assert launch.returncode == 0, output
         assert KEY not in output
     # ... and they were enriching at the same time
-    (start_a, end_a), (start_b, end_b) = (_step_span(output) for output in outputs)
+    (start_a, end_a), (start_b, end_b) = _step_spans(home)
     assert start_a < end_b and start_b < end_a, (start_a, end_a, start_b, end_b)
 
     stats = emulator.stats()

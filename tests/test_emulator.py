@@ -480,6 +480,7 @@ def test_latency_jitter_varies_each_answer_within_bounds(emulator_factory: Facto
 
 def test_latency_jitter_never_goes_below_zero(emulator_factory: Factory) -> None:
     emulator = emulator_factory(latency=0.0, latency_jitter=0.05)
+    post(emulator)  # the connection and imports warm up: the bound is on the delays, not on the first request
     started = time.monotonic()
     assert statuses(emulator, 4) == [200] * 4
     assert time.monotonic() - started < 0.05 * 4 + 0.5
