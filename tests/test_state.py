@@ -3,6 +3,7 @@
 import multiprocessing
 import os
 import sqlite3
+import statistics
 import subprocess
 import sys
 import threading
@@ -403,8 +404,10 @@ def test_processes_sharing_a_key_share_one_rate(kind, tmp_path, request):
     for i, first in enumerate(stamps):
         for j in range(i + 1, len(stamps)):
             assert j - i <= (stamps[j] - first + CATCH_UP_S) / interval + 1, (i, j, gaps)
-    steady = gaps[-8:]  # past the catch-up (20 slots at half the interval)
-    assert 0.9 * interval <= sum(steady) / len(steady) <= 1.2 * interval, gaps
+    # Past the catch-up (20 slots at half the interval), one send per interval: the median gap, as a sleeper
+    # that wakes late lengthens its own gap and shortens the next (the schedule is absolute); a mean of the
+    # last 8 gaps went past 1.2 intervals when a CI machine lost 40 % of its time to steal.
+    assert 0.9 * interval <= statistics.median(gaps[-8:]) <= 1.2 * interval, gaps
 
 
 def test_with_a_floor_and_no_known_balance_one_request_finds_it_out(state):
