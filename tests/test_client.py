@@ -300,3 +300,21 @@ def _call_catching(client: ClipdropClient, failures: list[Exception]) -> None:
         client.surface_normals(jpeg(), "image.jpg", "image/jpeg")
     except Exception as error:
         failures.append(error)
+
+
+def test_each_thread_sends_on_its_own_connection_and_threads_beyond_the_limit_wait(emulator_factory):
+    """A connection per sending thread (a pool shared by the workers convoyed on its lock), at most
+    `max_connections` exchanges at once however many threads send; a finished run's threads leave no
+    connection open behind them, and a closed client sends nothing."""
+    emulator = emulator_factory(latency=0.2)
+    with make_client(emulator.url, max_connections=3) as client:
+        for _ in range(2):  # two runs, each with threads of its own
+            with ThreadPoolExecutor(6) as pool:
+                results = list(pool.map(lambda _: client.surface_normals(jpeg(), "a.jpg", "image/jpeg"), range(12)))
+            assert len(results) == 12
+        assert emulator.stats()["concurrent_max"] == 3
+        with ThreadPoolExecutor(1) as pool:  # a third run's thread: the first two runs' connections are closed
+            pool.submit(client.surface_normals, jpeg(), "a.jpg", "image/jpeg").result()
+        assert len(client._clients) == 1
+    with pytest.raises(RuntimeError, match="the client is closed"):
+        client.surface_normals(jpeg(), "a.jpg", "image/jpeg")
