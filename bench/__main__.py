@@ -210,10 +210,11 @@ def _machine() -> dict[str, Any]:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=RESULTS.parent
         ).stdout.strip()
+        # ":/" from the repository's root: from bench/, a plain path named nothing, so the code was never dirty
         dirty = bool(
             subprocess.run(["git", "status", "--porcelain", "--", ":/normals_pipeline"], capture_output=True,
                            text=True, cwd=RESULTS.parent).stdout.strip()
-        )  # fmt: skip  (":/" from the repository's root: from bench/, a plain path named nothing, so never dirty)
+        )  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = None, None
     return {
