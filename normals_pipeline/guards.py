@@ -381,10 +381,13 @@ class CreditGuard:
 
     def _admit(self, lease: str) -> None:
         with self._lock:
-            if self._stopped is not None:
-                raise self._stopped
+            # Admitted already, before any stop: a transaction run again (a group commit reruns each of its works
+            # alone when one fails, as the request refused by the budget does) keeps it, or a request the budget
+            # allowed was dropped unsent, the run stopping short of its budget.
             if lease in self._leases:
                 return
+            if self._stopped is not None:
+                raise self._stopped
             in_flight = len(self._leases)
             if self.budget is not None and self.spent + (in_flight + 1) * CREDITS_PER_CALL > self.budget:
                 requests = "a request" if in_flight == 1 else "requests"

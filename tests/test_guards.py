@@ -83,6 +83,20 @@ def test_budget_counts_requests_in_flight():
         guard.reserve()
 
 
+def test_a_lease_the_budget_allowed_survives_its_transaction_run_again_after_the_stop():
+    """A group commit runs each work of a failed batch again alone (the request the budget refused fails its
+    batch): a lease admitted before that stop is kept, else a request within the budget went unsent (a run
+    with a budget of 3 sent 2, in one CI run of two runs at once on one state file)."""
+    state = MemoryState()
+    guard = CreditGuard(budget=Decimal(2), state=state)
+    assert [state.atomically(lambda ops, name=name: guard.lease(ops, name)).wait for name in "ab"] == ["go", "go"]
+    with pytest.raises(CreditLimitReached, match="budget of 2"):
+        state.atomically(lambda ops: guard.lease(ops, "c"))
+    assert state.atomically(lambda ops: guard.lease(ops, "b")).wait == "go"  # b's look, run again
+    with pytest.raises(CreditLimitReached, match="budget of 2"):
+        state.atomically(lambda ops: guard.lease(ops, "d"))
+
+
 def test_budget_frees_uncharged_reservations():
     guard = CreditGuard(budget=Decimal(1))
     guard.settle(guard.reserve(), None, None)  # failed, not charged
