@@ -304,6 +304,9 @@ class Tally:
     retries: Counter[str] = field(default_factory=Counter)
 
 
+CLOSED = "the client is closed: open another to send"
+
+
 class ClipdropClient:
     """Sends images to a Clipdrop image endpoint; thread-safe, a connection per sending thread."""
 
@@ -358,7 +361,7 @@ class ClipdropClient:
         if http is None:
             with self._count_lock:
                 if self._clients is None:
-                    raise RuntimeError("the client is closed: open another to send")
+                    raise RuntimeError(CLOSED)
                 ended = [thread for thread in self._clients if not thread.is_alive()]
                 for thread in ended:  # a finished run's workers: their connections would idle until `close`
                     self._clients.pop(thread).close()
@@ -462,7 +465,7 @@ class ClipdropClient:
 
     def _send_once(self, path: str, image: bytes, filename: str, content_type: str) -> ApiResult:
         if self._clients is None:  # before a turn is taken: a closed client is a caller's mistake, not a failure
-            raise RuntimeError("the client is closed: open another to send")
+            raise RuntimeError(CLOSED)
         self._raise_if_given_up()
         with _shared_state():  # the turn holds the credit lease too: one transaction to start, one to end
             turn = self.rate_guard.acquire(self._giving_up, give_up_s=self.retry.timeout_s, credit=self.credit_guard)
