@@ -103,7 +103,7 @@ def _seconds(text: str) -> float:
 
 def _api_url(text: str) -> str:
     """The resource's own rule, so the CLI and a YAML or UI configuration accept the same URLs."""
-    from .settings import check_api_url
+    from .client import check_api_url
 
     try:
         return check_api_url(text)

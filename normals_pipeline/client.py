@@ -16,6 +16,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -52,6 +53,21 @@ if TYPE_CHECKING:
     import httpcore
 
 DEFAULT_API_URL = "https://clipdrop-api.co"
+
+
+def check_api_url(url: str) -> str:
+    """`url` if it is http(s) with a host. Anything else would only fail at the first request, and then
+    be retried as a network error for a long while before the run says it cannot reach the API."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number in range
+    except ValueError as error:
+        raise ValueError(f"the API URL {url!r} is not a valid URL ({error})") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"the API URL must start with http:// or https:// and name a host, got {url!r}")
+    return url
+
+
 SURFACE_NORMALS_PATH = "/portrait-surface-normals/v1"
 JPEG_MAGIC = b"\xff\xd8\xff"
 DEFAULT_COOLDOWN_S = 5.0

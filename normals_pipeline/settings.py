@@ -3,7 +3,6 @@ Airflow hook, a script) hands the core, so each builds the client, the claims an
 
 from __future__ import annotations
 
-import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -11,7 +10,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from ._state import take_set_aside_warnings
-from .client import DEFAULT_API_URL, ClipdropClient, RetryPolicy
+from .client import DEFAULT_API_URL, ClipdropClient, RetryPolicy, check_api_url
 from .enrich import MAX_IN_FLIGHT, Item, PlanReads, ShardResult, enrich_shards
 from .guards import MAX_TIMEOUT_S, CreditGuard, claim_store, key_fingerprint, key_state, rate_guard_for
 from .plan import Plan, make_plan
@@ -22,19 +21,6 @@ if TYPE_CHECKING:
 
     from ._state import ClaimStore
     from .storage import Storage
-
-
-def check_api_url(url: str) -> str:
-    """`url` if it is http(s) with a host. Anything else would only fail at the first request, and then
-    be retried as a network error for a long while before the run says it cannot reach the API."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        parts.port  # noqa: B018 - raises on a port that is not a number in range
-    except ValueError as error:
-        raise ValueError(f"the API URL {url!r} is not a valid URL ({error})") from None
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"the API URL must start with http:// or https:// and name a host, got {url!r}")
-    return url
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ import urllib.parse
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-import boto3
-from botocore.exceptions import ClientError
+if TYPE_CHECKING:
+    from botocore.exceptions import ClientError
 
 # Files written through mkstemp are 0600; give them the mode a plain open() would.
 _UMASK = os.umask(0)
@@ -385,6 +385,7 @@ class S3Storage:
         self.bucket = bucket
         self.prefix = _normalise_prefix(prefix)
         self.client = client
+        self._client_error = client.exceptions.ClientError  # botocore's, without importing boto3 for local runs
         self.page_size = page_size
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
 
@@ -406,7 +407,7 @@ class S3Storage:
     def stat(self, path: str) -> FileEntry:
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=self._key(path))
-        except ClientError as err:
+        except self._client_error as err:
             if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
                 raise FileNotFoundError(f"no such object: {self.uri_for(path)}") from err
             raise
@@ -425,7 +426,7 @@ class S3Storage:
     def read_bytes(self, path: str) -> bytes:
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self._key(path))
-        except ClientError as err:
+        except self._client_error as err:
             if _error_code(err) == "NoSuchKey":
                 raise FileNotFoundError(f"no such object: {self.uri_for(path)}") from err
             raise
@@ -442,7 +443,7 @@ class S3Storage:
         extra = {"ContentType": content_type} if content_type else {}
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._key(path), Body=data, IfNoneMatch="*", **extra)
-        except ClientError as err:
+        except self._client_error as err:
             if _error_code(err) in ("PreconditionFailed", "ConditionalRequestConflict"):
                 return False
             raise
@@ -451,7 +452,7 @@ class S3Storage:
     def exists(self, path: str) -> bool:
         try:
             self.client.head_object(Bucket=self.bucket, Key=self._key(path))
-        except ClientError as err:
+        except self._client_error as err:
             if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
                 return False
             raise
@@ -482,7 +483,7 @@ class S3Storage:
                     if not rel or rel.endswith("/") or any(s[:1] == "." and s not in _DOTS for s in rel.split("/")):
                         continue  # a folder marker, or hidden: neither listed nor counted (as in a local folder)
                     yield FileEntry(rel, obj["Size"], obj["ETag"].strip('"'))
-        except ClientError as err:
+        except self._client_error as err:
             if _error_code(err) == "NoSuchBucket":
                 raise DatasetNotFound(f"dataset not found: bucket of {self.uri} does not exist") from err
             raise
@@ -513,6 +514,9 @@ def open_storage(uri: str, s3_client: Any = None) -> Storage:
     if scheme == "s3":
         if not parsed.netloc:
             raise ValueError(f"S3 URI has no bucket: {uri}")
-        client = s3_client if s3_client is not None else boto3.client("s3")
-        return S3Storage(parsed.netloc, parsed.path.lstrip("/"), client)
+        if s3_client is None:
+            import boto3
+
+            s3_client = boto3.client("s3")
+        return S3Storage(parsed.netloc, parsed.path.lstrip("/"), s3_client)
     raise ValueError(f"unsupported storage URI scheme {parsed.scheme!r} in {uri!r}: use a local path, file:// or s3://")

@@ -9,15 +9,14 @@ from typing import Any, Literal
 
 import pyarrow as pa
 from dagster import ConfigurableResource, EnvVar
-from dagster_aws.s3 import S3Resource
 from pydantic import Field, field_validator
 
 from .._state import ClaimStore
-from ..client import DEFAULT_API_URL, ClipdropClient
+from ..client import DEFAULT_API_URL, ClipdropClient, check_api_url
 from ..enrich import PlanReads
 from ..guards import MAX_TIMEOUT_S
 from ..plan import Plan
-from ..settings import ClipdropSettings, check_api_url
+from ..settings import ClipdropSettings
 from ..storage import Storage, open_storage
 
 
@@ -105,12 +104,50 @@ class ClipdropResource(ConfigurableResource):
         return self.settings().claim_store()
 
 
+class S3Settings(ConfigurableResource):
+    """The S3 client's settings: the fields (and so the run config) of dagster-aws's `S3Resource`, which is not
+    used because importing its package loads Dagster's test utilities, ~0.6 s in every process (each run, each
+    step, each code-location load) even where nothing is on S3. boto3 is imported only for an s3:// URI."""
+
+    use_unsigned_session: bool = Field(default=False, description="Send requests unsigned (a public bucket).")
+    region_name: str | None = Field(default=None, description="Region; unset: boto3's (AWS_REGION, profile).")
+    endpoint_url: str | None = Field(default=None, description="Endpoint; unset: boto3's (AWS_ENDPOINT_URL).")
+    max_attempts: int = Field(default=5, ge=1, description="boto3's attempts per request, the first included.")
+    profile_name: str | None = Field(default=None, description="Profile of the AWS config files.")
+    use_ssl: bool = Field(default=True, description="Use TLS.")
+    verify: bool | None = Field(default=None, description="Verify TLS certificates; unset: verified.")
+    aws_access_key_id: str | None = Field(default=None, description="Unset: boto3's credential chain.")
+    aws_secret_access_key: str | None = Field(default=None, description="Give it as an EnvVar.")
+    aws_session_token: str | None = Field(default=None, description="Give it as an EnvVar.")
+
+    def get_client(self) -> Any:
+        import boto3
+        from botocore import UNSIGNED
+        from botocore.config import Config
+
+        config = Config(
+            retries={"max_attempts": self.max_attempts, "mode": "standard"},
+            signature_version=UNSIGNED if self.use_unsigned_session else None,
+        )
+        return boto3.session.Session(profile_name=self.profile_name).client(
+            "s3",
+            region_name=self.region_name,
+            endpoint_url=self.endpoint_url,
+            use_ssl=self.use_ssl,
+            verify=self.verify,
+            aws_access_key_id=self.aws_access_key_id,
+            aws_secret_access_key=self.aws_secret_access_key,
+            aws_session_token=self.aws_session_token,
+            config=config,
+        )
+
+
 class DatasetResource(ConfigurableResource):
     """Where the images are and where results go: local folders or `s3://bucket/prefix` URIs."""
 
     dataset_uri: str = Field(description="Folder or s3://bucket/prefix holding the images.")
     output_uri: str = Field(description="Folder or s3://bucket/prefix for normal maps, inventory and manifest.")
-    s3: S3Resource = Field(default_factory=S3Resource, description="S3 client settings (endpoint, region, ...).")
+    s3: S3Settings = Field(default_factory=S3Settings, description="S3 client settings (endpoint, region, ...).")
 
     def dataset(self) -> Storage:
         return self._open(self.dataset_uri)
