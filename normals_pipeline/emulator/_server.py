@@ -476,6 +476,9 @@ def _multipart_parts(body: bytes, boundary: bytes) -> Iterator[tuple[object, byt
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # The head and the body go out in two writes: with Nagle's algorithm the body waits for the client's
+    # delayed ACK of the head (40 ms on Linux), so every request on a kept-alive connection took ~44 ms.
+    disable_nagle_algorithm = True
     timeout = _SOCKET_TIMEOUT
     server: _Server
 
