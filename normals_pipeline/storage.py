@@ -266,6 +266,10 @@ class LocalStorage:
         return tmp
 
     def exists(self, path: str) -> bool:
+        """Whether a regular file inside the root is there. Most asked-for names (a map not stored yet) are not:
+        one stat says so; only a name that is there is resolved (a link may lead out), a stat per folder."""
+        if not os.path.isfile(self._join(path)):
+            return False
         try:
             return os.path.isfile(self._contained(path))
         except PermissionError:
