@@ -389,9 +389,14 @@ class S3Storage:
         self.bucket = bucket
         self.prefix = _normalise_prefix(prefix)
         self.client = client
-        self._client_error = client.exceptions.ClientError  # botocore's, without importing boto3 for local runs
         self.page_size = page_size
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
+
+    @property
+    def _client_error(self) -> type[ClientError]:
+        """botocore's `ClientError`, from the client (so a local run never imports boto3); an `except` clause
+        reads it only when something was raised."""
+        return self.client.exceptions.ClientError
 
     def listing(self, suffixes: tuple[str, ...] | None = None) -> Listing:
         """Listing gives size and ETag for free on S3. Keys no path names as it is (an empty, '.' or '..'

@@ -203,6 +203,16 @@ def test_location_that_cannot_work_is_one_line_exit_2(dataset, tmp_path, emulato
     assert not (dataset / "enriched").exists()
 
 
+def test_s3_output_inside_an_s3_dataset_is_one_line_exit_2_with_no_s3_request(emulator, monkeypatch, capsys):
+    """Only the URIs are compared up front: no client, no credentials, no round trip."""
+    monkeypatch.setenv("CLIPDROP_API_KEY", "test-key")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: a request would fail otherwise
+    assert run("s3://bucket/portraits", "s3://bucket/portraits/enriched", emulator.url) == 2
+    captured = capsys.readouterr()
+    assert_one_line(captured.out, captured.err, "lies inside the dataset")
+    assert emulator.stats()["requests"] == 0
+
+
 def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(CLI), *args], env=env, capture_output=True, text=True, timeout=120)
 
