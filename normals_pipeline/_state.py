@@ -1150,6 +1150,59 @@ class ClaimStore(Protocol):
 _PROCESS_TOKEN = uuid.uuid4().hex[:12]  # with the pid: a forked child is another process, with other claims
 
 
+def _read_proc(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as file:
+            return file.read().strip()
+    except OSError:
+        return None
+
+
+def _process_start(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks after boot) of a process, from /proc; None when there is none."""
+    stat = _read_proc(f"/proc/{pid}/stat")
+    if stat is None:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # the name, in parentheses, may hold spaces
+    return fields[0], fields[19]
+
+
+def _boot_and_namespace() -> str | None:
+    """This host's boot and pid namespace: processes are told apart by pid only within both."""
+    boot, namespace = _read_proc("/proc/sys/kernel/random/boot_id"), None
+    with contextlib.suppress(OSError):
+        namespace = os.readlink("/proc/self/ns/pid")
+    return f"{boot}/{namespace}" if boot and namespace else None
+
+
+def process_tag() -> str:
+    """This process as a claim owner's suffix (`owner@tag`), so a store can tell when a holder has ended: its
+    host's boot, pid namespace, user, pid and start time. Empty where /proc cannot say (the holder is then
+    never judged ended: its claims lapse as before)."""
+    where = _boot_and_namespace()
+    started = _process_start(os.getpid())
+    return f"@{where}/{os.getuid()}/{os.getpid()}/{started[1]}" if where and started else ""
+
+
+def holder_ended(owner: str) -> bool:
+    """Whether the process that took a claim as `owner` has ended (killed: it cannot renew, nor send anything
+    more), so its claims may be taken now instead of when they lapse. Only a process of this boot, pid namespace
+    and user is judged (another's /proc may be hidden, another host's pids are not ours); a pid since reused by
+    another process has another start time; an ended one still unreaped is a zombie with no other thread."""
+    _, at, tag = owner.rpartition("@")
+    parts = tag.split("/")
+    if not at or len(parts) != 5 or _boot_and_namespace() != f"{parts[0]}/{parts[1]}" or parts[2] != str(os.getuid()):
+        return False
+    pid, start = int(parts[3]), parts[4]
+    found = _process_start(pid)
+    if found is None or found[1] != start:
+        return True
+    threads = []
+    with contextlib.suppress(OSError):
+        threads = os.listdir(f"/proc/{pid}/task")
+    return found[0] in ("Z", "X") and len(threads) <= 1
+
+
 class MemoryClaims:
     """Claims for one process only."""
 
@@ -1223,6 +1276,9 @@ class SQLiteClaims:
         self._commits = GroupCommit(self._db, self._lock)  # the workers' claims and releases, a batch per commit
 
     def claim(self, name: str, owner: str, ttl_s: float) -> bool:
+        """Free, lapsed or ours: taken. Held by a process of this host that has ended (`holder_ended`): taken
+        too, without waiting for it to lapse, so the run after a killed one starts at once."""
+
         def work(db: sqlite3.Connection, now: float) -> bool:
             cursor = db.execute(
                 "INSERT INTO claims SELECT ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM rebuilt WHERE at > ?)"
@@ -1230,7 +1286,13 @@ class SQLiteClaims:
                 " SET owner = excluded.owner, expires = excluded.expires WHERE owner = excluded.owner OR expires <= ?",
                 (name, owner, now + ttl_s, now - ttl_s, now),
             )
-            return cursor.rowcount == 1
+            if cursor.rowcount == 1:
+                return True
+            holder = db.execute("SELECT owner FROM claims WHERE name = ?", (name,)).fetchone()
+            if holder is None or not holder_ended(holder[0]):  # none: a rebuilt file grants nothing yet
+                return False
+            update = "UPDATE claims SET owner = ?, expires = ? WHERE name = ? AND owner = ?"
+            return db.execute(update, (owner, now + ttl_s, name, holder[0])).rowcount == 1
 
         return self._commits.run(work)
 

@@ -37,6 +37,7 @@ from ._state import (
     SQLiteClaims,
     SQLiteState,
     default_state_dir,
+    process_tag,
 )
 
 CREDITS_PER_CALL = Decimal(1)
@@ -442,14 +443,15 @@ class ClaimGuard:
 
     `acquire(name, done)` waits while another process holds `name`, returning False as soon as `done()`
     says the holder's work is there to reuse, True once the claim is ours. Claims of a killed process
-    lapse within `CLAIM_TTL_S`, since nobody renews them.
+    lapse within `CLAIM_TTL_S`, since nobody renews them; a store on the killed process's host (SQLite) frees
+    them at once.
     """
 
     def __init__(self, store: ClaimStore | None, namespace: str, ttl_s: float = CLAIM_TTL_S) -> None:
         self.store = store or MemoryClaims()
         self.namespace = namespace
         self.ttl_s = ttl_s
-        self.owner = uuid.uuid4().hex
+        self.owner = uuid.uuid4().hex + process_tag()  # a store on this host can tell when this process ended
         self._held: set[str] = set()
         self._lock = threading.Lock()
         self._closed = threading.Event()

@@ -66,8 +66,8 @@ def test_a_waiter_returns_as_soon_as_the_holders_work_is_there():
     assert waiter.acquire("abc")
 
 
-def _hold_forever(folder, ready):
-    guard = ClaimGuard(SQLiteClaims(folder), "out", ttl_s=1.0)
+def _hold_forever(folder, ready, ttl_s=1.0):
+    guard = ClaimGuard(SQLiteClaims(folder), "out", ttl_s=ttl_s)
     guard.acquire("content")
     ready.set()
     time.sleep(600)
@@ -88,3 +88,44 @@ def test_a_killed_processs_claim_lapses_while_a_live_one_is_renewed(tmp_path):
     assert waiter.acquire("content")
     assert time.monotonic() - started < 5
     waiter.close()
+
+
+def test_a_claim_of_a_process_killed_on_this_host_is_taken_at_once_and_a_live_ones_is_not(tmp_path):
+    """SQLite claims: the holder's owner names its process, so the run after a killed one does not wait out a
+    claim lifetime (here ten minutes) for claims nobody can renew, nor send with, any more."""
+    context = multiprocessing.get_context("spawn")
+    ready = context.Event()
+    victim = context.Process(target=_hold_forever, args=(tmp_path, ready, 600.0))
+    victim.start()
+    assert ready.wait(60)
+    store = SQLiteClaims(tmp_path)
+    assert not store.claim("out:content", "waiter", 600.0)  # alive: held
+    os.kill(victim.pid, signal.SIGKILL)  # not reaped until the join: a zombie, its threads ending
+    deadline = time.monotonic() + 30  # far within the claim's ten minutes
+    while not store.claim("out:content", "waiter", 600.0):
+        assert time.monotonic() < deadline, "the killed holder's claim was not taken"
+        time.sleep(0.05)
+    victim.join()  # reaped only now: the claim was taken from the zombie
+    assert not store.claim("out:content", "another", 600.0)  # the waiter, alive, holds it now
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/ns/pid"), reason="needs /proc")
+def test_a_holder_of_another_host_namespace_or_user_is_never_judged_ended(tmp_path):
+    """Its pid means nothing here (another host's, another container's) or its /proc may be hidden (another
+    user's): its claim waits to lapse, as any claim did before."""
+    from normals_pipeline._state import _boot_and_namespace, holder_ended, process_tag
+
+    here, uid = _boot_and_namespace(), os.getuid()
+    gone = 2**22 + 1  # above the kernel's pid_max: no such process
+    assert holder_ended(f"x@{here}/{uid}/{gone}/1")
+    for owner in (
+        f"x@00000000-0000-0000-0000-000000000000/pid:[1]/{uid}/{gone}/1",  # another boot or host
+        f"x@{here.split('/')[0]}/pid:[1]/{uid}/{gone}/1",  # another pid namespace
+        f"x@{here}/{uid + 1}/{gone}/1",  # another user
+        "x",  # no process named (Redis-era owners, a platform without /proc)
+    ):
+        assert not holder_ended(owner), owner
+    assert not holder_ended("x" + process_tag())  # this process, alive
+    store = SQLiteClaims(tmp_path)
+    assert store.claim("n", f"x@{here}/{uid + 1}/{gone}/1", 600.0)
+    assert not store.claim("n", "y", 600.0)
