@@ -1191,7 +1191,9 @@ def holder_ended(owner: str) -> bool:
     another process has another start time; an ended one still unreaped is a zombie with no other thread."""
     _, at, tag = owner.rpartition("@")
     parts = tag.split("/")
-    if not at or len(parts) != 5 or _boot_and_namespace() != f"{parts[0]}/{parts[1]}" or parts[2] != str(os.getuid()):
+    if not at or len(parts) != 5 or not parts[3].isdigit():
+        return False
+    if _boot_and_namespace() != f"{parts[0]}/{parts[1]}" or parts[2] != str(os.getuid()):
         return False
     pid, start = int(parts[3]), parts[4]
     found = _process_start(pid)

@@ -123,6 +123,7 @@ def test_a_holder_of_another_host_namespace_or_user_is_never_judged_ended(tmp_pa
         f"x@{here.split('/')[0]}/pid:[1]/{uid}/{gone}/1",  # another pid namespace
         f"x@{here}/{uid + 1}/{gone}/1",  # another user
         "x",  # no process named (Redis-era owners, a platform without /proc)
+        f"x@{here}/{uid}/not-a-pid/1",
     ):
         assert not holder_ended(owner), owner
     assert not holder_ended("x" + process_tag())  # this process, alive

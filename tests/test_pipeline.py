@@ -11,7 +11,7 @@ import pytest
 from dagster import DagsterInstance
 
 from normals_pipeline.emulator import Faults
-from normals_pipeline.orchestration import ClipdropResource, DatasetResource, build_definitions
+from normals_pipeline.orchestration import ClipdropResource, DatasetResource, S3Settings, build_definitions
 from normals_pipeline.orchestration.runner import RunFailed, run_pipeline
 from normals_pipeline.synthetic import make_portraits
 
@@ -405,3 +405,18 @@ def test_a_range_run_ties_a_check_evaluation_to_every_partition(portraits, tmp_p
     assert set(wholes) == {"manifest_schema", "normal_map_quality"}  # one each: the manifest's and the pairs'
     for whole in wholes.values():
         assert whole.metadata["shards"].value == "00, 01, 02, 03"  # the range's own result names its shards
+
+
+def test_the_dataset_resources_s3_settings_reach_its_client(s3_endpoint, s3_client, s3_bucket, monkeypatch):
+    """`DatasetResource.s3` takes dagster-aws's `S3Resource` settings; given, they win over the environment."""
+    s3_client.put_object(Bucket=s3_bucket, Key="in/a.jpg", Body=b"x")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # the environment's endpoint: nothing listens
+    resource = DatasetResource(
+        dataset_uri=f"s3://{s3_bucket}/in",
+        output_uri=f"s3://{s3_bucket}/out",
+        s3=S3Settings(endpoint_url=s3_endpoint, region_name="eu-west-3", max_attempts=2),
+    )
+    assert resource.dataset().listing().paths == ["a.jpg"]
+    client = resource.s3.get_client()
+    assert client.meta.region_name == "eu-west-3"
+    assert client.meta.config.retries == {"total_max_attempts": 2, "mode": "standard"}  # the first included

@@ -126,7 +126,7 @@ class S3Settings(ConfigurableResource):
         from botocore.config import Config
 
         config = Config(
-            retries={"max_attempts": self.max_attempts, "mode": "standard"},
+            retries={"total_max_attempts": self.max_attempts, "mode": "standard"},
             signature_version=UNSIGNED if self.use_unsigned_session else None,
         )
         return boto3.session.Session(profile_name=self.profile_name).client(
