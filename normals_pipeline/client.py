@@ -53,21 +53,6 @@ if TYPE_CHECKING:
     import httpcore
 
 DEFAULT_API_URL = "https://clipdrop-api.co"
-
-
-def check_api_url(url: str) -> str:
-    """`url` if it is http(s) with a host. Anything else would only fail at the first request, and then
-    be retried as a network error for a long while before the run says it cannot reach the API."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        parts.port  # noqa: B018 - raises on a port that is not a number in range
-    except ValueError as error:
-        raise ValueError(f"the API URL {url!r} is not a valid URL ({error})") from None
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"the API URL must start with http:// or https:// and name a host, got {url!r}")
-    return url
-
-
 SURFACE_NORMALS_PATH = "/portrait-surface-normals/v1"
 JPEG_MAGIC = b"\xff\xd8\xff"
 DEFAULT_COOLDOWN_S = 5.0
@@ -81,6 +66,19 @@ FIRST_CONTACT_WAIT_S = 1.0
 # whole (its body written) or answered (the body's send failed, yet the server answered).
 _CONNECTED = frozenset({"connection.connect_tcp.complete", "connection.start_tls.complete"})
 _SENT = frozenset({"http11.send_request_body.complete", "http11.receive_response_headers.complete"})
+
+
+def check_api_url(url: str) -> str:
+    """`url` if it is http(s) with a host. Anything else would only fail at the first request, and then
+    be retried as a network error for a long while before the run says it cannot reach the API."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number in range
+    except ValueError as error:
+        raise ValueError(f"the API URL {url!r} is not a valid URL ({error})") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"the API URL must start with http:// or https:// and name a host, got {url!r}")
+    return url
 
 
 @dataclass(frozen=True)

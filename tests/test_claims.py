@@ -90,6 +90,7 @@ def test_a_killed_processs_claim_lapses_while_a_live_one_is_renewed(tmp_path):
     waiter.close()
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/ns/pid"), reason="needs /proc")
 def test_a_claim_of_a_process_killed_on_this_host_is_taken_at_once_and_a_live_ones_is_not(tmp_path):
     """SQLite claims: the holder's owner names its process, so the run after a killed one does not wait out a
     claim lifetime (here ten minutes) for claims nobody can renew, nor send with, any more."""
