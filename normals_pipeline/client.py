@@ -373,13 +373,18 @@ class ClipdropClient:
         """The calling thread's own client (and connection), made on its first request."""
         http = getattr(self._local, "http", None)
         if http is None:
+            made = self._connect()  # made and closed outside the lock every request's count takes
             with self._count_lock:
-                if self._clients is None:
-                    raise RuntimeError(CLOSED)
-                ended = [thread for thread in self._clients if not thread.is_alive()]
-                for thread in ended:  # a finished run's workers: their connections would idle until `close`
-                    self._clients.pop(thread).close()
-                http = self._local.http = self._clients[threading.current_thread()] = self._connect()
+                clients, ended = self._clients, []
+                if clients is not None:  # a finished run's workers: their connections would idle until `close`
+                    ended = [clients.pop(thread) for thread in list(clients) if not thread.is_alive()]
+                    clients[threading.current_thread()] = made
+            if clients is None:
+                made.close()
+                raise RuntimeError(CLOSED)
+            for old in ended:
+                old.close()
+            http = self._local.http = made
         return http
 
     def close(self) -> None:
