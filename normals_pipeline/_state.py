@@ -15,6 +15,7 @@ from 429s), and the breaker that holds every sender while the API answers only 5
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 import sqlite3
@@ -1167,8 +1168,10 @@ def _process_start(pid: int) -> tuple[str, str] | None:
     return fields[0], fields[19]
 
 
+@functools.cache
 def _boot_and_namespace() -> str | None:
-    """This host's boot and pid namespace: processes are told apart by pid only within both."""
+    """This host's boot and pid namespace: processes are told apart by pid only within both (read once: a fork
+    stays in both)."""
     boot, namespace = _read_proc("/proc/sys/kernel/random/boot_id"), None
     with contextlib.suppress(OSError):
         namespace = os.readlink("/proc/self/ns/pid")
