@@ -42,6 +42,7 @@ from ._errors import (
     StateUnavailable,
     TransientError,
 )
+from ._memory import return_freed_buffers
 from ._state import ClaimStore
 from .client import ApiResult, ClipdropClient, Tally
 from .guards import ClaimGuard, slot_interval_s
@@ -692,6 +693,7 @@ def enrich_shards(
     manifest is committed with every journaled row folded in (`manifest.commit_shard`): it still adds up.
     `claims`: the store every process on the output shares (default: this process only); `reads`: what the
     plan before this run read and checked (see `PlanReads`)."""
+    return_freed_buffers()  # images stream through many threads: keep the peak from staying
     guard = ClaimGuard(claims, claim_namespace(output))
     lease = ownership.take(output, guard.store, notify)  # refuses a run of another state: it would charge twice
     try:

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import manifest
+from ._memory import return_freed_buffers
 from ._state import ClaimStore
 from .client import INITIAL_LATENCY_S
 from .enrich import (
@@ -137,6 +138,7 @@ def make_plan(
     (None: nothing is known of other runs); `balance`: the key's `KeyState.known_balance()`; `keep`: where to
     leave what was read for the run that follows in this process. The ETA assumes the client's initial
     latency guess, which errs long."""
+    return_freed_buffers()  # it reads every new image: keep the peak from staying
     table = inventory if inventory is not None else take_inventory(dataset, shards)
     planner = _Planner(dataset, output, oversize, claims, shards, keep)
     planned = {key: Figures() for key in partition_keys(shards)}  # an empty shard says 0 images

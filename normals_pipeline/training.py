@@ -55,6 +55,7 @@ from PIL import Image
 
 from . import normals
 from ._errors import ImageRejected
+from ._memory import return_freed_buffers
 from .enrich import normal_map_path
 from .normals import InvalidNormalMap, MapQuality
 from .prepare import Oversize, prepare
@@ -312,6 +313,7 @@ def write_training_pairs(
     again, as it sends none. One whose rows were only added to since such a build keeps its files and gets the
     new pairs added."""
     fractions = check_splits(splits)
+    return_freed_buffers()  # images and parts of megabytes each: keep the peak from staying
     rows = successful_rows(manifest)
     settings = _settings(fractions, webdataset, min_person_fraction, keep_no_person)
     stamp = _stamp(rows, settings)
@@ -508,8 +510,10 @@ class _ShardWriter:
     def _flush(self, split: str) -> None:
         path = f"{shard_folder(self.key)}/{split}-{self.parts[split]:05d}.parquet"
         self.parts[split] += 1
-        self._put(path, parquet_bytes(self.buffers[split]), "application/vnd.apache.parquet")
-        self.buffers[split], self.buffered[split] = [], 0
+        pairs, self.buffers[split], self.buffered[split] = self.buffers[split], [], 0
+        table = pairs_table(pairs)
+        del pairs  # their bytes are in the table now: the part is held twice at most (table, file), not thrice
+        self._put(path, table_bytes(table), "application/vnd.apache.parquet")
 
     def _flush_tar(self) -> None:
         """A tar of img2dataset's layout, then its stats file (written last, as img2dataset's completion marker)."""
@@ -535,8 +539,8 @@ class _ShardWriter:
             self.output.delete(path)
 
 
-def parquet_bytes(pairs: list[Pair]) -> bytes:
-    """A Parquet file of pairs in `SCHEMA`; the images are stored uncompressed (they are JPEG/PNG/WEBP already)."""
+def pairs_table(pairs: list[Pair]) -> pa.Table:
+    """Pairs as a table in `SCHEMA`."""
     columns = {
         "image": [{"bytes": p.image, "path": p.path} for p in pairs],
         "normal_map": [{"bytes": p.normal_map, "path": normal_map_path(p.content_hash)} for p in pairs],
@@ -548,7 +552,11 @@ def parquet_bytes(pairs: list[Pair]) -> bytes:
         "key": [p.key for p in pairs],
         **{name: [getattr(p.quality, name) for p in pairs] for name in QUALITY_COLUMNS},
     }
-    table = pa.table(columns, schema=SCHEMA)
+    return pa.table(columns, schema=SCHEMA)
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    """A Parquet file of a `pairs_table`; the images are stored uncompressed (they are JPEG/PNG/WEBP already)."""
     buffer = io.BytesIO()
     compression = {name: "zstd" for name in SCHEMA.names} | {"image": "none", "normal_map": "none"}
     pq.write_table(table, buffer, compression=compression, row_group_size=ROW_GROUP_ROWS)
