@@ -239,6 +239,15 @@ def _fmt(value: float | None, unit: str = "") -> str:
     return f"{value:.0f} {unit}" if unit else f"{value:.3f}"
 
 
+def _unused(path: Path) -> Path:
+    """`path`, or `<stem>-2.json`, `-3`, ...: a second run the same day never overwrites the first's numbers."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
+
+
 def _table(config: Config, results: dict[str, dict[str, Any]]) -> str:
     header = ("figure", "measured", "target", "pass", "naive", "detail")
     rows = []
@@ -297,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         "figures": results,
     }
     suffix = ("-quick" if args.quick else "") + (f"-{'-'.join(f.name for f in selected)}" if args.only else "")
-    path = args.output or RESULTS / f"{started:%Y-%m-%d}-{_host()}{suffix}.json"
+    path = args.output or _unused(RESULTS / f"{started:%Y-%m-%d}-{_host()}{suffix}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
 
