@@ -1327,6 +1327,12 @@ if holder and holder ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
+# KEYS: the claim. ARGV: its ended holder, owner, ttl_ms. Taken only if that holder has it still.
+_REDIS_TAKE_OVER = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
 # KEYS: claims. ARGV: owner, ttl_ms (0: release). Only the owner's claims are touched.
 _REDIS_RENEW = """
 for _, key in ipairs(KEYS) do
@@ -1342,17 +1348,27 @@ _STATE_ID_KEY = "normals:state-id"
 
 
 class RedisClaims:
-    """Claims in Redis under `normals:claim:*`, for processes on several hosts; Redis expires them."""
+    """Claims in Redis under `normals:claim:*`, for processes on several hosts; Redis expires them, and a holder
+    of this host that has ended gives them up at once."""
 
     def __init__(self, url: str) -> None:
         import redis
 
         self._redis: Any = redis.Redis.from_url(url)
         self._claim = self._redis.register_script(_REDIS_CLAIM)
+        self._take_over = self._redis.register_script(_REDIS_TAKE_OVER)
         self._renew = self._redis.register_script(_REDIS_RENEW)
 
     def claim(self, name: str, owner: str, ttl_s: float) -> bool:
-        return bool(self._claim(keys=[f"normals:claim:{name}"], args=[owner, max(1, int(ttl_s * 1000))]))
+        """Free, lapsed or ours: taken. Held by a process of this host that has ended (`holder_ended`, as in
+        `SQLiteClaims.claim`): taken too, if it holds it still; another host's holder is never judged."""
+        key, ttl_ms = f"normals:claim:{name}", max(1, int(ttl_s * 1000))
+        if self._claim(keys=[key], args=[owner, ttl_ms]):
+            return True
+        holder = self._redis.get(key)
+        if holder is None or not holder_ended(holder.decode(errors="replace")):  # released since: the next try
+            return False
+        return bool(self._take_over(keys=[key], args=[holder, owner, ttl_ms]))
 
     def renew(self, names: list[str], owner: str, ttl_s: float) -> None:
         if names:

@@ -5,6 +5,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 
 import pytest
 
@@ -66,52 +67,67 @@ def test_a_waiter_returns_as_soon_as_the_holders_work_is_there():
     assert waiter.acquire("abc")
 
 
-def _hold_forever(folder, ready, ttl_s=1.0):
-    guard = ClaimGuard(SQLiteClaims(folder), "out", ttl_s=ttl_s)
-    guard.acquire("content")
+def _claims(where):
+    """A store from a picklable `(kind, place)`: a spawned process opens its own."""
+    kind, place = where
+    return SQLiteClaims(place) if kind == "sqlite" else RedisClaims(place)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def shared(request, tmp_path):
+    """Where processes of this host share claims, as `_claims` takes it."""
+    return ("sqlite", tmp_path) if request.param == "sqlite" else ("redis", request.getfixturevalue("redis_url"))
+
+
+def _hold_forever(where, ready, name, ttl_s=1.0):
+    guard = ClaimGuard(_claims(where), "out", ttl_s=ttl_s)
+    guard.acquire(name)
     ready.set()
     time.sleep(600)
 
 
-def test_a_killed_processs_claim_lapses_while_a_live_one_is_renewed(tmp_path):
+def test_a_killed_processs_claim_lapses_while_a_live_one_is_renewed(shared):
+    name = f"content-{uuid.uuid4().hex}"
     context = multiprocessing.get_context("spawn")
     ready = context.Event()
-    victim = context.Process(target=_hold_forever, args=(tmp_path, ready))
+    victim = context.Process(target=_hold_forever, args=(shared, ready, name))
     victim.start()
     assert ready.wait(60)
-    waiter = ClaimGuard(SQLiteClaims(tmp_path), "out", ttl_s=1.0)
+    waiter = ClaimGuard(_claims(shared), "out", ttl_s=1.0)
     time.sleep(1.5)  # past one TTL: the holder's renewals keep it
-    assert not waiter.store.claim("out:content", waiter.owner, 1.0)
+    assert not waiter.store.claim(f"out:{name}", waiter.owner, 1.0)
     os.kill(victim.pid, signal.SIGKILL)
     victim.join()
     started = time.monotonic()
-    assert waiter.acquire("content")
+    assert waiter.acquire(name)
     assert time.monotonic() - started < 5
     waiter.close()
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/ns/pid"), reason="needs /proc")
-def test_a_claim_of_a_process_killed_on_this_host_is_taken_at_once_and_a_live_ones_is_not(tmp_path):
-    """SQLite claims: the holder's owner names its process, so the run after a killed one does not wait out a
-    claim lifetime (here ten minutes) for claims nobody can renew, nor send with, any more."""
+def test_a_claim_of_a_process_killed_on_this_host_is_taken_at_once_and_a_live_ones_is_not(shared):
+    """The holder's owner names its process, so the run after a killed one does not wait out a claim lifetime
+    (here ten minutes) for claims nobody can renew, nor send with, any more."""
+    name = f"content-{uuid.uuid4().hex}"
     context = multiprocessing.get_context("spawn")
     ready = context.Event()
-    victim = context.Process(target=_hold_forever, args=(tmp_path, ready, 600.0))
+    victim = context.Process(target=_hold_forever, args=(shared, ready, name, 600.0))
     victim.start()
     assert ready.wait(60)
-    store = SQLiteClaims(tmp_path)
-    assert not store.claim("out:content", "waiter", 600.0)  # alive: held
+    store = _claims(shared)
+    assert not store.claim(f"out:{name}", "waiter", 600.0)  # alive: held
     os.kill(victim.pid, signal.SIGKILL)  # not reaped until the join: a zombie, its threads ending
     deadline = time.monotonic() + 30  # far within the claim's ten minutes
-    while not store.claim("out:content", "waiter", 600.0):
+    while not store.claim(f"out:{name}", "waiter", 600.0):
         assert time.monotonic() < deadline, "the killed holder's claim was not taken"
         time.sleep(0.05)
     victim.join()  # reaped only now: the claim was taken from the zombie
-    assert not store.claim("out:content", "another", 600.0)  # the waiter, alive, holds it now
+    assert not store.claim(f"out:{name}", "another", 600.0)  # the waiter, alive, holds it now
+    store.release(f"out:{name}", "waiter")
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/ns/pid"), reason="needs /proc")
-def test_a_holder_of_another_host_namespace_or_user_is_never_judged_ended(tmp_path):
+def test_a_holder_of_another_host_namespace_or_user_is_never_judged_ended(tmp_path, redis_url):
     """Its pid means nothing here (another host's, another container's) or its /proc may be hidden (another
     user's): its claim waits to lapse, as any claim did before."""
     from normals_pipeline._state import _boot_and_namespace, holder_ended, process_tag
@@ -128,6 +144,8 @@ def test_a_holder_of_another_host_namespace_or_user_is_never_judged_ended(tmp_pa
     ):
         assert not holder_ended(owner), owner
     assert not holder_ended("x" + process_tag())  # this process, alive
-    store = SQLiteClaims(tmp_path)
-    assert store.claim("n", f"x@{here}/{uid + 1}/{gone}/1", 600.0)
-    assert not store.claim("n", "y", 600.0)
+    for store in (SQLiteClaims(tmp_path), RedisClaims(redis_url)):
+        name = f"n-{uuid.uuid4().hex}"
+        assert store.claim(name, f"x@{here}/{uid + 1}/{gone}/1", 600.0)
+        assert not store.claim(name, "y", 600.0)
+        store.release(name, f"x@{here}/{uid + 1}/{gone}/1")
