@@ -361,9 +361,9 @@ class Journal:
 
     def clear(self, files: set[JournalFile] | None = None) -> None:
         """Delete `files` (default: every one), once the manifest holds their rows."""
-        stores = dict(self._stores())
-        for where, path in self.files() if files is None else files:
-            stores[where].delete(path)
+        chosen = self.files() if files is None else files
+        for where, store in self._stores():
+            store.delete_many(sorted(path for place, path in chosen if place == where))
 
     def _stores(self) -> list[tuple[str, Storage]]:
         return [("output", self.output), ("spool", self.spool)]

@@ -110,6 +110,7 @@ class Storage(Protocol):
     def uri_for(self, path: str) -> str: ...
     def list_prefix(self, prefix: str) -> list[str]: ...
     def delete(self, path: str) -> None: ...  # a missing file is not an error
+    def delete_many(self, paths: list[str]) -> None: ...  # `delete` of each, in as few requests as the store has
 
 
 def _check_relative(path: str) -> None:
@@ -289,6 +290,10 @@ class LocalStorage:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._contained(path))
 
+    def delete_many(self, paths: list[str]) -> None:
+        for path in paths:
+            self.delete(path)
+
     def _join(self, path: str) -> str:
         _check_relative(path)
         return os.path.join(self._top, path)
@@ -378,6 +383,9 @@ class LocalStorage:
 
 
 _DOTS = (".", "..")
+
+
+DELETE_BATCH = 1000  # keys one DeleteObjects request may name
 
 
 class S3Storage:
@@ -475,6 +483,20 @@ class S3Storage:
 
     def delete(self, path: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(path))
+
+    def delete_many(self, paths: list[str]) -> None:
+        """One DeleteObjects request per 1 000 keys (S3's most), not a request per key; any key S3 did not
+        delete is an OSError naming it (a missing key is deleted, as S3 counts it)."""
+        keys = [self._key(path) for path in paths]
+        for start in range(0, len(keys), DELETE_BATCH):
+            batch = [{"Key": key} for key in keys[start : start + DELETE_BATCH]]
+            answer = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            if errors := answer.get("Errors"):
+                first = errors[0]
+                raise OSError(
+                    f"S3 did not delete {len(errors)} of {len(batch)} objects in s3://{self.bucket}; the first, "
+                    f"{first.get('Key')}: {first.get('Code')} ({first.get('Message')})"
+                )
 
     def _key(self, path: str) -> str:
         _check_relative(path)

@@ -481,6 +481,43 @@ def test_s3_write_read_exists_round_trip(s3_client: Any, s3_bucket: str) -> None
         storage.read_bytes("../escape.png")
 
 
+def test_s3_delete_many_is_one_request_per_thousand_keys_and_skips_missing_ones(
+    s3_client: Any, s3_bucket: str, s3_requests: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = S3Storage(s3_bucket, "out/", s3_client)
+    for i in range(5):
+        storage.write_bytes(f"journal/{i}.jsonl", b"{}")
+    storage.write_bytes("journal/kept.jsonl", b"{}")
+    monkeypatch.setattr("normals_pipeline.storage.DELETE_BATCH", 2)  # three requests for five names
+    s3_requests.clear()
+    storage.delete_many([f"journal/{i}.jsonl" for i in range(4)] + ["journal/never-there.jsonl"])
+    assert [method for method, _ in s3_requests] == ["POST"] * 3
+    assert storage.list_prefix("journal") == ["journal/4.jsonl", "journal/kept.jsonl"]
+    s3_requests.clear()
+    storage.delete_many([])
+    assert s3_requests == []
+
+
+def test_s3_delete_many_names_a_key_s3_would_not_delete(s3_client: Any, s3_bucket: str) -> None:
+    class Refusing:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(s3_client, name)
+
+        def delete_objects(self, **kwargs: Any) -> dict:
+            return {"Errors": [{"Key": "out/j/1", "Code": "AccessDenied", "Message": "Access Denied"}]}
+
+    with pytest.raises(OSError, match=r"did not delete 1 of 2 objects.*out/j/1: AccessDenied"):
+        S3Storage(s3_bucket, "out/", Refusing()).delete_many(["j/1", "j/2"])
+
+
+def test_local_delete_many_deletes_each_and_skips_missing_ones(root: Path) -> None:
+    storage = LocalStorage(root)
+    storage.write_bytes("j/1", b"1")
+    storage.write_bytes("j/2", b"2")
+    storage.delete_many(["j/1", "j/2", "j/3"])
+    assert storage.list_prefix("j") == []
+
+
 def test_s3_missing_bucket_raises_dataset_not_found(s3_client: Any) -> None:
     storage = S3Storage("no-such-bucket-here", "", s3_client)
     with pytest.raises(DatasetNotFound, match="s3://no-such-bucket-here"):
