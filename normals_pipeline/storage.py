@@ -486,11 +486,17 @@ class S3Storage:
 
     def delete_many(self, paths: list[str]) -> None:
         """One DeleteObjects request per 1 000 keys (S3's most), not a request per key; any key S3 did not
-        delete is an OSError naming it (a missing key is deleted, as S3 counts it)."""
+        delete is an OSError naming it (a missing key is deleted, as S3 counts it). A store that refuses
+        DeleteObjects itself (some S3-compatible ones do not have it) gets a DELETE per key, as `delete`."""
         keys = [self._key(path) for path in paths]
         for start in range(0, len(keys), DELETE_BATCH):
             batch = [{"Key": key} for key in keys[start : start + DELETE_BATCH]]
-            answer = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            try:
+                answer = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            except self._client_error:  # a refusal of each key's DELETE, if any, is what is raised then
+                for key in batch:
+                    self.client.delete_object(Bucket=self.bucket, Key=key["Key"])
+                continue
             if errors := answer.get("Errors"):
                 first = errors[0]
                 raise OSError(

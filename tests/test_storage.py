@@ -510,6 +510,27 @@ def test_s3_delete_many_names_a_key_s3_would_not_delete(s3_client: Any, s3_bucke
         S3Storage(s3_bucket, "out/", Refusing()).delete_many(["j/1", "j/2"])
 
 
+def test_s3_delete_many_deletes_each_key_where_the_store_has_no_deleteobjects(
+    s3_client: Any, s3_bucket: str, s3_requests: list[tuple[str, str]]
+) -> None:
+    from botocore.exceptions import ClientError
+
+    class WithoutDeleteObjects:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(s3_client, name)
+
+        def delete_objects(self, **kwargs: Any) -> dict:
+            raise ClientError({"Error": {"Code": "NotImplemented", "Message": "no"}}, "DeleteObjects")
+
+    storage = S3Storage(s3_bucket, "out/", WithoutDeleteObjects())
+    storage.write_bytes("j/1", b"1")
+    storage.write_bytes("j/2", b"2")
+    s3_requests.clear()
+    storage.delete_many(["j/1", "j/2"])
+    assert [method for method, _ in s3_requests] == ["DELETE", "DELETE"]
+    assert storage.list_prefix("j") == []
+
+
 def test_local_delete_many_deletes_each_and_skips_missing_ones(root: Path) -> None:
     storage = LocalStorage(root)
     storage.write_bytes("j/1", b"1")
