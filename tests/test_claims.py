@@ -127,7 +127,7 @@ def test_a_claim_of_a_process_killed_on_this_host_is_taken_at_once_and_a_live_on
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/ns/pid"), reason="needs /proc")
-def test_a_holder_of_another_host_namespace_or_user_is_never_judged_ended(tmp_path, redis_url):
+def test_a_holder_of_another_host_namespace_or_user_is_never_judged_ended(shared):
     """Its pid means nothing here (another host's, another container's) or its /proc may be hidden (another
     user's): its claim waits to lapse, as any claim did before."""
     from normals_pipeline._state import _boot_and_namespace, holder_ended, process_tag
@@ -144,8 +144,7 @@ def test_a_holder_of_another_host_namespace_or_user_is_never_judged_ended(tmp_pa
     ):
         assert not holder_ended(owner), owner
     assert not holder_ended("x" + process_tag())  # this process, alive
-    for store in (SQLiteClaims(tmp_path), RedisClaims(redis_url)):
-        name = f"n-{uuid.uuid4().hex}"
-        assert store.claim(name, f"x@{here}/{uid + 1}/{gone}/1", 600.0)
-        assert not store.claim(name, "y", 600.0)
-        store.release(name, f"x@{here}/{uid + 1}/{gone}/1")
+    store, name = _claims(shared), f"n-{uuid.uuid4().hex}"
+    assert store.claim(name, f"x@{here}/{uid + 1}/{gone}/1", 600.0)
+    assert not store.claim(name, "y", 600.0)
+    store.release(name, f"x@{here}/{uid + 1}/{gone}/1")
