@@ -443,8 +443,8 @@ class ClaimGuard:
 
     `acquire(name, done)` waits while another process holds `name`, returning False as soon as `done()`
     says the holder's work is there to reuse, True once the claim is ours. Claims of a killed process
-    lapse within `CLAIM_TTL_S`, since nobody renews them; a store on the killed process's host (SQLite) frees
-    them at once.
+    lapse within `CLAIM_TTL_S`, since nobody renews them; a process on the killed one's host takes them at once
+    (SQLite or Redis: the owner names its process).
     """
 
     def __init__(self, store: ClaimStore | None, namespace: str, ttl_s: float = CLAIM_TTL_S) -> None:
