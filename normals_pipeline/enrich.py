@@ -70,6 +70,7 @@ HEADROOM = 1.5  # Little's law gives what the rate needs on average; latency var
 MAX_BYTES_IN_FLIGHT = 256 * 2**20  # image bytes held by the images in flight, when the window follows the rate
 KEPT_BYTES = 64 * 2**20  # image bytes the plan keeps for the run that follows it (see `PlanReads`)
 PROGRESS_EVERY_S = 1.0  # where the run stands is reported at least this often, even while every answer is late
+RECORD_READERS = 8  # shard records (manifest + journal) read at once, by a run and by its plan
 STOP_GRACE_S = 5.0  # on an interrupt, answers on their way get this long before their exchanges are ended
 
 
@@ -697,7 +698,7 @@ def enrich_shards(
     guard = ClaimGuard(claims, claim_namespace(output))
     lease = ownership.take(output, guard.store, notify)  # refuses a run of another state: it would charge twice
     try:
-        opened = [_open_shard(guard, output, key, items, notify) for key, items in sorted(shards)]
+        opened = _open_shards(guard, output, sorted(shards), notify)
         works = [work for work, _, _ in opened]
         records = {work.key: (journal, state) for work, journal, state in opened}
         enricher = Enricher(dataset, output, client, concurrency, oversize=oversize, claims=guard, reads=reads)
@@ -738,13 +739,25 @@ def enrich_shards(
     return {work.key: result for work, result in zip(works, results)}
 
 
+def _open_shards(
+    guard: ClaimGuard, output: Storage, shards: list[tuple[str, list[Item]]], notify: Callable[[str], None]
+) -> list[tuple[ShardWork, manifest.Journal, manifest.ShardState]]:
+    """Claim the shards in key order (two ranged runs never wait on each other in a circle), then read their
+    records at once: on S3 each is a few requests, which one after another held back the first image."""
+    for key, _ in shards:
+        try:
+            guard.acquire(
+                f"shard-{key}", waiting=lambda key=key: notify(f"shard {key} is being enriched by another run: waiting")
+            )
+        except Exception as error:  # the claims' store failing before anything was sent
+            raise StateUnavailable(error) from error
+    with ThreadPoolExecutor(max_workers=min(RECORD_READERS, len(shards) or 1), thread_name_prefix="open") as pool:
+        return list(pool.map(lambda shard: _open_shard(output, *shard), shards))
+
+
 def _open_shard(
-    guard: ClaimGuard, output: Storage, key: str, items: list[Item], notify: Callable[[str], None]
+    output: Storage, key: str, items: list[Item]
 ) -> tuple[ShardWork, manifest.Journal, manifest.ShardState]:
-    try:
-        guard.acquire(f"shard-{key}", waiting=lambda: notify(f"shard {key} is being enriched by another run: waiting"))
-    except Exception as error:  # the claims' store failing before anything was sent
-        raise StateUnavailable(error) from error
     journal = manifest.Journal(output, key)
     state = manifest.load_shard(output, journal, key)
     return ShardWork(key, items, state.previous, journal.write, bool(state.warnings), state.warnings), journal, state

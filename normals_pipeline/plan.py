@@ -10,8 +10,9 @@ already, is being sent by another run right now, or came earlier in this plan: n
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from decimal import Decimal
 from typing import Any
@@ -24,6 +25,7 @@ from ._memory import return_freed_buffers
 from ._state import ClaimStore
 from .client import INITIAL_LATENCY_S
 from .enrich import (
+    RECORD_READERS,
     Item,
     PlanReads,
     StoredMaps,
@@ -142,11 +144,29 @@ def make_plan(
     table = inventory if inventory is not None else take_inventory(dataset, shards)
     planner = _Planner(dataset, output, oversize, claims, shards, keep)
     planned = {key: Figures() for key in partition_keys(shards)}  # an empty shard says 0 images
+    by_key = [(partition_key(shard, shards), rows) for shard, rows in _by_shard(table)]
+    records = _records(output, [key for key, _ in by_key])
     with ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="plan") as pool:
-        for shard, rows in _by_shard(table):
-            key = partition_key(shard, shards)
-            planned[key] = planner.shard(pool, key, rows)
+        for (key, rows), record in zip(by_key, records, strict=True):
+            planned[key] = planner.shard(pool, key, rows, record)
     return Plan(planned, balance, images_per_second(rpm, INITIAL_LATENCY_S, concurrency), tuple(planner.warnings))
+
+
+def _records(output: Storage, keys: list[str]) -> Iterator[manifest.ShardState]:
+    """Each shard's record (read only), in order, a few read ahead at once: on S3 each is a few requests, which
+    one after another held back the plan; a few, not all, so at most that many manifests are held."""
+
+    def load(key: str) -> manifest.ShardState:
+        return manifest.load_shard(output, manifest.Journal(output, key), key, set_aside=False)
+
+    with ThreadPoolExecutor(max_workers=RECORD_READERS, thread_name_prefix="record") as pool:
+        ahead: deque[Future[manifest.ShardState]] = deque()
+        for key in keys:
+            ahead.append(pool.submit(load, key))
+            if len(ahead) == RECORD_READERS:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
 
 
 def _by_shard(table: pa.Table) -> Iterator[tuple[int, pa.Table]]:
@@ -179,11 +199,10 @@ class _Planner:
         self.seen: set[str] = set()
         self.warnings: list[str] = []
 
-    def shard(self, pool: ThreadPoolExecutor, key: str, rows: pa.Table) -> Figures:
+    def shard(self, pool: ThreadPoolExecutor, key: str, rows: pa.Table, record: manifest.ShardState) -> Figures:
         items = current_items(self.dataset, rows)
         if self._held(f"shard-{key}"):
             self.warnings.append(f"shard {key} is being enriched by another run now: its figures drop as it finishes")
-        record = manifest.load_shard(self.output, manifest.Journal(self.output, key), key, set_aside=False)
         self.warnings += record.warnings
         pending = pending_items(items, record.previous)
         if self.maps is None and pending:  # shards are alike (hashed): this one's figures stand for each
