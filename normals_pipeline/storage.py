@@ -386,6 +386,18 @@ _DOTS = (".", "..")
 
 
 DELETE_BATCH = 1000  # keys one DeleteObjects request may name
+_EXPECT_HANDLER = "normals-pipeline-expect-only-large"
+EXPECT_FROM_BYTES = 2 * 2**20  # smaller bodies go without `Expect: 100-continue` (the AWS SDK for Go's default)
+
+
+def _expect_only_large(params: dict[str, Any], **kwargs: Any) -> None:
+    """botocore asks S3 to `100-continue` before every PUT body, a round trip more per write; worth it only
+    where S3 could refuse a large body before it is sent. A map, a journal file and a manifest go at once."""
+    from botocore.utils import determine_content_length  # only S3 clients call this
+
+    size = determine_content_length(params.get("body"))
+    if size is not None and size < EXPECT_FROM_BYTES:
+        params["headers"].pop("Expect", None)
 
 
 class S3Storage:
@@ -399,6 +411,9 @@ class S3Storage:
         self.client = client
         self.page_size = page_size
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        # After botocore's own handler, which adds the header; once per client, however many prefixes share it.
+        if (events := getattr(getattr(client, "meta", None), "events", None)) is not None:  # not a stand-in
+            events.register_last("before-call.s3", _expect_only_large, unique_id=_EXPECT_HANDLER)
 
     @property
     def _client_error(self) -> type[ClientError]:

@@ -13,7 +13,7 @@ import pytest
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
 from werkzeug.serving import make_server
 
-__all__ = ["s3_endpoint", "s3_client", "s3_bucket", "s3_requests"]
+__all__ = ["s3_endpoint", "s3_client", "s3_bucket", "s3_requests", "s3_expects"]
 
 
 class _Counting:
@@ -23,10 +23,12 @@ class _Counting:
     def __init__(self, app: Callable[..., Iterable[bytes]]) -> None:
         self.app = app
         self.seen: list[tuple[str, str]] = []
+        self.expects: list[tuple[str, str | None]] = []  # each request's `Expect` header, by path
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8")  # WSGI's str is latin-1
         self.seen.append((environ["REQUEST_METHOD"], path))
+        self.expects.append((path, environ.get("HTTP_EXPECT")))
         return self.app(environ, start_response)
 
 
@@ -75,3 +77,10 @@ def s3_requests(s3_endpoint: str) -> list[tuple[str, str]]:
     """The requests the server serves from now on, as `(method, "/bucket/key")`, in order."""
     _APP.seen.clear()
     return _APP.seen
+
+
+@pytest.fixture
+def s3_expects(s3_endpoint: str) -> list[tuple[str, str | None]]:
+    """The `Expect` header of each request the server serves from now on, as `("/bucket/key", value)`."""
+    _APP.expects.clear()
+    return _APP.expects

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from normals_pipeline.storage import (
+    EXPECT_FROM_BYTES,
     SKIP_REASONS,
     DatasetNotFound,
     FileEntry,
@@ -567,3 +568,20 @@ def test_a_file_uri_reads_as_the_path_to_paste_and_other_uris_stay():
         == "/data/en riched/partition=01/m.parquet"
     )
     assert readable_location("s3://bucket/partition=01/m.parquet") == "s3://bucket/partition=01/m.parquet"
+
+
+def test_s3_small_writes_go_without_waiting_for_100_continue(
+    s3_client: Any, s3_bucket: str, s3_expects: list[tuple[str, str | None]]
+) -> None:
+    """A map or a journal file is one round trip, not two; a body of `EXPECT_FROM_BYTES` or more still asks first."""
+    storage = S3Storage(s3_bucket, "out", s3_client)
+    S3Storage(s3_bucket, "other", s3_client)  # another prefix on the same client: the handler is there once
+    storage.write_bytes("normals/ab/map.jpg", b"\xff\xd8" + b"x" * 50_000, "image/jpeg")
+    storage.create_if_absent("owner/lease-1.json", b"{}")
+    storage.write_bytes("big.bin", b"x" * EXPECT_FROM_BYTES)
+    assert s3_expects == [
+        (f"/{s3_bucket}/out/normals/ab/map.jpg", None),
+        (f"/{s3_bucket}/out/owner/lease-1.json", None),
+        (f"/{s3_bucket}/out/big.bin", "100-continue"),
+    ]
+    assert storage.read_bytes("big.bin") == b"x" * EXPECT_FROM_BYTES
