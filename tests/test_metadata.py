@@ -4,6 +4,7 @@ visual preview (images next to their normal maps, as Markdown with inline thumbn
 import base64
 import io
 import re
+import threading
 from datetime import UTC, datetime
 
 import pytest
@@ -15,6 +16,7 @@ from normals_pipeline.enrich import normal_map_path
 from normals_pipeline.orchestration._metadata import (
     COLUMN_SCHEMA,
     PREVIEW_MAX_CHARS,
+    PREVIEW_ROWS,
     THUMBNAIL_PX,
     column_schema_metadata,
     preview_metadata,
@@ -150,6 +152,30 @@ def test_a_preview_over_the_size_limit_drops_rows(stores, monkeypatch):
     monkeypatch.setattr("normals_pipeline.orchestration._metadata.PREVIEW_MAX_CHARS", int(one_row * 2.5))
     markdown = preview_metadata(manifest.to_frame(rows), output, dataset).value
     assert len(thumbnails(markdown)) == 4 and markdown.endswith("2 of 4 rows; the whole shard is in the manifest.")
+
+
+class _Meeting(LocalStorage):
+    """Each read waits until `barrier`'s parties are all reading: reads one after another never meet."""
+
+    def __init__(self, root, barrier: threading.Barrier) -> None:
+        super().__init__(root)
+        self.barrier = barrier
+
+    def read_bytes(self, path: str) -> bytes:
+        self.barrier.wait()
+        return super().read_bytes(path)
+
+
+def test_the_previews_reads_go_at_once(tmp_path):
+    """On S3 each read is a round trip: a shard's eight (four images, four maps) are under way together."""
+    barrier = threading.Barrier(2 * PREVIEW_ROWS, timeout=10)
+    dataset, output = _Meeting(tmp_path / "dataset", barrier), _Meeting(tmp_path / "out", barrier)
+    rows = [
+        enriched(dataset, output, f"p{i}.jpg", jpeg((60, 90)), jpeg((60, 90)), f"{i:064x}") for i in range(PREVIEW_ROWS)
+    ]
+    markdown = preview_metadata(manifest.to_frame(rows), output, dataset).value
+    assert [alt for alt, _ in thumbnails(markdown)] == ["image", "normal map"] * PREVIEW_ROWS
+    assert not barrier.broken
 
 
 def test_an_empty_shard_has_a_preview_too(stores):

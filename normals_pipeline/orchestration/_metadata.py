@@ -8,6 +8,7 @@ import io
 import urllib.parse
 import warnings
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextvars import ContextVar
 from typing import Any
 
@@ -163,7 +164,10 @@ def preview_metadata(df: pd.DataFrame, output: Storage, dataset: Storage, rows: 
     if df.empty:
         return MetadataValue.md("_no images in this shard_")
     ordered = df.assign(_failed=df["error_code"].notna()).sort_values(["_failed", "path"], kind="stable")
-    lines = [_preview_row(row, output, dataset) for row in ordered.head(rows).itertuples(index=False)]
+    shown = list(ordered.head(rows).itertuples(index=False))
+    with ThreadPoolExecutor(max_workers=2 * PREVIEW_ROWS, thread_name_prefix="preview") as pool:
+        reads = [_read(row, output, dataset, pool) for row in shown]  # at once: on S3 each read is a round trip
+        lines = [_preview_row(row, *read) for row, read in zip(shown, reads, strict=True)]
     header = ["| path | image | normal map | result |", "|---|---|---|---|"]
     more = len(df) - len(lines)
     while lines:
@@ -177,22 +181,30 @@ def preview_metadata(df: pd.DataFrame, output: Storage, dataset: Storage, rows: 
     return MetadataValue.md(f"_{len(df)} rows; thumbnails too large for a preview_")
 
 
-def _preview_row(row: Any, output: Storage, dataset: Storage) -> str:
-    image = _thumbnail_cell(lambda: dataset.read_bytes(row.path), "image")
+def _read(
+    row: Any, output: Storage, dataset: Storage, pool: ThreadPoolExecutor
+) -> tuple[Future[bytes], Future[bytes] | None]:
+    """The row's image and its map (None: the row has no map in `output`), being read."""
+    image = pool.submit(dataset.read_bytes, row.path)
     root = output.uri.rstrip("/") + "/"
-    if isinstance(row.normal_map_uri, str) and row.normal_map_uri.startswith(root):
-        path = row.normal_map_uri.removeprefix(root)
-        path = urllib.parse.unquote(path) if root.startswith("file:") else path  # file URIs are %-encoded
-        normal_map = _thumbnail_cell(lambda: output.read_bytes(path), "normal map")
-    else:
-        normal_map = "—"
+    if not (isinstance(row.normal_map_uri, str) and row.normal_map_uri.startswith(root)):
+        return image, None
+    path = row.normal_map_uri.removeprefix(root)
+    path = urllib.parse.unquote(path) if root.startswith("file:") else path  # file URIs are %-encoded
+    return image, pool.submit(output.read_bytes, path)
+
+
+def _preview_row(row: Any, image: Future[bytes], normal_map: Future[bytes] | None) -> str:
+    """Thumbnails one at a time, on the caller's thread: `_thumbnail` changes the process's warning filters."""
+    image_cell = _thumbnail_cell(image.result, "image")
+    map_cell = "—" if normal_map is None else _thumbnail_cell(normal_map.result, "normal map")
     if pd.isna(row.error_code):
         cost = row.credits_consumed
         credits = "cost unknown" if pd.isna(cost) else f"{cost:g} credit{'' if cost == 1 else 's'}"
         result = f"{row.width}×{row.height}, {credits}"
     else:
         result = f"`{row.error_code}`"
-    return f"| {_cell(row.path)} | {image} | {normal_map} | {result} |"
+    return f"| {_cell(row.path)} | {image_cell} | {map_cell} | {result} |"
 
 
 def _cell(text: str) -> str:
