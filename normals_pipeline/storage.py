@@ -13,10 +13,10 @@ import posixpath
 import stat
 import tempfile
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple, Protocol
 
 if TYPE_CHECKING:
     from botocore.exceptions import ClientError
@@ -105,6 +105,8 @@ class Storage(Protocol):
     def stat_many(self, paths: list[str]) -> list[FileEntry | OSError]: ...
     def read_bytes(self, path: str) -> bytes: ...
     def write_bytes(self, path: str, data: bytes, content_type: str | None = None) -> None: ...
+    # What `write` writes to the file it is given, stored as one object, without all of it in memory at once.
+    def write_stream(self, path: str, write: Callable[[BinaryIO], None], content_type: str | None = None) -> None: ...
     def create_if_absent(self, path: str, data: bytes, content_type: str | None = None) -> bool: ...
     def exists(self, path: str) -> bool: ...
     def uri_for(self, path: str) -> str: ...
@@ -224,8 +226,12 @@ class LocalStorage:
 
     def write_bytes(self, path: str, data: bytes, content_type: str | None = None) -> None:
         """Write via a temp file + rename so readers never see a partial file."""
+        self.write_stream(path, lambda file: file.write(data), content_type)
+
+    def write_stream(self, path: str, write: Callable[[BinaryIO], None], content_type: str | None = None) -> None:
+        """As `write_bytes`: `write` fills the temp file, then it is synced and renamed into place."""
         target = self._join(path)
-        tmp = self._staged(path, target, data)
+        tmp = self._staged(path, target, write)
         try:
             os.replace(tmp, target)
         except BaseException:
@@ -238,7 +244,7 @@ class LocalStorage:
         wins: a hard link of a complete temp file is atomic (local file systems, NFS) and, unlike an `O_EXCL`
         create followed by the write, never shows a reader a file still being written."""
         target = self._join(path)
-        tmp = self._staged(path, target, data)
+        tmp = self._staged(path, target, lambda file: file.write(data))
         try:
             os.link(tmp, target)
         except FileExistsError:
@@ -247,8 +253,8 @@ class LocalStorage:
             os.unlink(tmp)
         return True
 
-    def _staged(self, path: str, target: str, data: bytes) -> str:
-        """`data` in a complete, synced temp file beside `target` (a hidden name no listing shows)."""
+    def _staged(self, path: str, target: str, write: Callable[[BinaryIO], None]) -> str:
+        """What `write` writes, in a complete, synced temp file beside `target` (a hidden name no listing shows)."""
         parent = os.path.dirname(target)
         if not self._inside(os.path.realpath(parent)):
             raise PermissionError(f"refusing to write {path!r}: its folder resolves outside {self.uri}")
@@ -256,7 +262,7 @@ class LocalStorage:
         fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                write(f)
                 f.flush()
                 os.fchmod(f.fileno(), _FILE_MODE)
                 os.fsync(f.fileno())
@@ -468,6 +474,14 @@ class S3Storage:
         """One PUT: S3 never exposes a partially written object."""
         extra = {"ContentType": content_type} if content_type else {}
         self.client.put_object(Bucket=self.bucket, Key=self._key(path), Body=data, **extra)
+
+    def write_stream(self, path: str, write: Callable[[BinaryIO], None], content_type: str | None = None) -> None:
+        """One PUT streamed from a temp file on this host that `write` fills (a file body is read as it is sent)."""
+        extra = {"ContentType": content_type} if content_type else {}
+        with tempfile.TemporaryFile() as file:
+            write(file)
+            file.seek(0)
+            self.client.put_object(Bucket=self.bucket, Key=self._key(path), Body=file, **extra)
 
     def create_if_absent(self, path: str, data: bytes, content_type: str | None = None) -> bool:
         """One conditional PUT (`If-None-Match: *`): S3 stores it only if the key is absent, so of writers

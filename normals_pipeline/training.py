@@ -45,7 +45,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -512,8 +512,9 @@ class _ShardWriter:
         self.parts[split] += 1
         pairs, self.buffers[split], self.buffered[split] = self.buffers[split], [], 0
         table = pairs_table(pairs)
-        del pairs  # their bytes are in the table now: the part is held twice at most (table, file), not thrice
-        self._put(path, table_bytes(table), "application/vnd.apache.parquet")
+        del pairs  # their bytes are in the table now: the part is held once, not as pairs, table and file
+        self.output.write_stream(path, lambda file: write_parquet(table, file), "application/vnd.apache.parquet")
+        self.written.append(path)
 
     def _flush_tar(self) -> None:
         """A tar of img2dataset's layout, then its stats file (written last, as img2dataset's completion marker)."""
@@ -555,12 +556,10 @@ def pairs_table(pairs: list[Pair]) -> pa.Table:
     return pa.table(columns, schema=SCHEMA)
 
 
-def table_bytes(table: pa.Table) -> bytes:
-    """A Parquet file of a `pairs_table`; the images are stored uncompressed (they are JPEG/PNG/WEBP already)."""
-    buffer = io.BytesIO()
+def write_parquet(table: pa.Table, file: BinaryIO) -> None:
+    """A `pairs_table` as Parquet into `file`; the images are stored uncompressed (they are JPEG/PNG/WEBP already)."""
     compression = {name: "zstd" for name in SCHEMA.names} | {"image": "none", "normal_map": "none"}
-    pq.write_table(table, buffer, compression=compression, row_group_size=ROW_GROUP_ROWS)
-    return buffer.getvalue()
+    pq.write_table(table, file, compression=compression, row_group_size=ROW_GROUP_ROWS)
 
 
 def sample_key(partition_key: str, index: int) -> str:

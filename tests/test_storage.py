@@ -585,3 +585,34 @@ def test_s3_small_writes_go_without_waiting_for_100_continue(
         (f"/{s3_bucket}/out/big.bin", "100-continue"),
     ]
     assert storage.read_bytes("big.bin") == b"x" * EXPECT_FROM_BYTES
+
+
+@pytest.fixture(params=["local", "s3"])
+def either_store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    if request.param == "local":
+        return LocalStorage(tmp_path / "out")
+    return S3Storage(request.getfixturevalue("s3_bucket"), "out", request.getfixturevalue("s3_client"))
+
+
+def test_a_streamed_write_stores_what_was_written_in_pieces(either_store: Any) -> None:
+    """A training part is written straight from its table, never held whole as bytes."""
+
+    def write(file: Any) -> None:
+        for piece in (b"PAR1", b"x" * 3_000_000, b"PAR1"):
+            file.write(piece)
+
+    either_store.write_stream("training/part-00000.parquet", write, "application/vnd.apache.parquet")
+    assert either_store.read_bytes("training/part-00000.parquet") == b"PAR1" + b"x" * 3_000_000 + b"PAR1"
+
+
+def test_a_streamed_write_that_fails_leaves_nothing(either_store: Any) -> None:
+    either_store.write_bytes("training/part-00000.parquet", b"the last build's")
+
+    def write(file: Any) -> None:
+        file.write(b"half a part")
+        raise OSError("the table could not be written")
+
+    with pytest.raises(OSError, match="could not be written"):
+        either_store.write_stream("training/part-00000.parquet", write)
+    assert either_store.read_bytes("training/part-00000.parquet") == b"the last build's"
+    assert either_store.list_prefix("training") == ["training/part-00000.parquet"]
