@@ -82,6 +82,7 @@ MIN_PERSON_FRACTION = 0.01  # below this share of person pixels a map is `no_per
 UNIT_NORM_BOUND = 0.05
 QUALITY_COLUMNS = ("person_fraction", "unit_norm_error", "facing_fraction")
 PART_BYTES = 64 * 2**20  # image + map bytes per file: bounds memory, and a size loaders stream well
+TABLE_CHUNK_BYTES = 8 * 2**20  # pairs turned into Arrow once they hold this much (or fill a row group)
 ROW_GROUP_ROWS = 16  # small row groups: `NormalsDataset` reads one group per item it is asked for
 READ_THREADS = 8  # sources and maps are read in parallel (S3 latency), a window at a time
 STAMP_CHUNK = 4096  # rows joined per update of a stamp: ~4x faster than one per row, memory bounded
@@ -464,8 +465,9 @@ class _ShardWriter:
         self.output = output
         self.key = partition_key
         self.webdataset = webdataset
-        self.buffers: dict[str, list[Pair]] = {split: [] for split in SPLITS}
-        self.buffered: Counter[str] = Counter()  # bytes in each split's buffer, and in the tar's ("")
+        self.buffers: dict[str, list[Pair]] = {split: [] for split in SPLITS}  # pairs not in `tables` yet
+        self.tables: dict[str, list[pa.Table]] = {split: [] for split in SPLITS}  # the part so far, as Arrow
+        self.buffered: Counter[str] = Counter()  # bytes in each split's part so far, and in the tar's ("")
         self.parts: Counter[str] = Counter()
         self.samples: list[Pair] = []
         self.tar_parts = 0
@@ -488,8 +490,11 @@ class _ShardWriter:
     def add(self, pair: Pair) -> None:
         pair = replace(pair, key=sample_key(self.key, self.pairs))
         self.pairs += 1
-        self.buffers[pair.split].append(pair)
+        buffer = self.buffers[pair.split]
+        buffer.append(pair)
         self.buffered[pair.split] += pair.nbytes
+        if len(buffer) == ROW_GROUP_ROWS or sum(p.nbytes for p in buffer) >= TABLE_CHUNK_BYTES:
+            self._to_arrow(pair.split)
         if self.buffered[pair.split] >= PART_BYTES:
             self._flush(pair.split)
         if self.webdataset:
@@ -500,7 +505,7 @@ class _ShardWriter:
 
     def close(self) -> list[str]:
         for split in SPLITS:
-            if self.buffers[split]:
+            if self.buffers[split] or self.tables[split]:
                 self._flush(split)
         if self.samples:
             self._flush_tar()
@@ -510,11 +515,18 @@ class _ShardWriter:
     def _flush(self, split: str) -> None:
         path = f"{shard_folder(self.key)}/{split}-{self.parts[split]:05d}.parquet"
         self.parts[split] += 1
-        pairs, self.buffers[split], self.buffered[split] = self.buffers[split], [], 0
-        table = pairs_table(pairs)
-        del pairs  # their bytes are in the table now: the part is held once, not as pairs, table and file
+        self._to_arrow(split)
+        table = pa.concat_tables(self.tables[split])  # the chunks as they are, not copied
+        self.tables[split], self.buffered[split] = [], 0
         self.output.write_stream(path, lambda file: write_parquet(table, file), "application/vnd.apache.parquet")
         self.written.append(path)
+
+    def _to_arrow(self, split: str) -> None:
+        """The split's buffered pairs into the part's Arrow chunks, a few at a time: the part's bytes are held
+        once (as Arrow), not as pairs and again as the table made of them at the part's end."""
+        if self.buffers[split]:
+            self.tables[split].append(pairs_table(self.buffers[split]))
+            self.buffers[split] = []
 
     def _flush_tar(self) -> None:
         """A tar of img2dataset's layout, then its stats file (written last, as img2dataset's completion marker)."""

@@ -407,6 +407,25 @@ def test_a_large_shard_is_written_in_parts_that_a_rerun_folds_back(enriched, mon
     assert len(NormalsDataset(output)) == 13
 
 
+def test_a_part_turned_into_arrow_a_pair_at_a_time_is_the_part_made_at_once(enriched, monkeypatch):
+    """The writer holds a part's pairs as Arrow chunks as they come (memory: the bytes once, not twice)."""
+    import normals_pipeline.training as training
+
+    dataset, output, manifest = enriched
+    monkeypatch.setattr(training, "ROW_GROUP_ROWS", 5)  # groups cross the chunks
+    part = f"{PARQUET_DIR}/partition=00/train-00000.parquet"
+    built = {}
+    for chunk_bytes in (1, 2**40):  # each pair on its own; all of them at the part's end
+        monkeypatch.setattr(training, "TABLE_CHUNK_BYTES", chunk_bytes)
+        output.delete_many(output.list_prefix(training.TRAINING_DIR))  # built again, not kept
+        write_training_pairs(dataset, output, "00", manifest, splits={"train": 1.0})
+        built[chunk_bytes] = pq.ParquetFile(io.BytesIO(output.read_bytes(part)))
+    by_pair, at_once = built.values()
+    assert by_pair.read().equals(at_once.read()) and by_pair.metadata.num_rows == 13
+    groups = [by_pair.metadata.row_group(i).num_rows for i in range(by_pair.num_row_groups)]
+    assert groups == [at_once.metadata.row_group(i).num_rows for i in range(at_once.num_row_groups)] == [5, 5, 3]
+
+
 def test_an_unchanged_shard_is_kept_and_one_with_left_outs_is_built_again(enriched, tmp_path):
     dataset, output, manifest = enriched
     first = write_training_pairs(dataset, output, "00", manifest)
