@@ -70,6 +70,7 @@ HEADROOM = 1.5  # Little's law gives what the rate needs on average; latency var
 MAX_BYTES_IN_FLIGHT = 256 * 2**20  # image bytes held by the images in flight, when the window follows the rate
 KEPT_BYTES = 64 * 2**20  # image bytes the plan keeps for the run that follows it (see `PlanReads`)
 PROGRESS_EVERY_S = 1.0  # where the run stands is reported at least this often, even while every answer is late
+COMMITTERS = 4  # shards whose manifests are written at once
 RECORD_READERS = 8  # shard records (manifest + journal) read at once, by a run and by its plan
 STOP_GRACE_S = 5.0  # on an interrupt, answers on their way get this long before their exchanges are ended
 
@@ -390,9 +391,10 @@ class Enricher:
     ) -> list[ShardResult]:
         """Several shards as one stream of work: one pool, so no shard boundary drains the pipeline.
         Each shard's result goes to `on_done` as soon as its last image is finished (or, once the run has
-        stopped, as soon as its in-flight images are), in whatever order shards finish, on a thread of its
-        own (`committer`): the pool is kept fed while a shard's manifest is written. `progress` hears where
-        the run stands at the start and after every batch of finished images."""
+        stopped, as soon as its in-flight images are), in whatever order shards finish, on one of a few
+        threads of their own (`COMMITTERS`): the pool is kept fed while shards' manifests are written, and on S3,
+        where each is a few round trips, the last shards are not written one after another once sending ends.
+        `progress` hears where the run stands at the start and after every batch of finished images."""
         started = time.monotonic()
         todo = [(index, item) for index, work in enumerate(works) for item in pending_items(work.items, work.previous)]
         self._maps = StoredMaps(self.output, len(todo), sum(len(work.previous) for work in works))
@@ -414,7 +416,7 @@ class Enricher:
             if on_done is not None:
                 on_done(work, result)
 
-        committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
+        committer = ThreadPoolExecutor(max_workers=COMMITTERS, thread_name_prefix="commit")
         commits: list[Future[None]] = []
 
         def finish(index: int) -> None:
@@ -685,15 +687,15 @@ def enrich_shards(
     on_shard: Callable[[str, ShardResult], None] = lambda key, result: None,
     reads: PlanReads | None = None,
 ) -> dict[str, ShardResult]:
-    """Shards `(key, items)` start to finish as one stream: read each record (setting aside what is
-    unreadable), enrich what is pending through one pool, and as each shard finishes write its manifest,
-    clear its journal and call `on_shard`. The shards' claims make this run their only writer: another
-    run of one of them (a re-launch, an overlapping schedule, another host) waits for it, then finds the
-    work done. Claims are taken in key order, so two ranged runs cannot wait on each other in a circle.
-    Should a claim be lost all the same (Redis restarted or evicting, a holder paused past the TTL), the
+    """Shards `(key, items)` start to finish as one stream: read each record (setting aside what is unreadable),
+    enrich what is pending through one pool, and as each shard finishes write its manifest, clear its journal
+    and call `on_shard` (for one shard at a time, from a writing thread). The shards' claims make this run their
+    only writer: another run of one of them (a re-launch, an overlapping schedule, another host) waits for it,
+    then finds the work done. Claims are taken in key order, so two ranged runs cannot wait on each other in a
+    circle. Should a claim be lost all the same (Redis restarted or evicting, a holder paused past the TTL), the
     manifest is committed with every journaled row folded in (`manifest.commit_shard`): it still adds up.
-    `claims`: the store every process on the output shares (default: this process only); `reads`: what the
-    plan before this run read and checked (see `PlanReads`)."""
+    `claims`: the store every process on the output shares (default: this process only); `reads`: what the plan
+    before this run read and checked (see `PlanReads`)."""
     return_freed_buffers()  # images stream through many threads: keep the peak from staying
     guard = ClaimGuard(claims, claim_namespace(output))
     lease = ownership.take(output, guard.store, notify)  # refuses a run of another state: it would charge twice
@@ -703,6 +705,7 @@ def enrich_shards(
         records = {work.key: (journal, state) for work, journal, state in opened}
         enricher = Enricher(dataset, output, client, concurrency, oversize=oversize, claims=guard, reads=reads)
         lease.on_lost(enricher._halt)
+        reporting = threading.Lock()  # shards are written at once; `on_shard` hears of one at a time
 
         def done(work: ShardWork, result: ShardResult) -> None:
             journal, state = records[work.key]
@@ -729,7 +732,8 @@ def enrich_shards(
                 guard.release(f"shard-{work.key}")
             except Exception as error:  # the claims' store failing: the claim lapses within its TTL
                 enricher._halt(StateUnavailable(error))
-            on_shard(work.key, result)
+            with reporting:
+                on_shard(work.key, result)
 
         results = enricher.run_shards(works, on_done=done, progress=progress)
     finally:

@@ -2,8 +2,11 @@
 
 import hashlib
 import io
+import threading
+import time
 from types import SimpleNamespace
 
+import pyarrow.compute as pc
 import pytest
 from PIL import Image
 
@@ -17,6 +20,7 @@ from normals_pipeline.enrich import (
     normal_map_path,
 )
 from normals_pipeline.guards import RateGuard
+from normals_pipeline.manifest import MANIFEST_DIR
 from normals_pipeline.storage import LocalStorage
 
 
@@ -199,3 +203,46 @@ def test_what_the_plan_keeps_is_a_remote_datasets_readable_files_up_to_a_byte_bu
     assert reads.take(dataset, Item(items[2].path, items[2].size, "other"), "downscale") is None  # another version
     assert reads.take(dataset, Item("gone.jpg", 1, "x"), "downscale") is None
     assert reads.take(local, items[2], "downscale") is None
+
+
+class _MeetingManifests(LocalStorage):
+    """Each manifest write waits until `barrier`'s parties are all writing one: writes one after another never meet."""
+
+    def __init__(self, root, barrier: threading.Barrier) -> None:
+        super().__init__(root)
+        self.barrier = barrier
+
+    def write_bytes(self, path: str, data: bytes, content_type: str | None = None) -> None:
+        if path.startswith(f"{MANIFEST_DIR}/"):
+            self.barrier.wait()
+        super().write_bytes(path, data, content_type)
+
+
+def test_shards_are_written_at_once_and_reported_one_at_a_time(tmp_path, emulator):
+    """On S3 a shard's commit is a few round trips: the last shards' are not made one after another."""
+    from normals_pipeline.enrich import current_items, enrich_shards
+    from normals_pipeline.inventory import partition_key, take_inventory
+    from normals_pipeline.synthetic import make_portraits
+
+    make_portraits(tmp_path / "in", 12)
+    dataset = LocalStorage(tmp_path / "in")
+    shards = 3
+    inventory = take_inventory(dataset, shards)
+    work = [
+        (partition_key(shard, shards), current_items(dataset, inventory.filter(pc.equal(inventory["shard"], shard))))
+        for shard in range(shards)
+    ]
+    output = _MeetingManifests(tmp_path / "out", threading.Barrier(shards, timeout=10))
+    reporting, most = [], []
+
+    def on_shard(key: str, result) -> None:
+        reporting.append(key)
+        most.append(len(reporting))
+        time.sleep(0.05)
+        reporting.remove(key)
+
+    with ClipdropClient("test-key", base_url=emulator.url, rate_guard=RateGuard(100_000)) as api:
+        results = enrich_shards(dataset, output, api, work, on_shard=on_shard)
+    assert [result.stopped for result in results.values()] == [None] * shards  # every manifest was written
+    assert sum(result.enriched for result in results.values()) == 12
+    assert len(most) == shards and max(most) == 1
