@@ -68,6 +68,7 @@ class Config:
     overhead_images: int = 600
     # figure 9: figure 6's run on moto S3 and on local disk, this many of each (alternating)
     s3_repeats: int = 2
+    s3_latency_s: float = 0.02  # figure 9b: a remote S3's wait per request (in-region, small objects)
     # figure 7: a size x size normal map, decoded this many times (and Pillow as many, in turns)
     normals_size: int = 1024
     normals_repeats: int = 200
@@ -167,6 +168,12 @@ FIGURES = [
         throughput.learning_run,
     ),
     Figure("s3", "9 unthrottled on moto S3 ÷ on local disk", lambda c: f">= {c.target_s3}", s3.s3_speed),
+    Figure(
+        "s3-latency",
+        "9b the same, S3 answering in 20 ms",
+        lambda c: f">= {c.target_s3}",
+        s3.s3_latency_speed,
+    ),
     Figure(
         "growth",
         "10 no-op re-run at 200 000 ÷ at 20 000 listed files",

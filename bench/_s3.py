@@ -1,11 +1,12 @@
 """moto's S3 server in its own process, counting the requests it serves.
 
-    python -m bench._s3 [--port 0]
+    python -m bench._s3 [--port 0] [--latency SECONDS]
 
 Prints the endpoint URL first, serves until SIGINT or SIGTERM. `GET /_bench/counts` answers the requests served
 since the last `POST /_bench/reset`, by `"<verb> <folder>"`: the verb is the HTTP method, or LIST for a listing;
 the folder is the key's first two parts below the bucket (`output/normals`, `dataset/img-1.jpg` → `dataset`).
-Its own process: moto's CPU is not the bench's, nor shares the measured run's GIL.
+Its own process: moto's CPU is not the bench's, nor shares the measured run's GIL. `--latency` holds each request
+that long before moto serves it (each on its own thread), as a remote S3 would: moto on loopback answers at once.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import signal
 import sys
 import threading
+import time
 import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -30,8 +32,9 @@ RESET_PATH = "/_bench/reset"
 class CountingApp:
     """moto's WSGI app behind a counter of what each request asked for."""
 
-    def __init__(self, app: Callable[..., Iterable[bytes]]) -> None:
+    def __init__(self, app: Callable[..., Iterable[bytes]], latency: float = 0.0) -> None:
         self.app = app
+        self.latency = latency
         self.counts: Counter[str] = Counter()
         self._lock = threading.Lock()
 
@@ -46,6 +49,7 @@ class CountingApp:
             return [body]
         with self._lock:
             self.counts[_kind(environ["REQUEST_METHOD"], path, environ.get("QUERY_STRING", ""))] += 1
+        time.sleep(self.latency)
         return self.app(environ, start_response)
 
 
@@ -64,11 +68,12 @@ def _kind(method: str, path: str, query: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench._s3", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds each request waits before it is served")
     args = parser.parse_args(argv)
     server = make_server(
         "127.0.0.1",
         args.port,
-        CountingApp(DomainDispatcherApplication(create_backend_app)),
+        CountingApp(DomainDispatcherApplication(create_backend_app), args.latency),
         threaded=True,
         request_handler=MotoRequestHandler,
     )

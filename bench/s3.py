@@ -24,15 +24,16 @@ OPTIONS = ("--no-training-pairs",)  # the run the issue measured: maps and manif
 class S3Process:
     """`python -m bench._s3` (moto's server counting requests) in its own process."""
 
-    def __init__(self, log: Path) -> None:
+    def __init__(self, log: Path, latency: float = 0.0) -> None:
         self.log = log
+        self.latency = latency
         self.url = ""
 
     def __enter__(self) -> S3Process:
         self._stderr = open(self.log, "w")  # noqa: SIM115 - closed in __exit__
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench._s3"],
+            [sys.executable, "-m", "bench._s3", "--latency", str(self.latency)],
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             text=True,
@@ -94,11 +95,21 @@ def s3_speed(cfg: Any, workdir: Path) -> dict[str, Any]:
     """Figure 9: images/s of `normals-pipeline run --no-training-pairs` (default shape, no rate limit, the
     cached-answer emulator of figure 6) with dataset and output on moto S3 ÷ the same on local disk. Local and
     S3 runs alternate, `cfg.s3_repeats` of each, and the faster of each counts (the machine is shared)."""
+    return _s3_versus_local(cfg, workdir, 0.0)
+
+
+def s3_latency_speed(cfg: Any, workdir: Path) -> dict[str, Any]:
+    """Figure 9b: figure 9 with every S3 request held `cfg.s3_latency_s` first, as a remote S3 answers: what
+    the run's requests one after another (listing, records, manifests, previews) cost where each is a wait."""
+    return _s3_versus_local(cfg, workdir, cfg.s3_latency_s)
+
+
+def _s3_versus_local(cfg: Any, workdir: Path, latency: float) -> dict[str, Any]:
     count = cfg.overhead_images
     paths = make_small_jpegs(workdir / "dataset", count, seed=90, size=cfg.rate_image_size)
     key = fresh_key("s3")
     with (
-        S3Process(workdir / "moto.log") as s3,
+        S3Process(workdir / "moto.log", latency) as s3,
         EmulatorProcess(
             keys={key: None}, rpm=1_000_000, latency=0.0, log=workdir / "emulator.log", cached_answer=True
         ) as emulator,
@@ -131,6 +142,7 @@ def s3_speed(cfg: Any, workdir: Path) -> dict[str, Any]:
         "raw": {
             "images": count,
             "image_size": list(cfg.rate_image_size),
+            "s3_latency_s": latency,
             "options": list(OPTIONS),
             "s3_images_per_s": [count / run.wall_s for run in s3_runs],
             "local_images_per_s": [count / run.wall_s for run in local_runs],
