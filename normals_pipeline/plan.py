@@ -39,12 +39,13 @@ from .enrich import (
 from .guards import CREDITS_PER_CALL
 from .inventory import partition_key, partition_keys, take_inventory
 from .prepare import Oversize
-from .storage import Storage
+from .storage import LocalStorage, Storage
 
 # A shard's figures as a table shows them (the CLI's, the inventory's `plan_by_shard`): counts, then the time.
 TABLE_COLUMNS = ("images", "done", "to_send", "duplicates", "refused", "credits_needed", "eta_seconds")
-READERS = 8  # files read and hashed at once: S3 reads are mostly waiting, hashing releases the GIL
-CHUNK = 1024  # files handed to the readers at a time, so memory stays flat on a large shard
+READERS = 8  # local files read and hashed at once (hashing releases the GIL; more threads only contend)
+REMOTE_READERS = 32  # S3 objects read at once: each GET is mostly a wait (20 ms and more), not work
+READ_BYTES = 64 * 2**20  # file bytes being read at once, whatever the readers: large images go fewer at a time
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ def make_plan(
     planned = {key: Figures() for key in partition_keys(shards)}  # an empty shard says 0 images
     by_key = [(partition_key(shard, shards), rows) for shard, rows in _by_shard(table)]
     records = _records(output, [key for key, _ in by_key])
-    with ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="plan") as pool:
+    with ThreadPoolExecutor(max_workers=_readers(dataset), thread_name_prefix="plan") as pool:
         for (key, rows), record in zip(by_key, records, strict=True):
             planned[key] = planner.shard(pool, key, rows, record)
     return Plan(planned, balance, images_per_second(rpm, INITIAL_LATENCY_S, concurrency), tuple(planner.warnings))
@@ -216,6 +217,10 @@ class _Planner:
         return self.claims is not None and self.claims.held(f"{self.namespace}:{name}")
 
 
+def _readers(dataset: Storage) -> int:
+    return READERS if isinstance(dataset, LocalStorage) else REMOTE_READERS
+
+
 def _looks(
     pool: ThreadPoolExecutor,
     dataset: Storage,
@@ -225,7 +230,7 @@ def _looks(
     maps: StoredMaps,
     keep: PlanReads | None,
 ) -> Iterator[tuple[str, bool] | None]:
-    """Each pending file as the run would meet it, in order, a chunk at a time: None if the local checks
+    """Each pending file as the run would meet it, in order, a window at a time: None if the local checks
     refuse it, else its content hash and whether a map of that content is stored (or waits in this host's
     spool, paid for: the run stores it with no request). What was read is left in `keep`, if given."""
     spool = manifest.spool_for(output)
@@ -239,8 +244,17 @@ def _looks(
         path = normal_map_path(checked.digest)
         return checked.digest, path in maps or spool.exists(path)
 
-    for start in range(0, len(items), CHUNK):
-        yield from pool.map(look, items[start : start + CHUNK])
+    window: deque[tuple[Future[tuple[str, bool] | None], int]] = deque()
+    held = 0  # file bytes of the reads in `window`
+    for item in items:  # in order, as many at once as the pool has readers and `READ_BYTES` lets in (one at least)
+        while window and (len(window) >= _readers(dataset) or held + item.size > READ_BYTES):
+            future, size = window.popleft()
+            held -= size
+            yield future.result()
+        window.append((pool.submit(look, item), item.size))
+        held += item.size
+    for future, _ in window:
+        yield future.result()
 
 
 def _figures(

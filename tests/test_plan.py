@@ -7,6 +7,8 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from datetime import datetime
 from decimal import Decimal
@@ -25,7 +27,7 @@ from normals_pipeline.enrich import claim_namespace
 from normals_pipeline.inventory import partition_key, shard_of
 from normals_pipeline.orchestration import ClipdropResource, build_definitions
 from normals_pipeline.orchestration.runner import run_pipeline
-from normals_pipeline.plan import json_number
+from normals_pipeline.plan import json_number, make_plan
 from normals_pipeline.storage import LocalStorage
 from normals_pipeline.synthetic import make_portraits
 
@@ -368,3 +370,42 @@ def test_taking_the_inventory_needs_no_key_and_then_the_balance_is_unknown(tmp_p
     defs = build_definitions(dataset_uri=str(tmp_path / "in"), output_uri=str(tmp_path / "out"), shards=SHARDS)
     metadata = inventory_metadata(defs, DagsterInstance.ephemeral())
     assert metadata["to_send"] == 3 and "balance" not in metadata
+
+
+class _Remote:
+    """A folder read as a remote store is (not a `LocalStorage`), noting how many reads are under way at most."""
+
+    def __init__(self, root: Path) -> None:
+        self._folder = LocalStorage(root)
+        self._lock = threading.Lock()
+        self.reading = self.most = self.bytes = self.most_bytes = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._folder, name)
+
+    def read_bytes(self, path: str) -> bytes:
+        size = self._folder.stat(path).size
+        with self._lock:
+            self.reading, self.bytes = self.reading + 1, self.bytes + size
+            self.most, self.most_bytes = max(self.most, self.reading), max(self.most_bytes, self.bytes)
+        time.sleep(0.02)  # a GET's wait
+        with self._lock:
+            self.reading, self.bytes = self.reading - 1, self.bytes - size
+        return self._folder.read_bytes(path)
+
+
+def test_the_plan_reads_a_remote_dataset_many_at_once_within_a_byte_budget(tmp_path, monkeypatch):
+    """On S3 each read is mostly a wait: more readers than on disk, but never more bytes at once than READ_BYTES."""
+    import normals_pipeline.plan as plan_module
+
+    make_portraits(tmp_path / "in", 48)
+    dataset = _Remote(tmp_path / "in")
+    planned_ = make_plan(dataset, LocalStorage(tmp_path / "out"), 1, rpm=60)
+    assert planned_.total.to_send == 48
+    assert plan_module.READERS < dataset.most <= plan_module.REMOTE_READERS
+
+    largest = max(entry.stat().st_size for entry in (tmp_path / "in").iterdir())
+    monkeypatch.setattr(plan_module, "READ_BYTES", 2 * largest)  # two of the largest files at once
+    dataset = _Remote(tmp_path / "in")
+    assert make_plan(dataset, LocalStorage(tmp_path / "out"), 1, rpm=60).total.to_send == 48
+    assert 2 <= dataset.most < plan_module.REMOTE_READERS and dataset.most_bytes <= 2 * largest
