@@ -71,7 +71,7 @@ MAX_BYTES_IN_FLIGHT = 256 * 2**20  # image bytes held by the images in flight, w
 KEPT_BYTES = 64 * 2**20  # image bytes the plan keeps for the run that follows it (see `PlanReads`)
 PROGRESS_EVERY_S = 1.0  # where the run stands is reported at least this often, even while every answer is late
 COMMITTERS = 4  # shards whose manifests are written at once
-RECORD_READERS = 8  # shard records (manifest + journal) read at once, by a run and by its plan
+RECORD_READERS = 8  # shard records (manifest + journal) a run reads at once
 STOP_GRACE_S = 5.0  # on an interrupt, answers on their way get this long before their exchanges are ended
 
 

@@ -25,7 +25,6 @@ from ._memory import return_freed_buffers
 from ._state import ClaimStore
 from .client import INITIAL_LATENCY_S
 from .enrich import (
-    RECORD_READERS,
     Item,
     PlanReads,
     StoredMaps,
@@ -45,6 +44,7 @@ from .storage import LocalStorage, Storage
 TABLE_COLUMNS = ("images", "done", "to_send", "duplicates", "refused", "credits_needed", "eta_seconds")
 READERS = 8  # local files read and hashed at once (hashing releases the GIL; more threads only contend)
 REMOTE_READERS = 32  # S3 objects read at once: each GET is mostly a wait (20 ms and more), not work
+RECORDS_AHEAD = 4  # shard records read ahead of the one planned: each holds its manifest in memory
 READ_BYTES = 64 * 2**20  # file bytes being read at once, whatever the readers: large images go fewer at a time
 
 
@@ -160,11 +160,11 @@ def _records(output: Storage, keys: list[str]) -> Iterator[manifest.ShardState]:
     def load(key: str) -> manifest.ShardState:
         return manifest.load_shard(output, manifest.Journal(output, key), key, set_aside=False)
 
-    with ThreadPoolExecutor(max_workers=RECORD_READERS, thread_name_prefix="record") as pool:
+    with ThreadPoolExecutor(max_workers=RECORDS_AHEAD, thread_name_prefix="record") as pool:
         ahead: deque[Future[manifest.ShardState]] = deque()
         for key in keys:
             ahead.append(pool.submit(load, key))
-            if len(ahead) == RECORD_READERS:
+            if len(ahead) == RECORDS_AHEAD:
                 yield ahead.popleft().result()
         while ahead:
             yield ahead.popleft().result()
