@@ -48,7 +48,7 @@ from .client import ApiResult, ClipdropClient, Tally
 from .guards import ClaimGuard, slot_interval_s
 from .inventory import read_inventory, with_versions
 from .prepare import Oversize, PreparedImage, prepare
-from .storage import LocalStorage, Storage
+from .storage import LocalStorage, Storage, at_once
 
 NORMALS_DIR = "normals"
 LIST_PAGE = 1000  # keys a listing request returns (S3's page)
@@ -70,8 +70,8 @@ HEADROOM = 1.5  # Little's law gives what the rate needs on average; latency var
 MAX_BYTES_IN_FLIGHT = 256 * 2**20  # image bytes held by the images in flight, when the window follows the rate
 KEPT_BYTES = 64 * 2**20  # image bytes the plan keeps for the run that follows it (see `PlanReads`)
 PROGRESS_EVERY_S = 1.0  # where the run stands is reported at least this often, even while every answer is late
-COMMITTERS = 4  # shards whose manifests are written at once
-RECORD_READERS = 8  # shard records (manifest + journal) a run reads at once
+COMMITTERS = 4  # shards whose manifests are written at once on S3 (one at a time in a folder)
+RECORD_READERS = 8  # shard records (manifest + journal) a run reads at once on S3 (one at a time in a folder)
 STOP_GRACE_S = 5.0  # on an interrupt, answers on their way get this long before their exchanges are ended
 
 
@@ -391,9 +391,9 @@ class Enricher:
     ) -> list[ShardResult]:
         """Several shards as one stream of work: one pool, so no shard boundary drains the pipeline.
         Each shard's result goes to `on_done` as soon as its last image is finished (or, once the run has
-        stopped, as soon as its in-flight images are), in whatever order shards finish, on one of a few
-        threads of their own (`COMMITTERS`): the pool is kept fed while shards' manifests are written, and on S3,
-        where each is a few round trips, the last shards are not written one after another once sending ends.
+        stopped, as soon as its in-flight images are), in whatever order shards finish, on a thread of their
+        own (on S3 a few, `COMMITTERS`: each is a few round trips, and the last shards are not written one after
+        another once sending ends): the pool is kept fed while shards' manifests are written.
         `progress` hears where the run stands at the start and after every batch of finished images."""
         started = time.monotonic()
         todo = [(index, item) for index, work in enumerate(works) for item in pending_items(work.items, work.previous)]
@@ -416,7 +416,7 @@ class Enricher:
             if on_done is not None:
                 on_done(work, result)
 
-        committer = ThreadPoolExecutor(max_workers=COMMITTERS, thread_name_prefix="commit")
+        committer = ThreadPoolExecutor(max_workers=at_once(self.output, COMMITTERS), thread_name_prefix="commit")
         commits: list[Future[None]] = []
 
         def finish(index: int) -> None:
@@ -755,7 +755,7 @@ def _open_shards(
             )
         except Exception as error:  # the claims' store failing before anything was sent
             raise StateUnavailable(error) from error
-    with ThreadPoolExecutor(max_workers=min(RECORD_READERS, len(shards) or 1), thread_name_prefix="open") as pool:
+    with ThreadPoolExecutor(max_workers=at_once(output, RECORD_READERS), thread_name_prefix="open") as pool:
         return list(pool.map(lambda shard: _open_shard(output, *shard), shards))
 
 

@@ -38,13 +38,13 @@ from .enrich import (
 from .guards import CREDITS_PER_CALL
 from .inventory import partition_key, partition_keys, take_inventory
 from .prepare import Oversize
-from .storage import LocalStorage, Storage
+from .storage import LocalStorage, Storage, at_once
 
 # A shard's figures as a table shows them (the CLI's, the inventory's `plan_by_shard`): counts, then the time.
 TABLE_COLUMNS = ("images", "done", "to_send", "duplicates", "refused", "credits_needed", "eta_seconds")
 READERS = 8  # local files read and hashed at once (hashing releases the GIL; more threads only contend)
 REMOTE_READERS = 32  # S3 objects read at once: each GET is mostly a wait (20 ms and more), not work
-RECORDS_AHEAD = 4  # shard records read ahead of the one planned: each holds its manifest in memory
+RECORDS_AHEAD = 4  # shard records read at once on S3 (a folder's: one at a time); each holds its manifest
 READ_BYTES = 64 * 2**20  # file bytes being read at once, whatever the readers: large images go fewer at a time
 
 
@@ -160,11 +160,11 @@ def _records(output: Storage, keys: list[str]) -> Iterator[manifest.ShardState]:
     def load(key: str) -> manifest.ShardState:
         return manifest.load_shard(output, manifest.Journal(output, key), key, set_aside=False)
 
-    with ThreadPoolExecutor(max_workers=RECORDS_AHEAD, thread_name_prefix="record") as pool:
+    with ThreadPoolExecutor(max_workers=at_once(output, RECORDS_AHEAD), thread_name_prefix="record") as pool:
         ahead: deque[Future[manifest.ShardState]] = deque()
         for key in keys:
             ahead.append(pool.submit(load, key))
-            if len(ahead) == RECORDS_AHEAD:
+            if len(ahead) == at_once(output, RECORDS_AHEAD):
                 yield ahead.popleft().result()
         while ahead:
             yield ahead.popleft().result()

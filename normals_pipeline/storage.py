@@ -567,6 +567,12 @@ def readable_location(uri: str) -> str:
     return os.fsdecode(urllib.parse.unquote_to_bytes(urllib.parse.urlsplit(uri).path))
 
 
+def at_once(storage: Storage, remote: int) -> int:
+    """How many of a stage's requests to `storage` to make at once: `remote` where each is mostly a wait (S3),
+    one where each is work for this process (a folder: more at once only contend for the CPU and hold more)."""
+    return 1 if isinstance(storage, LocalStorage) else remote
+
+
 def open_storage(uri: str, s3_client: Any = None) -> Storage:
     """Open a plain path, a file:// URI or s3://bucket/prefix."""
     if "://" not in uri:
