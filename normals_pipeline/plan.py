@@ -38,7 +38,7 @@ from .enrich import (
 from .guards import CREDITS_PER_CALL
 from .inventory import partition_key, partition_keys, take_inventory
 from .prepare import Oversize
-from .storage import LocalStorage, Storage, at_once
+from .storage import Storage, at_once
 
 # A shard's figures as a table shows them (the CLI's, the inventory's `plan_by_shard`): counts, then the time.
 TABLE_COLUMNS = ("images", "done", "to_send", "duplicates", "refused", "credits_needed", "eta_seconds")
@@ -147,7 +147,7 @@ def make_plan(
     planned = {key: Figures() for key in partition_keys(shards)}  # an empty shard says 0 images
     by_key = [(partition_key(shard, shards), rows) for shard, rows in _by_shard(table)]
     records = _records(output, [key for key, _ in by_key])
-    with ThreadPoolExecutor(max_workers=_readers(dataset), thread_name_prefix="plan") as pool:
+    with ThreadPoolExecutor(max_workers=at_once(dataset, REMOTE_READERS, READERS), thread_name_prefix="plan") as pool:
         for (key, rows), record in zip(by_key, records, strict=True):
             planned[key] = planner.shard(pool, key, rows, record)
     return Plan(planned, balance, images_per_second(rpm, INITIAL_LATENCY_S, concurrency), tuple(planner.warnings))
@@ -160,11 +160,12 @@ def _records(output: Storage, keys: list[str]) -> Iterator[manifest.ShardState]:
     def load(key: str) -> manifest.ShardState:
         return manifest.load_shard(output, manifest.Journal(output, key), key, set_aside=False)
 
-    with ThreadPoolExecutor(max_workers=at_once(output, RECORDS_AHEAD), thread_name_prefix="record") as pool:
+    readers = at_once(output, RECORDS_AHEAD)
+    with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="record") as pool:
         ahead: deque[Future[manifest.ShardState]] = deque()
         for key in keys:
             ahead.append(pool.submit(load, key))
-            if len(ahead) == at_once(output, RECORDS_AHEAD):
+            if len(ahead) == readers:
                 yield ahead.popleft().result()
         while ahead:
             yield ahead.popleft().result()
@@ -217,10 +218,6 @@ class _Planner:
         return self.claims is not None and self.claims.held(f"{self.namespace}:{name}")
 
 
-def _readers(dataset: Storage) -> int:
-    return READERS if isinstance(dataset, LocalStorage) else REMOTE_READERS
-
-
 def _looks(
     pool: ThreadPoolExecutor,
     dataset: Storage,
@@ -244,10 +241,11 @@ def _looks(
         path = normal_map_path(checked.digest)
         return checked.digest, path in maps or spool.exists(path)
 
+    readers = at_once(dataset, REMOTE_READERS, READERS)
     window: deque[tuple[Future[tuple[str, bool] | None], int]] = deque()
     held = 0  # file bytes of the reads in `window`
     for item in items:  # in order, as many at once as the pool has readers and `READ_BYTES` lets in (one at least)
-        while window and (len(window) >= _readers(dataset) or held + item.size > READ_BYTES):
+        while window and (len(window) >= readers or held + item.size > READ_BYTES):
             future, size = window.popleft()
             held -= size
             yield future.result()

@@ -472,23 +472,20 @@ class S3Storage:
 
     def write_bytes(self, path: str, data: bytes, content_type: str | None = None) -> None:
         """One PUT: S3 never exposes a partially written object."""
-        extra = {"ContentType": content_type} if content_type else {}
-        self.client.put_object(Bucket=self.bucket, Key=self._key(path), Body=data, **extra)
+        self._put(path, data, content_type)
 
     def write_stream(self, path: str, write: Callable[[BinaryIO], None], content_type: str | None = None) -> None:
         """One PUT streamed from a temp file on this host that `write` fills (a file body is read as it is sent)."""
-        extra = {"ContentType": content_type} if content_type else {}
         with tempfile.TemporaryFile() as file:
             write(file)
             file.seek(0)
-            self.client.put_object(Bucket=self.bucket, Key=self._key(path), Body=file, **extra)
+            self._put(path, file, content_type)
 
     def create_if_absent(self, path: str, data: bytes, content_type: str | None = None) -> bool:
         """One conditional PUT (`If-None-Match: *`): S3 stores it only if the key is absent, so of writers
         racing one wins. False if the key was there, or another conditional write to it was under way (409)."""
-        extra = {"ContentType": content_type} if content_type else {}
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(path), Body=data, IfNoneMatch="*", **extra)
+            self._put(path, data, content_type, IfNoneMatch="*")
         except self._client_error as err:
             if _error_code(err) in ("PreconditionFailed", "ConditionalRequestConflict"):
                 return False
@@ -513,18 +510,22 @@ class S3Storage:
     def delete(self, path: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(path))
 
+    def _put(self, path: str, body: bytes | BinaryIO, content_type: str | None, **conditions: str) -> None:
+        extra = {"ContentType": content_type} if content_type else {}
+        self.client.put_object(Bucket=self.bucket, Key=self._key(path), Body=body, **conditions, **extra)
+
     def delete_many(self, paths: list[str]) -> None:
         """One DeleteObjects request per 1 000 keys (S3's most), not a request per key; any key S3 did not
         delete is an OSError naming it (a missing key is deleted, as S3 counts it). A store that refuses
         DeleteObjects itself (some S3-compatible ones do not have it) gets a DELETE per key, as `delete`."""
-        keys = [self._key(path) for path in paths]
-        for start in range(0, len(keys), DELETE_BATCH):
-            batch = [{"Key": key} for key in keys[start : start + DELETE_BATCH]]
+        for start in range(0, len(paths), DELETE_BATCH):
+            chosen = paths[start : start + DELETE_BATCH]
+            batch = [{"Key": self._key(path)} for path in chosen]
             try:
                 answer = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
             except self._client_error:  # a refusal of each key's DELETE, if any, is what is raised then
-                for key in batch:
-                    self.client.delete_object(Bucket=self.bucket, Key=key["Key"])
+                for path in chosen:
+                    self.delete(path)
                 continue
             if errors := answer.get("Errors"):
                 first = errors[0]
@@ -567,10 +568,10 @@ def readable_location(uri: str) -> str:
     return os.fsdecode(urllib.parse.unquote_to_bytes(urllib.parse.urlsplit(uri).path))
 
 
-def at_once(storage: Storage, remote: int) -> int:
+def at_once(storage: Storage, remote: int, local: int = 1) -> int:
     """How many of a stage's requests to `storage` to make at once: `remote` where each is mostly a wait (S3),
-    one where each is work for this process (a folder: more at once only contend for the CPU and hold more)."""
-    return 1 if isinstance(storage, LocalStorage) else remote
+    `local` where each is work for this process (a folder: more at once only contend for the CPU and hold more)."""
+    return local if isinstance(storage, LocalStorage) else remote
 
 
 def open_storage(uri: str, s3_client: Any = None) -> Storage:
