@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import socket
 import sqlite3
 import threading
@@ -401,6 +402,7 @@ _CLAIMS_SCHEMA = """
 PRAGMA synchronous=NORMAL;
 CREATE TABLE IF NOT EXISTS claims (name TEXT PRIMARY KEY, owner TEXT, expires REAL);
 CREATE TABLE IF NOT EXISTS rebuilt (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS changes (namespace TEXT PRIMARY KEY, epoch TEXT, seq INTEGER, owner TEXT, streak INTEGER);
 """
 # A claims file rebuilt after it could not be read grants nothing for one claim lifetime: a claim the lost file
 # held (a request in flight in another process) lapses by then, or its map is stored and reused.
@@ -1137,11 +1139,37 @@ class StateIdentity(NamedTuple):
     where: str  # for messages: the host and folder, or the Redis server; never a credential
 
 
-class ClaimStore(Protocol):
-    """Named claims with an owner and an expiry, seen by every process that shares the store: one sender
-    per content, one writer per shard. A claim of a killed process lapses once its holder stops renewing."""
+class Claimed(NamedTuple):
+    """A claim taken: from change `streak` of its namespace on (a claim taken or given up; this one the last),
+    every change was its owner's. `epoch` names the namespace's record of changes (a new one: a new epoch)."""
 
-    def claim(self, name: str, owner: str, ttl_s: float) -> bool: ...
+    epoch: str
+    streak: int
+
+
+class Mark(NamedTuple):
+    """Where a namespace's changes stood when an owner marked it (`ClaimStore.mark`); `clean`: no other live owner
+    held a claim under it then."""
+
+    epoch: str
+    seq: int
+    clean: bool
+
+    def unchanged_at(self, taken: Claimed) -> bool:
+        """No other owner took or gave up a claim under the namespace from this mark to `taken`, and none held
+        one at the mark: nothing of the namespace's can have been stored since the mark, but by the owner itself.
+        A process stores a map only while it holds the content's claim, and an ended holder stores nothing more."""
+        return self.clean and taken.epoch == self.epoch and taken.streak <= self.seq
+
+
+class ClaimStore(Protocol):
+    """Named claims (`namespace:name`) with an owner and an expiry, seen by every process that shares the
+    store: one sender per content, one writer per shard. A claim of a killed process lapses once its holder stops
+    renewing. Each namespace counts its changes (a claim taken, a claim given up) and remembers since when they
+    have all been one owner's, so an owner can tell that nobody else claimed anything since its `mark`."""
+
+    def claim(self, name: str, owner: str, ttl_s: float) -> Claimed | None: ...
+    def mark(self, namespace: str, owner: str) -> Mark: ...
     def renew(self, names: list[str], owner: str, ttl_s: float) -> None: ...
     def release(self, name: str, owner: str) -> None: ...
     def held(self, name: str) -> bool: ...  # a live claim by anyone: a read, for the plan
@@ -1208,21 +1236,46 @@ def holder_ended(owner: str) -> bool:
     return found[0] in ("Z", "X") and len(threads) <= 1
 
 
+def _namespace(name: str) -> str:
+    return name.partition(":")[0]
+
+
+def _live_other(holder: str, owner: str) -> bool:
+    """Whether a claim held as `holder` may still lead to a stored map that `owner` has not seen."""
+    return holder != owner and not holder_ended(holder)
+
+
 class MemoryClaims:
     """Claims for one process only."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._claims: dict[str, tuple[str, float]] = {}
+        self._changes: dict[str, tuple[str, int, str, int]] = {}  # namespace: epoch, seq, owner, streak
+        self._epoch = uuid.uuid4().hex
 
-    def claim(self, name: str, owner: str, ttl_s: float) -> bool:
+    def claim(self, name: str, owner: str, ttl_s: float) -> Claimed | None:
         with self._lock:
             now = time.time()
             holder, expires = self._claims.get(name, (owner, 0.0))
             if holder != owner and expires > now:
-                return False
+                return None
             self._claims[name] = (owner, now + ttl_s)
-            return True
+            epoch, _, streak = self._change(_namespace(name), owner)
+            return Claimed(epoch, streak)
+
+    def mark(self, namespace: str, owner: str) -> Mark:
+        with self._lock:
+            epoch, seq, _ = self._change(namespace, owner)
+            now, prefix = time.time(), f"{namespace}:"
+            held = [holder for name, (holder, until) in self._claims.items() if until > now and name.startswith(prefix)]
+            return Mark(epoch, seq, not any(_live_other(holder, owner) for holder in held))
+
+    def _change(self, namespace: str, owner: str) -> tuple[str, int, int]:
+        epoch, seq, last, streak = self._changes.get(namespace, (self._epoch, 0, "", 0))
+        seq, streak = seq + 1, streak if last == owner else seq + 1
+        self._changes[namespace] = (epoch, seq, owner, streak)
+        return epoch, seq, streak
 
     def renew(self, names: list[str], owner: str, ttl_s: float) -> None:
         with self._lock:
@@ -1234,6 +1287,7 @@ class MemoryClaims:
         with self._lock:
             if self._claims.get(name, ("", 0.0))[0] == owner:
                 del self._claims[name]
+            self._change(_namespace(name), owner)  # held or not: see `SQLiteClaims.release`
 
     def held(self, name: str) -> bool:
         with self._lock:
@@ -1280,24 +1334,37 @@ class SQLiteClaims:
         self._lock = threading.Lock()
         self._commits = GroupCommit(self._db, self._lock)  # the workers' claims and releases, a batch per commit
 
-    def claim(self, name: str, owner: str, ttl_s: float) -> bool:
+    def claim(self, name: str, owner: str, ttl_s: float) -> Claimed | None:
         """Free, lapsed or ours: taken. Held by a process of this host that has ended (`holder_ended`): taken
         too, without waiting for it to lapse, so the run after a killed one starts at once."""
 
-        def work(db: sqlite3.Connection, now: float) -> bool:
+        def work(db: sqlite3.Connection, now: float) -> Claimed | None:
             cursor = db.execute(
                 "INSERT INTO claims SELECT ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM rebuilt WHERE at > ?)"
                 " ON CONFLICT(name) DO UPDATE"
                 " SET owner = excluded.owner, expires = excluded.expires WHERE owner = excluded.owner OR expires <= ?",
                 (name, owner, now + ttl_s, now - ttl_s, now),
             )
-            if cursor.rowcount == 1:
-                return True
-            holder = db.execute("SELECT owner FROM claims WHERE name = ?", (name,)).fetchone()
-            if holder is None or not holder_ended(holder[0]):  # none: a rebuilt file grants nothing yet
-                return False
-            update = "UPDATE claims SET owner = ?, expires = ? WHERE name = ? AND owner = ?"
-            return db.execute(update, (owner, now + ttl_s, name, holder[0])).rowcount == 1
+            if cursor.rowcount != 1:
+                holder = db.execute("SELECT owner FROM claims WHERE name = ?", (name,)).fetchone()
+                if holder is None or not holder_ended(holder[0]):  # none: a rebuilt file grants nothing yet
+                    return None
+                update = "UPDATE claims SET owner = ?, expires = ? WHERE name = ? AND owner = ?"
+                if db.execute(update, (owner, now + ttl_s, name, holder[0])).rowcount != 1:
+                    return None
+            epoch, _, streak = _sqlite_change(db, _namespace(name), owner)
+            return Claimed(epoch, streak)
+
+        return self._commits.run(work)
+
+    def mark(self, namespace: str, owner: str) -> Mark:
+        def work(db: sqlite3.Connection, now: float) -> Mark:
+            epoch, seq, _ = _sqlite_change(db, namespace, owner)
+            held = db.execute(  # the names under `namespace:`, by the primary key's order (';' follows ':')
+                "SELECT owner FROM claims WHERE name >= ? AND name < ? AND expires > ?",
+                (f"{namespace}:", f"{namespace};", now),
+            )
+            return Mark(epoch, seq, not any(_live_other(holder, owner) for (holder,) in held.fetchall()))
 
         return self._commits.run(work)
 
@@ -1306,7 +1373,13 @@ class SQLiteClaims:
         self._commits.run(lambda db, now: db.executemany(query, [(now + ttl_s, name, owner) for name in names]))
 
     def release(self, name: str, owner: str) -> None:
-        self._commits.run(lambda db, now: db.execute("DELETE FROM claims WHERE name = ? AND owner = ?", (name, owner)))
+        """A change even if the claim had lapsed: its holder, paused past the lapse, may have stored its map."""
+
+        def work(db: sqlite3.Connection, now: float) -> None:
+            db.execute("DELETE FROM claims WHERE name = ? AND owner = ?", (name, owner))
+            _sqlite_change(db, _namespace(name), owner)
+
+        self._commits.run(work)
 
     def held(self, name: str) -> bool:
         with self._lock:
@@ -1320,31 +1393,74 @@ class SQLiteClaims:
         return StateIdentity(_folder_id(self._folder), f"{socket.gethostname()}:{self._folder}")
 
 
-# KEYS: the claim. ARGV: owner, ttl_ms. Take it if free or ours (SET NX would refuse our own renewal).
-_REDIS_CLAIM = """
+def _sqlite_change(db: sqlite3.Connection, namespace: str, owner: str) -> tuple[str, int, int]:
+    """One change to `namespace` by `owner`: (epoch, its number, where the owner's unbroken run of changes began).
+    The SET's expressions read the row as it was."""
+    row = db.execute(
+        "INSERT INTO changes VALUES (?, ?, 1, ?, 1) ON CONFLICT(namespace) DO UPDATE SET seq = seq + 1,"
+        " streak = CASE WHEN owner = excluded.owner THEN streak ELSE seq + 1 END, owner = excluded.owner"
+        " RETURNING epoch, seq, streak",
+        (namespace, uuid.uuid4().hex, owner),
+    ).fetchall()[0]
+    return row[0], row[1], row[2]
+
+
+# A change to a namespace (KEYS[2], a hash) by ARGV[1]; ARGV[#ARGV]: the epoch of a hash made now. Returns
+# {epoch, streak, seq}, as `_sqlite_change`.
+_REDIS_CHANGE = """
+local function change(key, owner, epoch)
+  local seq = redis.call('HINCRBY', key, 'seq', 1)
+  if seq == 1 then redis.call('HSET', key, 'epoch', epoch) end
+  if redis.call('HGET', key, 'owner') ~= owner then redis.call('HSET', key, 'owner', owner, 'streak', seq) end
+  local found = redis.call('HMGET', key, 'epoch', 'streak')
+  return {found[1], tonumber(found[2]), seq}
+end
+"""
+# KEYS: the claim, its namespace's changes. ARGV: owner, ttl_ms, epoch. Take it if free or ours (SET NX would
+# refuse our own renewal).
+_REDIS_CLAIM = f"""{_REDIS_CHANGE}
 local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[1] then return 0 end
+if holder and holder ~= ARGV[1] then return false end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return change(KEYS[2], ARGV[1], ARGV[3])
+"""
+# KEYS: the claim, its namespace's changes. ARGV: owner, its ended holder, ttl_ms, epoch. Taken only if that
+# holder has it still.
+_REDIS_TAKE_OVER = f"""{_REDIS_CHANGE}
+if redis.call('GET', KEYS[1]) ~= ARGV[2] then return false end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return change(KEYS[2], ARGV[1], ARGV[4])
+"""
+# KEYS: the claim, its namespace's changes. ARGV: owner, epoch. Only the owner's claim is given up; a change
+# even if it had lapsed (see `SQLiteClaims.release`).
+_REDIS_RELEASE = f"""{_REDIS_CHANGE}
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+change(KEYS[2], ARGV[1], ARGV[2])
 return 1
 """
-# KEYS: the claim. ARGV: its ended holder, owner, ttl_ms. Taken only if that holder has it still.
-_REDIS_TAKE_OVER = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-return 1
+# KEYS: the namespace's changes. ARGV: owner, epoch.
+_REDIS_MARK = f"""{_REDIS_CHANGE}
+return change(KEYS[1], ARGV[1], ARGV[2])
 """
-# KEYS: claims. ARGV: owner, ttl_ms (0: release). Only the owner's claims are touched.
+# KEYS: claims. ARGV: owner, ttl_ms. Only the owner's claims are renewed.
 _REDIS_RENEW = """
 for _, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[1] then
-    if ARGV[2] == '0' then redis.call('DEL', key) else redis.call('PEXPIRE', key, ARGV[2]) end
-  end
+  if redis.call('GET', key) == ARGV[1] then redis.call('PEXPIRE', key, ARGV[2]) end
 end
 return 1
 """
 
 
 _STATE_ID_KEY = "normals:state-id"
+
+
+def _changes_key(namespace: str) -> str:
+    return f"normals:changes:{namespace}"
+
+
+def _claimed(reply: list[Any]) -> Claimed:
+    epoch, streak, _ = reply
+    return Claimed(epoch.decode(), int(streak))
 
 
 class RedisClaims:
@@ -1357,25 +1473,37 @@ class RedisClaims:
         self._redis: Any = redis.Redis.from_url(url)
         self._claim = self._redis.register_script(_REDIS_CLAIM)
         self._take_over = self._redis.register_script(_REDIS_TAKE_OVER)
+        self._release = self._redis.register_script(_REDIS_RELEASE)
+        self._mark = self._redis.register_script(_REDIS_MARK)
         self._renew = self._redis.register_script(_REDIS_RENEW)
 
-    def claim(self, name: str, owner: str, ttl_s: float) -> bool:
+    def claim(self, name: str, owner: str, ttl_s: float) -> Claimed | None:
         """Free, lapsed or ours: taken. Held by a process of this host that has ended (`holder_ended`, as in
         `SQLiteClaims.claim`): taken too, if it holds it still; another host's holder is never judged."""
-        key, ttl_ms = f"normals:claim:{name}", max(1, int(ttl_s * 1000))
-        if self._claim(keys=[key], args=[owner, ttl_ms]):
-            return True
-        holder = self._redis.get(key)
+        keys, ttl_ms = [f"normals:claim:{name}", _changes_key(_namespace(name))], max(1, int(ttl_s * 1000))
+        if taken := self._claim(keys=keys, args=[owner, ttl_ms, uuid.uuid4().hex]):
+            return _claimed(taken)
+        holder = self._redis.get(keys[0])
         if holder is None or not holder_ended(holder.decode(errors="replace")):  # released since: the next try
-            return False
-        return bool(self._take_over(keys=[key], args=[holder, owner, ttl_ms]))
+            return None
+        taken = self._take_over(keys=keys, args=[owner, holder, ttl_ms, uuid.uuid4().hex])
+        return _claimed(taken) if taken else None
+
+    def mark(self, namespace: str, owner: str) -> Mark:
+        """The change first, then the claims held: one taken after the change is a change of its own, and one
+        that lapsed in between was its holder's last (a holder past its lapse stores nothing a claim could stop)."""
+        epoch, _, seq = self._mark(keys=[_changes_key(namespace)], args=[owner, uuid.uuid4().hex])
+        pattern = "normals:claim:" + re.sub(r"([*?\[\]\\])", r"\\\1", namespace) + ":*"
+        held = list(self._redis.scan_iter(match=pattern, count=1000))
+        holders = [holder.decode(errors="replace") for holder in self._redis.mget(held) if holder] if held else []
+        return Mark(epoch.decode(), int(seq), not any(_live_other(holder, owner) for holder in holders))
 
     def renew(self, names: list[str], owner: str, ttl_s: float) -> None:
         if names:
             self._renew(keys=[f"normals:claim:{name}" for name in names], args=[owner, max(1, int(ttl_s * 1000))])
 
     def release(self, name: str, owner: str) -> None:
-        self._renew(keys=[f"normals:claim:{name}"], args=[owner, 0])
+        self._release(keys=[f"normals:claim:{name}", _changes_key(_namespace(name))], args=[owner, uuid.uuid4().hex])
 
     def held(self, name: str) -> bool:
         return bool(self._redis.exists(f"normals:claim:{name}"))

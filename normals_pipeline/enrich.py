@@ -24,6 +24,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Literal
 
 import pandas as pd
 import pyarrow as pa
@@ -43,7 +44,7 @@ from ._errors import (
     TransientError,
 )
 from ._memory import return_freed_buffers
-from ._state import ClaimStore
+from ._state import Claimed, ClaimStore, Mark
 from .client import ApiResult, ClipdropClient, Tally
 from .guards import ClaimGuard, slot_interval_s
 from .inventory import read_inventory, with_versions
@@ -277,8 +278,8 @@ class StoredMaps:
     """Whether a normal map is stored, as a run asks before claiming its content (and the plan before counting
     it to send): from one listing of `normals/` taken at the start, if that costs fewer requests than one look
     per image to send (`looks`; its pages are guessed from the maps the shards record, `recorded`), else a
-    look (S3: a HEAD) each. A map stored by another process since the listing is found after the claim,
-    which looks again."""
+    look (S3: a HEAD) each. A map stored by another process since the listing is found after the claim, which
+    looks again if another process can have stored one since (see `Enricher._stored_since_look`)."""
 
     def __init__(self, output: Storage, looks: int = 0, recorded: int = 0) -> None:
         self.output = output
@@ -363,6 +364,8 @@ class Enricher:
         self.spool = spool or manifest.spool_for(output)  # paid maps the output refused wait here
         self.reads = reads  # what the plan before this run read, hashed and checked already
         self._maps = StoredMaps(output)  # `run_shards` lists them when that is cheaper
+        self._mark: Mark | None = None  # the claims' mark, taken before `_maps` looked
+        self._stored: set[str] = set()  # maps this run stored
         self._stop = threading.Event()
         self._stopped: Exception | None = None
         self._hash_locks: dict[str, threading.Lock] = {}
@@ -397,6 +400,7 @@ class Enricher:
         `progress` hears where the run stands at the start and after every batch of finished images."""
         started = time.monotonic()
         todo = [(index, item) for index, work in enumerate(works) for item in pending_items(work.items, work.previous)]
+        self._mark = self._take_mark()
         self._maps = StoredMaps(self.output, len(todo), sum(len(work.previous) for work in works))
         # A redone row keeps what its earlier attempts cost, so the manifest adds up to the bill.
         for work in works:
@@ -576,12 +580,12 @@ class Enricher:
         with self._lock_for(digest):
             if digest in self._ended:
                 raise _SameOutcome(self._ended[digest])
-            if not self._claim(digest, lambda: self._stop.is_set() or self.output.exists(path)):
+            if not (taken := self._claim(digest, lambda: self._stop.is_set() or self.output.exists(path))):
                 if self._stop.is_set() and not self.output.exists(path):
                     raise _Halted
                 return uri, None
             try:
-                if self.output.exists(path):  # stored between the first look and the claim
+                if self._stored_since_look(path, taken):
                     return uri, None
                 if self.spool.exists(path):  # paid by an earlier run whose output refused it: no request
                     self._store(path, uri, self.spool.read_bytes(path))
@@ -627,8 +631,24 @@ class Enricher:
                 f"and {kept}: free space or fix permissions, then re-run",
                 credits_consumed=credits,
             ) from None
+        self._stored.add(path)
 
-    def _claim(self, digest: str, done: Callable[[], bool]) -> bool:
+    def _stored_since_look(self, path: str, taken: Claimed) -> bool:
+        """Whether the map was stored between the first look and the claim: by this run (a duplicate), or by
+        another process, which only one that took or gave up a claim of this output since this run's mark can
+        have done; only then is the output asked (S3: a HEAD per image to send)."""
+        if path in self._stored:
+            return True
+        return not (self._mark is not None and self._mark.unchanged_at(taken)) and self.output.exists(path)
+
+    def _take_mark(self) -> Mark | None:
+        """None when the claims' store fails: every claim then looks again, and the claims say what is wrong."""
+        try:
+            return self.claims.mark()
+        except Exception:  # noqa: BLE001 - the next claim raises it as the run's stop
+            return None
+
+    def _claim(self, digest: str, done: Callable[[], bool]) -> Claimed | Literal[False]:
         try:
             return self.claims.acquire(digest, done)
         except Exception as error:  # the claims' store (Redis, SQLite) failing: nothing was sent

@@ -26,9 +26,11 @@ from ._errors import ApiDown, CreditLimitReached, OutOfCredits, RunStopped
 from ._state import (
     BALANCE_TTL_S,
     BREAKER_POLL_S,
+    Claimed,
     ClaimStore,
     KeyOps,
     KeyState,
+    Mark,
     MemoryClaims,
     MemoryState,
     RedisClaims,
@@ -442,9 +444,10 @@ class ClaimGuard:
     """Claims named under one namespace (an output), held by this run and renewed while held.
 
     `acquire(name, done)` waits while another process holds `name`, returning False as soon as `done()`
-    says the holder's work is there to reuse, True once the claim is ours. Claims of a killed process
-    lapse within `CLAIM_TTL_S`, since nobody renews them; a process on the killed one's host takes them at once
-    (SQLite or Redis: the owner names its process).
+    says the holder's work is there to reuse, the claim (`Claimed`, true) once it is ours. Claims of a killed
+    process lapse within `CLAIM_TTL_S`, since nobody renews them; a process on the killed one's host takes them at
+    once (SQLite or Redis: the owner names its process). `mark()`, taken before looking at what is stored, tells
+    with `Mark.unchanged_at(claimed)` whether anyone else can have stored anything since.
     """
 
     def __init__(self, store: ClaimStore | None, namespace: str, ttl_s: float = CLAIM_TTL_S) -> None:
@@ -459,10 +462,10 @@ class ClaimGuard:
 
     def acquire(
         self, name: str, done: Callable[[], bool] = lambda: False, waiting: Callable[[], None] | None = None
-    ) -> bool:
+    ) -> Claimed | Literal[False]:
         """`waiting` is called once, if another process holds the claim, so a caller can say why it waits."""
         full = f"{self.namespace}:{name}"
-        while not self.store.claim(full, self.owner, self.ttl_s):
+        while not (taken := self.store.claim(full, self.owner, self.ttl_s)):
             if done():
                 return False
             if waiting is not None:
@@ -474,7 +477,10 @@ class ClaimGuard:
             if self._renewer is None:
                 self._renewer = threading.Thread(target=self._renew, name="claims", daemon=True)
                 self._renewer.start()
-        return True
+        return taken
+
+    def mark(self) -> Mark:
+        return self.store.mark(self.namespace, self.owner)
 
     def release(self, name: str) -> None:
         full = f"{self.namespace}:{name}"

@@ -54,6 +54,68 @@ def test_stores_that_share_claims_share_an_identity_and_no_others_do(tmp_path, r
     assert MemoryClaims().identity() == MemoryClaims().identity()  # one process: its sequential runs agree
 
 
+def _namespace() -> str:
+    return f"ns-{uuid.uuid4().hex}"
+
+
+def test_a_mark_holds_while_only_its_owner_claims_and_releases_under_it(store):
+    """What a run can trust: nothing can have been stored since its mark, so it need not look again."""
+    ns, elsewhere = _namespace(), _namespace()
+    mark = store.mark(ns, "a")
+    assert mark.clean
+    first = store.claim(f"{ns}:x", "a", 30)
+    assert mark.unchanged_at(first)
+    store.release(f"{ns}:x", "a")
+    store.claim(f"{elsewhere}:x", "b", 30)  # another namespace (another output): no matter
+    store.release(f"{elsewhere}:x", "b")
+    assert mark.unchanged_at(store.claim(f"{ns}:y", "a", 30))
+    store.release(f"{ns}:y", "a")
+
+
+@pytest.mark.parametrize("change", ["claim", "release"])
+def test_another_owners_claim_or_release_after_the_mark_breaks_it_for_good(store, change):
+    """A release counts even if the claim had lapsed: its holder, paused past the lapse, may have stored since."""
+    ns = _namespace()
+    assert store.claim(f"{ns}:before", "b", 0.2)
+    store.release(f"{ns}:before", "b")  # before the mark: its map was stored before the run looked
+    if change == "release":
+        assert store.claim(f"{ns}:x", "b", 0.2)
+        time.sleep(0.3)  # lapsed: the mark does not see it
+    mark = store.mark(ns, "a")
+    assert mark.clean
+    if change == "claim":
+        assert store.claim(f"{ns}:x", "b", 30)
+    else:
+        store.release(f"{ns}:x", "b")
+    assert not mark.unchanged_at(store.claim(f"{ns}:y", "a", 30))
+    store.release(f"{ns}:y", "a")
+    assert not mark.unchanged_at(store.claim(f"{ns}:z", "a", 30))  # a's later changes do not mend it
+
+
+def test_a_mark_taken_while_another_live_owner_holds_a_claim_is_not_clean(store):
+    """The holder may store its map after the run looked and give up its claim after: the run must look again."""
+    from normals_pipeline._state import _boot_and_namespace
+
+    ns = _namespace()
+    assert store.claim(f"{ns}:x", "b", 30)
+    mark = store.mark(ns, "a")
+    assert not mark.clean and not mark.unchanged_at(store.claim(f"{ns}:y", "a", 30))
+    if os.path.exists("/proc/self/ns/pid"):  # a holder that has ended stores nothing more: no matter
+        gone = f"x@{_boot_and_namespace()}/{os.getuid()}/{2**22 + 1}/1"
+        other = _namespace()
+        assert store.claim(f"{other}:x", gone, 30)
+        assert store.mark(other, "a").clean
+
+
+def test_a_flushed_redis_is_a_new_epoch_that_no_earlier_mark_holds_for(redis_url):
+    import redis
+
+    store, ns = RedisClaims(redis_url), _namespace()
+    mark = store.mark(ns, "a")
+    redis.Redis.from_url(redis_url).delete(f"normals:changes:{ns}")  # as FLUSHALL does, with the claims
+    assert not mark.unchanged_at(store.claim(f"{ns}:x", "a", 30))
+
+
 def test_a_waiter_returns_as_soon_as_the_holders_work_is_there():
     store = MemoryClaims()
     holder, waiter = ClaimGuard(store, "out"), ClaimGuard(store, "out")

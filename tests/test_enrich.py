@@ -251,3 +251,69 @@ def test_shards_are_written_at_once_and_reported_one_at_a_time(tmp_path, emulato
     assert [result.stopped for result in results.values()] == [None] * shards  # every manifest was written
     assert sum(result.enriched for result in results.values()) == 12
     assert len(most) == shards and max(most) == 1
+
+
+def test_a_run_nobody_claims_beside_asks_s3_nothing_after_its_claims(
+    tmp_path, s3_client, s3_bucket, s3_requests, emulator
+):
+    """No HEAD of a map after each claim: nobody else took or gave up a claim of the output since the run's mark,
+    so nothing can have been stored since it listed the maps. A duplicate still finds its twin's map."""
+    from normals_pipeline.enrich import current_items, enrich_shard
+    from normals_pipeline.inventory import take_inventory
+
+    portraits = _portraits(tmp_path, 4)
+    dataset, output = _on_s3(s3_client, s3_bucket, portraits | {"copy.png": next(iter(portraits.values()))})
+    s3_requests.clear()
+    with ClipdropClient("test-key", base_url=emulator.url, rate_guard=RateGuard(100_000)) as api:
+        result = enrich_shard(dataset, output, api, "0", current_items(dataset, take_inventory(dataset, 1)))
+
+    assert result.enriched == 5
+    assert [path for method, path in s3_requests if method == "HEAD" and "/normals/" in path] == []
+    assert set(emulator.stats()["charged_by_content"].values()) == {1}
+
+
+class _StoredByAnotherRun(LocalStorage):
+    """An output where another run, with claims in the same store, stores one content's map just after this run
+    lists the maps (having claimed the content before this run's mark, or after)."""
+
+    def __init__(self, root, claims, digest: str, claimed_before: bool) -> None:
+        from normals_pipeline.enrich import claim_namespace
+        from normals_pipeline.guards import ClaimGuard
+
+        super().__init__(root)
+        self.other, self.digest = ClaimGuard(claims, claim_namespace(self)), digest
+        if claimed_before:
+            assert self.other.acquire(digest)
+
+    def list_prefix(self, prefix):
+        listed = super().list_prefix(prefix)
+        if prefix.startswith("normals"):
+            self.other.acquire(self.digest)  # ours already, or taken now
+            self.write_bytes(normal_map_path(self.digest), _MAP)
+            self.other.release(self.digest)
+        return listed
+
+
+_MAP = b"\xff\xd8 another run's map"
+
+
+@pytest.mark.parametrize("claimed_before", [False, True])
+def test_a_map_another_run_stores_after_the_listing_is_found_after_the_claim(tmp_path, emulator, claimed_before):
+    from normals_pipeline._state import MemoryClaims
+    from normals_pipeline.enrich import current_items, enrich_shard
+    from normals_pipeline.inventory import take_inventory
+
+    portraits = _portraits(tmp_path, 3)
+    dataset = LocalStorage(tmp_path / "portraits")
+    theirs = hashlib.sha256(next(iter(portraits.values()))).hexdigest()
+    claims = MemoryClaims()
+    output = _StoredByAnotherRun(tmp_path / "out", claims, theirs, claimed_before)
+    with ClipdropClient("test-key", base_url=emulator.url, rate_guard=RateGuard(100_000)) as api:
+        result = enrich_shard(
+            dataset, output, api, "0", current_items(dataset, take_inventory(dataset, 1)), claims=claims
+        )
+
+    assert result.enriched == 3
+    charged = emulator.stats()["charged_by_content"]
+    assert theirs not in charged and len(charged) == 2  # theirs was reused, not bought again
+    assert output.read_bytes(normal_map_path(theirs)) == _MAP

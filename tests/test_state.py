@@ -487,7 +487,7 @@ def test_a_state_file_sqlite_cannot_read_is_set_aside_with_one_warning_and_rebui
     else:
         assert state.known_balance()[0] == 42
     assert state.reserve("next", Decimal(0), Decimal(1), 60).decision == "grant"
-    assert claims.claim("out:other", "me", 60) == (name != "claims.sqlite")  # a rebuilt claims file waits
+    assert bool(claims.claim("out:other", "me", 60)) == (name != "claims.sqlite")  # a rebuilt claims file waits
     assert _state.take_set_aside_warnings() == []  # said once
     assert SQLiteState(tmp_path, "key") and SQLiteClaims(tmp_path) and _state.take_set_aside_warnings() == []
 
