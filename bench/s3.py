@@ -67,6 +67,14 @@ class S3Process:
             "AWS_EC2_METADATA_DISABLED": "true",
         }
 
+    def cpu_s(self) -> float | None:
+        """The server's CPU time so far (Linux: /proc), to show how much of the machine the stand-in took."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
     def client(self) -> Any:
         import boto3
 
@@ -118,14 +126,17 @@ def _s3_versus_local(cfg: Any, workdir: Path, latency: float) -> dict[str, Any]:
         client.create_bucket(Bucket=BUCKET)
         for path in paths:
             client.put_object(Bucket=BUCKET, Key=f"dataset/{path.name}", Body=path.read_bytes())
-        local_runs, s3_runs, requests = [], [], []
+        local_runs, s3_runs, requests, server_cpu = [], [], [], []
         for i in range(cfg.s3_repeats):
             local_runs.append(
                 _run(workdir / "dataset", workdir / f"local-{i}", emulator.url, key, workdir).start().wait()
             )
             s3.counts(reset=True)
+            before = s3.cpu_s()
             run = _run(f"s3://{BUCKET}/dataset", f"s3://{BUCKET}/output-{i}", emulator.url, key, workdir, s3.env())
             s3_runs.append(run.start().wait())
+            after = s3.cpu_s()
+            server_cpu.append(after - before if before is not None and after is not None else None)
             requests.append(s3.counts())
     local = min(local_runs, key=lambda run: run.wall_s)
     remote = min(s3_runs, key=lambda run: run.wall_s)
@@ -148,6 +159,8 @@ def _s3_versus_local(cfg: Any, workdir: Path, latency: float) -> dict[str, Any]:
             "local_images_per_s": [count / run.wall_s for run in local_runs],
             "s3_requests_per_image": [sum(r.values()) / count for r in requests],
             "s3_requests": requests,
+            # moto's CPU during each S3 run: on this machine's cores, beside the run's own (real S3's is not)
+            "s3_server_cpu_s": server_cpu,
             "s3_runs": [run.raw() for run in s3_runs],
             "local_runs": [run.raw() for run in local_runs],
         },
