@@ -1,8 +1,8 @@
-"""Figure 9: the unthrottled run of figure 6 with dataset and output on S3 (moto's server on loopback) ÷ the
-same run on local disk, with the S3 requests it made per image.
+"""Figure 9: the unthrottled run of figure 6 with dataset and output on S3 (a stand-in on loopback, `bench._s3`)
+÷ the same run on local disk, with the S3 requests it made per image.
 
-moto answers from memory on this machine, so the figure measures what the pipeline asks of S3 (requests,
-their client-side cost, connections), not S3's latency: on real S3 each request costs 10–50 ms more.
+The stand-in answers from memory at once, so the figure measures what the pipeline asks of S3 (requests, their
+client-side cost, connections), not S3's latency (figure 9b adds some): on real S3 each request costs 10–50 ms more.
 """
 
 from __future__ import annotations
@@ -22,18 +22,19 @@ OPTIONS = ("--no-training-pairs",)  # the run the issue measured: maps and manif
 
 
 class S3Process:
-    """`python -m bench._s3` (moto's server counting requests) in its own process."""
+    """`python -m bench._s3` (an S3 stand-in counting requests: `MemoryS3`, or moto) in its own process."""
 
-    def __init__(self, log: Path, latency: float = 0.0) -> None:
+    def __init__(self, log: Path, latency: float = 0.0, moto: bool = False) -> None:
         self.log = log
         self.latency = latency
+        self.options = ["--moto"] if moto else []
         self.url = ""
 
     def __enter__(self) -> S3Process:
         self._stderr = open(self.log, "w")  # noqa: SIM115 - closed in __exit__
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench._s3", "--latency", str(self.latency)],
+            [sys.executable, "-m", "bench._s3", "--latency", str(self.latency), *self.options],
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             text=True,
@@ -43,7 +44,7 @@ class S3Process:
         line = self.proc.stdout.readline()  # type: ignore[union-attr]  # the URL comes first
         if not line.startswith("http"):
             self.__exit__()
-            raise RuntimeError(f"moto did not start: {line!r}; see {self.log}")
+            raise RuntimeError(f"the S3 stand-in did not start: {line!r}; see {self.log}")
         self.url = line.split()[0]
         return self
 
@@ -101,7 +102,7 @@ class S3Process:
 
 def s3_speed(cfg: Any, workdir: Path) -> dict[str, Any]:
     """Figure 9: images/s of `normals-pipeline run --no-training-pairs` (default shape, no rate limit, the
-    cached-answer emulator of figure 6) with dataset and output on moto S3 ÷ the same on local disk. Local and
+    cached-answer emulator of figure 6) with dataset and output on the S3 stand-in ÷ the same on local disk. Local and
     S3 runs alternate, `cfg.s3_repeats` of each, and the faster of each counts (the machine is shared)."""
     return _s3_versus_local(cfg, workdir, 0.0)
 
@@ -117,7 +118,7 @@ def _s3_versus_local(cfg: Any, workdir: Path, latency: float) -> dict[str, Any]:
     paths = make_small_jpegs(workdir / "dataset", count, seed=90, size=cfg.rate_image_size)
     key = fresh_key("s3")
     with (
-        S3Process(workdir / "moto.log", latency) as s3,
+        S3Process(workdir / "s3.log", latency, cfg.s3_moto) as s3,
         EmulatorProcess(
             keys={key: None}, rpm=1_000_000, latency=0.0, log=workdir / "emulator.log", cached_answer=True
         ) as emulator,
@@ -154,12 +155,13 @@ def _s3_versus_local(cfg: Any, workdir: Path, latency: float) -> dict[str, Any]:
             "images": count,
             "image_size": list(cfg.rate_image_size),
             "s3_latency_s": latency,
+            "s3_stand_in": "moto" if cfg.s3_moto else "memory",
             "options": list(OPTIONS),
             "s3_images_per_s": [count / run.wall_s for run in s3_runs],
             "local_images_per_s": [count / run.wall_s for run in local_runs],
             "s3_requests_per_image": [sum(r.values()) / count for r in requests],
             "s3_requests": requests,
-            # moto's CPU during each S3 run: on this machine's cores, beside the run's own (real S3's is not)
+            # the stand-in's CPU during each S3 run: on this machine's cores, beside the run's own (real S3's is not)
             "s3_server_cpu_s": server_cpu,
             "s3_runs": [run.raw() for run in s3_runs],
             "local_runs": [run.raw() for run in local_runs],

@@ -362,4 +362,6 @@ def _default_s3_client(pid: int) -> Any:
     """One client per process: creating one costs tens of ms, and a client must not cross a fork."""
     import boto3
 
-    return boto3.client("s3")
+    from .storage import s3_config
+
+    return boto3.client("s3", config=s3_config())

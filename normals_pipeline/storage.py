@@ -394,6 +394,17 @@ _DOTS = (".", "..")
 DELETE_BATCH = 1000  # keys one DeleteObjects request may name
 _EXPECT_HANDLER = "normals-pipeline-expect-only-large"
 EXPECT_FROM_BYTES = 2 * 2**20  # smaller bodies go without `Expect: 100-continue` (the AWS SDK for Go's default)
+# Connections an S3 client keeps: a run has up to 64 images in flight (each a map's and a journal's PUT), the plan
+# 32 reads, and shards' records, manifests and previews beside them. botocore keeps 10; every request past them
+# opens a connection of its own and closes it after (a TCP handshake, and a thread of moto's, each time).
+S3_CONNECTIONS = 100
+
+
+def s3_config(**options: Any) -> Any:
+    """botocore's `Config` for the pipeline's S3 clients, with `options` (retries, signing) added."""
+    from botocore.config import Config
+
+    return Config(max_pool_connections=S3_CONNECTIONS, **options)
 
 
 def _expect_only_large(params: dict[str, Any], **kwargs: Any) -> None:
@@ -590,6 +601,6 @@ def open_storage(uri: str, s3_client: Any = None) -> Storage:
         if s3_client is None:
             import boto3
 
-            s3_client = boto3.client("s3")
+            s3_client = boto3.client("s3", config=s3_config())
         return S3Storage(parsed.netloc, parsed.path.lstrip("/"), s3_client)
     raise ValueError(f"unsupported storage URI scheme {parsed.scheme!r} in {uri!r}: use a local path, file:// or s3://")

@@ -14,8 +14,11 @@ from typing import Any
 
 import pytest
 
+from normals_pipeline.enrich import MAX_IN_FLIGHT
+from normals_pipeline.plan import REMOTE_READERS
 from normals_pipeline.storage import (
     EXPECT_FROM_BYTES,
+    S3_CONNECTIONS,
     SKIP_REASONS,
     DatasetNotFound,
     FileEntry,
@@ -585,6 +588,25 @@ def test_s3_small_writes_go_without_waiting_for_100_continue(
         (f"/{s3_bucket}/out/big.bin", "100-continue"),
     ]
     assert storage.read_bytes("big.bin") == b"x" * EXPECT_FROM_BYTES
+
+
+@pytest.mark.parametrize("made_by", ["open_storage", "S3Settings"])
+def test_an_s3_client_of_the_pipeline_keeps_a_connection_for_each_request_a_run_makes_at_once(
+    s3_endpoint: str, s3_bucket: str, made_by: str
+) -> None:
+    """botocore keeps 10 connections; a run makes up to 64 requests at once (images in flight), and each past the
+    10 would open a connection (on S3 a TLS handshake) and close it after. (moto's test server closes every
+    connection, so the pool's reuse is seen in the bench's S3 stand-in, not here.)"""
+    uri = f"s3://{s3_bucket}/out"
+    if made_by == "open_storage":
+        storage = open_storage(uri)
+    else:
+        from normals_pipeline.orchestration.resources import DatasetResource, S3Settings
+
+        storage = DatasetResource(dataset_uri=uri, output_uri=uri, s3=S3Settings(endpoint_url=s3_endpoint)).output()
+    assert storage.client.meta.config.max_pool_connections == S3_CONNECTIONS >= MAX_IN_FLIGHT + REMOTE_READERS
+    storage.write_bytes("normals/a.jpg", b"map")
+    assert storage.read_bytes("normals/a.jpg") == b"map"
 
 
 @pytest.fixture(params=["local", "s3"])

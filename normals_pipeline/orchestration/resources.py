@@ -17,7 +17,7 @@ from ..enrich import PlanReads
 from ..guards import MAX_TIMEOUT_S
 from ..plan import Plan
 from ..settings import ClipdropSettings
-from ..storage import Storage, open_storage
+from ..storage import Storage, open_storage, s3_config
 
 
 def _resolved(value: str | None) -> str | None:
@@ -123,9 +123,8 @@ class S3Settings(ConfigurableResource):
     def get_client(self) -> Any:
         import boto3
         from botocore import UNSIGNED
-        from botocore.config import Config
 
-        config = Config(
+        config = s3_config(
             retries={"total_max_attempts": self.max_attempts, "mode": "standard"},
             signature_version=UNSIGNED if self.use_unsigned_session else None,
         )
