@@ -1405,8 +1405,8 @@ def _sqlite_change(db: sqlite3.Connection, namespace: str, owner: str) -> tuple[
     return row[0], row[1], row[2]
 
 
-# A change to a namespace (KEYS[2], a hash) by ARGV[1]; ARGV[#ARGV]: the epoch of a hash made now. Returns
-# {epoch, streak, seq}, as `_sqlite_change`.
+# change(key, owner, epoch): one change by `owner` to the namespace whose changes are the hash `key`; `epoch` names
+# the hash if this change makes it. Returns {epoch, streak, seq}, as `_sqlite_change`.
 _REDIS_CHANGE = """
 local function change(key, owner, epoch)
   local seq = redis.call('HINCRBY', key, 'seq', 1)
@@ -1490,8 +1490,9 @@ class RedisClaims:
         return _claimed(taken) if taken else None
 
     def mark(self, namespace: str, owner: str) -> Mark:
-        """The change first, then the claims held: one taken after the change is a change of its own, and one
-        that lapsed in between was its holder's last (a holder past its lapse stores nothing a claim could stop)."""
+        """The change first, then the claims held (a scan of the database's keys, once a run): one taken after the
+        change is a change of its own; one that lapsed in between was held by a process that has ended (what it
+        stored is there before the run lists) or that was paused past the lapse (its release is a change)."""
         epoch, _, seq = self._mark(keys=[_changes_key(namespace)], args=[owner, uuid.uuid4().hex])
         pattern = "normals:claim:" + re.sub(r"([*?\[\]\\])", r"\\\1", namespace) + ":*"
         held = list(self._redis.scan_iter(match=pattern, count=1000))
