@@ -396,7 +396,7 @@ _EXPECT_HANDLER = "normals-pipeline-expect-only-large"
 EXPECT_FROM_BYTES = 2 * 2**20  # smaller bodies go without `Expect: 100-continue` (the AWS SDK for Go's default)
 # Connections an S3 client keeps: a run has up to 64 images in flight (each a map's and a journal's PUT), the plan
 # 32 reads, and shards' records, manifests and previews beside them. botocore keeps 10; every request past them
-# opens a connection of its own and closes it after (a TCP handshake, and a thread of moto's, each time).
+# opens a connection of its own and closes it after (on S3 a TLS handshake each time).
 S3_CONNECTIONS = 100
 
 
