@@ -242,3 +242,47 @@ def test_the_documented_reads_give_the_partition_as_the_key_the_ui_shows(enriche
     assert {row[0] for row in found} == keys
     frame = pl.scan_parquet(files, hive_partitioning=True, hive_schema={"partition": pl.String})
     assert frame.filter(pl.col("partition") == key).collect().height
+
+
+def _shard(rows: list[tuple[str, str | None]], dtypes: dict[str, str] | None = None) -> pd.DataFrame:
+    """A shard's frame: (path, error code) per row, with `dtypes` changed (ones the schema refuses)."""
+    frame = manifest.to_frame(
+        [
+            _row(Item(path, 3, "v"), hashlib.sha256(path.encode()).hexdigest(), uri=None if code else "file:///m.jpg")
+            | {"error_code": code}
+            for path, code in rows
+        ]
+    )
+    return frame.astype(dtypes or {})
+
+
+_shard_rows = st.lists(
+    st.tuples(
+        st.sampled_from(["a.jpg", "b.jpg", "c/d.png", "../up.jpg"]), st.sampled_from([None, "bad", "Not A Code"])
+    ),
+    max_size=4,
+)
+# A float width fails together too; an int32 size does not: concatenated with int64 sizes it becomes int64.
+_wrong_dtypes = st.sampled_from([{}, {"width": "float64"}, {"size": "int32"}])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(_shard_rows, _wrong_dtypes), min_size=1, max_size=4))
+def test_shards_validated_together_fail_exactly_as_each_alone(shards):
+    """One validation for shards that pass together never hides a shard's failure: a bad path, code or dtype,
+    a path twice in one shard, and the same path in two shards (each fine alone)."""
+    frames = {f"{index:02d}": _shard(rows, dtypes) for index, (rows, dtypes) in enumerate(shards)}
+    together = manifest.failure_cases_by(frames)
+    assert together.keys() == frames.keys()
+    for key, frame in frames.items():
+        alone = manifest.failure_cases(frame)
+        assert together[key].reset_index(drop=True).astype(str).equals(alone.reset_index(drop=True).astype(str))
+
+
+def test_shards_that_pass_are_validated_once(monkeypatch):
+    calls = []
+    validate = manifest.validate
+    monkeypatch.setattr(manifest, "validate", lambda df: calls.append(len(df)) or validate(df))
+    frames = {f"{index:02d}": _shard([(f"{index}/{n}.jpg", None) for n in range(3)]) for index in range(16)}
+    assert all(not len(cases) for cases in manifest.failure_cases_by(frames).values())
+    assert calls == [48]

@@ -3,7 +3,6 @@
 from collections.abc import Callable, Iterator
 from typing import NoReturn
 
-import pandas as pd
 from dagster import (
     AssetCheckEvaluation,
     AssetExecutionContext,
@@ -112,13 +111,11 @@ def build_assets(
         dataset, output = storage.dataset(), storage.output()
         items = items_by_shard(dataset, output, keys, shards)
         previews: dict[str, MetadataValue] = {}
-        failures: dict[str, pd.DataFrame] = {}
 
         def shard_done(key: str, result: ShardResult) -> None:
-            """On the thread that writes each finished shard, while the others are still being sent: its log line,
-            its schema check and its preview (not made for a stopped shard)."""
+            """On the thread that writes each finished shard, while the others are still being sent: its log line
+            and its preview (not made for a stopped shard). The schema check waits for all: one validation."""
             _log_shard(context, key, result, len(items[key]))
-            failures.update(schema_failures({key: result.manifest}))
             if result.stopped is None:
                 previews[key] = preview_metadata(result.manifest, output, dataset)
 
@@ -144,7 +141,7 @@ def build_assets(
         for key in keys:
             context.add_asset_metadata(finished[key], partition_key=key)
         manifests = {key: result.manifest for key, result in results.items()}
-        failures.update(schema_failures({key: df for key, df in manifests.items() if key not in failures}))
+        failures = schema_failures(manifests)
         yield MaterializeResult(check_results=[range_result(manifests, failures)])
         yield from per_shard_evaluations(context.instance, names.asset(SURFACE_NORMALS), manifests, failures)
 

@@ -57,9 +57,10 @@ def _target(instance: DagsterInstance, asset_key: AssetKey, key: str) -> AssetCh
 
 
 def schema_failures(manifests: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
-    """Each shard's failure cases (`shard, column, check, failure_case`; empty when it passes), validating
-    each manifest once and lazily, so every failing column and check is listed, not just the first."""
-    return {key: manifest.failure_cases(df).assign(shard=key) for key, df in manifests.items()}
+    """Each shard's failure cases (`shard, column, check, failure_case`; empty when it passes), validated
+    lazily, so every failing column and check is listed, not just the first; shards that pass in one
+    validation (`manifest.failure_cases_by`)."""
+    return {key: cases.assign(shard=key) for key, cases in manifest.failure_cases_by(manifests).items()}
 
 
 def per_shard_evaluations(
