@@ -267,22 +267,25 @@ _wrong_dtypes = st.sampled_from([{}, {"width": "float64"}, {"size": "int32"}])
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(_shard_rows, _wrong_dtypes), min_size=1, max_size=4))
-def test_shards_validated_together_fail_exactly_as_each_alone(shards):
+@given(st.lists(st.tuples(_shard_rows, _wrong_dtypes), min_size=1, max_size=4), st.integers(1, 12))
+def test_shards_validated_together_fail_exactly_as_each_alone(shards, rows):
     """One validation for shards that pass together never hides a shard's failure: a bad path, code or dtype,
     a path twice in one shard, and the same path in two shards (each fine alone)."""
     frames = {f"{index:02d}": _shard(rows, dtypes) for index, (rows, dtypes) in enumerate(shards)}
-    together = manifest.failure_cases_by(frames)
-    assert together.keys() == frames.keys()
+    together = manifest.failure_cases_by(frames, rows)
+    assert list(together) == list(frames)
     for key, frame in frames.items():
         alone = manifest.failure_cases(frame)
         assert together[key].reset_index(drop=True).astype(str).equals(alone.reset_index(drop=True).astype(str))
 
 
-def test_shards_that_pass_are_validated_once(monkeypatch):
+def test_shards_that_pass_are_validated_once_up_to_a_bound_of_rows(monkeypatch):
     calls = []
     validate = manifest.validate
     monkeypatch.setattr(manifest, "validate", lambda df: calls.append(len(df)) or validate(df))
     frames = {f"{index:02d}": _shard([(f"{index}/{n}.jpg", None) for n in range(3)]) for index in range(16)}
     assert all(not len(cases) for cases in manifest.failure_cases_by(frames).values())
     assert calls == [48]
+    calls.clear()
+    assert all(not len(cases) for cases in manifest.failure_cases_by(frames, rows=10).values())
+    assert calls == [9, 9, 9, 9, 9, 3]
