@@ -543,6 +543,20 @@ class _Job:
         return self.value
 
 
+class StateFileReplaced(Exception):
+    """The state file this process writes is no longer the one at its path: another process found it damaged,
+    set it aside and made a new one (`open_sqlite`). What this process writes would reach no one else (two
+    runs claiming one content in two files), so its transactions stop; the next run opens the new file."""
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class GroupCommit:
     """Write transactions of many threads on one connection, committed together: a caller that finds no commit
     under way runs every transaction waiting (its own included) in one SQLite transaction, then hands each its
@@ -550,11 +564,14 @@ class GroupCommit:
     holding it across every switch of the interpreter's lock; now one commit and one turn at the file serve a
     batch. Each caller's work still runs whole and alone (serialised, as separate transactions would be), and
     no caller hears its result before the commit that makes it durable. Only the callers of a batch are woken,
-    and the first one waiting after it commits next. `lock` guards the connection for reads."""
+    and the first one waiting after it commits next. `lock` guards the connection for reads. `path`: the file
+    `db` opened; every transaction first checks it is still the one there (`StateFileReplaced`)."""
 
-    def __init__(self, db: sqlite3.Connection, lock: threading.Lock) -> None:
+    def __init__(self, db: sqlite3.Connection, lock: threading.Lock, path: Path) -> None:
         self._db = db
         self.lock = lock
+        self._path = path
+        self._identity = _identity(path)
         self._guard = threading.Lock()
         self._pending: list[_Job] = []
         self._committing = False
@@ -600,6 +617,11 @@ class GroupCommit:
     def _in_transaction(self, batch: list[_Job]) -> None:
         self._db.execute("BEGIN IMMEDIATE")
         try:
+            if _identity(self._path) != self._identity:
+                raise StateFileReplaced(
+                    f"{self._path} was set aside and made anew by another process since this one opened it: "
+                    "this run's claims and turns would reach no other run"
+                )
             values = [job.work(self._db, time.time()) for job in batch]
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -707,7 +729,7 @@ class SQLiteState:
         path = folder / f"{fingerprint}.state.sqlite"
         self._db = open_sqlite(path, _SQLITE_SCHEMA, lost=lost)
         self._lock = threading.Lock()
-        self._commits = GroupCommit(self._db, self._lock)
+        self._commits = GroupCommit(self._db, self._lock, path)
         # Reads (the balance a live view shows, the breaker's and the pause's look) on a connection of their own:
         # WAL readers never wait for a writer, so they do not queue behind a batch being committed.
         self._reader = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
@@ -1332,7 +1354,8 @@ class SQLiteClaims:
         lost = "claims wait one claim lifetime, until any the old file held have lapsed"
         self._db = open_sqlite(folder / "claims.sqlite", _CLAIMS_SCHEMA, lost=lost, rebuild=_CLAIMS_REBUILT)
         self._lock = threading.Lock()
-        self._commits = GroupCommit(self._db, self._lock)  # the workers' claims and releases, a batch per commit
+        # the workers' claims and releases, a batch per commit
+        self._commits = GroupCommit(self._db, self._lock, folder / "claims.sqlite")
 
     def claim(self, name: str, owner: str, ttl_s: float) -> Claimed | None:
         """Free, lapsed or ours: taken. Held by a process of this host that has ended (`holder_ended`): taken

@@ -503,6 +503,28 @@ def test_a_rebuilt_claims_file_grants_nothing_for_one_claim_lifetime(tmp_path):
     assert not claims.claim("out:content", "other", ttl_s=1.0)  # an ordinary claim from here on
 
 
+@pytest.mark.parametrize("name", ["key.state.sqlite", "claims.sqlite"])
+def test_a_run_whose_state_file_another_process_set_aside_stops_at_its_next_transaction(tmp_path, name):
+    """Another process found the file damaged, moved it to quarantine and made a new one while this one kept
+    the old file open: a claim or turn written there would reach no other run (one content claimed in two
+    files), so the next transaction refuses, and what the new file holds is untouched."""
+    state, claims = SQLiteState(tmp_path, "key"), SQLiteClaims(tmp_path)
+    assert claims.claim("out:before", "me", 60) and state.reserve("l1", Decimal(0), Decimal(1), 60).decision == "grant"
+    _state._set_aside_file(tmp_path / name, sqlite3.DatabaseError("file is not a database"), "")
+    other_state, other_claims = SQLiteState(tmp_path, "key"), SQLiteClaims(tmp_path)  # the other process's new file
+    with pytest.raises(_state.StateFileReplaced, match="set aside and made anew"):
+        if name == "claims.sqlite":
+            claims.claim("out:after", "me", 60)
+        else:
+            state.reserve("l2", Decimal(0), Decimal(1), 60)
+    assert other_claims.claim("out:after", "other", 60)
+    assert other_state.reserve("l3", Decimal(0), Decimal(1), 60).decision == "grant"
+    if name == "claims.sqlite":  # the store this process did not lose goes on
+        assert state.reserve("l4", Decimal(0), Decimal(1), 60).decision == "grant"
+    else:
+        assert claims.claim("out:x", "me", 60)
+
+
 def test_a_zero_length_state_file_is_an_empty_one(tmp_path):
     """What SQLite makes of a new file: nothing is lost that a warning could save; the balance is unknown."""
     _filled_state(tmp_path)
@@ -718,7 +740,7 @@ def test_threads_transactions_are_committed_in_batches_each_whole_and_durable_wh
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("CREATE TABLE counter (n INTEGER)")
     db.execute("INSERT INTO counter VALUES (0)")
-    commits = _state.GroupCommit(db, threading.Lock())
+    commits = _state.GroupCommit(db, threading.Lock(), path)
     committed = []
     db.set_trace_callback(lambda sql: committed.append(sql) if sql == "COMMIT" else None)
     seen, failures, errors = [], [], []
