@@ -1,5 +1,6 @@
 """The `normals-pipeline` command: exit codes, one-line errors, and the demo."""
 
+import gc
 import os
 import subprocess
 import sys
@@ -397,3 +398,33 @@ def test_portraits_seed_makes_other_bytes_and_the_same_seed_the_same(tmp_path, c
         assert main(["portraits", str(tmp_path / name), "--count", "2", "--seed", seed]) == 0
     content = {name: sorted(p.read_bytes() for p in (tmp_path / name).rglob("*.*")) for name in "abc"}
     assert content["a"] == content["b"] != content["c"]
+
+
+def test_the_command_collects_nothing_while_it_loads_then_leaves_what_it_loaded_out(
+    dataset, tmp_path, emulator, monkeypatch
+):
+    """`console` turns the collector off for the start-up; the run turns it back on before any work, with what
+    start-up made frozen out of its passes. `main` alone (these tests) leaves the collector as it is."""
+    from normals_pipeline import cli
+    from normals_pipeline.orchestration import runner
+
+    monkeypatch.setenv("CLIPDROP_API_KEY", "test-key")
+    seen = []
+    run_pipeline = runner.run_pipeline
+    monkeypatch.setattr(
+        runner,
+        "run_pipeline",
+        lambda *a, **k: seen.append((gc.isenabled(), gc.get_freeze_count())) or run_pipeline(*a, **k),
+    )
+    try:
+        cli._starting.set()
+        gc.disable()
+        assert run(dataset, tmp_path / "out", emulator.url) == 0
+        assert gc.isenabled() and seen[0][0] and seen[0][1] > 0
+        gc.unfreeze()
+        assert run(dataset, tmp_path / "again", emulator.url) == 0
+        assert seen[1] == (True, 0)  # nothing frozen without `console`
+    finally:
+        cli._starting.clear()
+        gc.unfreeze()
+        gc.enable()
