@@ -1352,10 +1352,10 @@ class SQLiteClaims:
         self._folder = folder.absolute()
         # synchronous=NORMAL: a claim outlives a crashed process, not a power cut
         lost = "claims wait one claim lifetime, until any the old file held have lapsed"
-        self._db = open_sqlite(folder / "claims.sqlite", _CLAIMS_SCHEMA, lost=lost, rebuild=_CLAIMS_REBUILT)
+        path = folder / "claims.sqlite"
+        self._db = open_sqlite(path, _CLAIMS_SCHEMA, lost=lost, rebuild=_CLAIMS_REBUILT)
         self._lock = threading.Lock()
-        # the workers' claims and releases, a batch per commit
-        self._commits = GroupCommit(self._db, self._lock, folder / "claims.sqlite")
+        self._commits = GroupCommit(self._db, self._lock, path)  # the workers' claims and releases, a batch per commit
 
     def claim(self, name: str, owner: str, ttl_s: float) -> Claimed | None:
         """Free, lapsed or ours: taken. Held by a process of this host that has ended (`holder_ended`): taken
