@@ -210,7 +210,10 @@ def overhead(cfg: Any, workdir: Path) -> dict[str, Any]:
     emulator and writing the answers to disk. Each is a command timed from its start to its exit. The emulator
     answers from a cache (one rendered map), so neither is held back by the server: the bare loop's own images/s
     is recorded to show it was not the bound. The training pairs (decoding every map, another stage the loop has
-    no part of) are left out, as issue 16 measured; every other setting and the shape are the defaults."""
+    no part of) are left out, as issue 16 measured; every other setting and the shape are the defaults. The loop
+    runs three times and the run twice (each into an output of its own), alternating, and each side's faster
+    pass counts: on a machine whose speed drifts within a minute, one pass of either says more of the drift
+    than of the client."""
     count = cfg.overhead_images
     make_small_jpegs(workdir / "dataset", count, seed=60, size=cfg.rate_image_size)
     key = fresh_key("overhead")
@@ -219,29 +222,28 @@ def overhead(cfg: Any, workdir: Path) -> dict[str, Any]:
     stand_in = EmulatorProcess(
         keys={key: None}, rpm=UNLIMITED_RPM, latency=0.0, log=log, record=record, cached_answer=True
     )
+    runs: list[CliRun] = []
     with stand_in as emulator:
         bare_runs = [bare_httpx_loop(emulator.url, key, workdir / "dataset", workdir / "bare-0")]
-        run = (
-            CliRun(
-                workdir / "dataset", workdir / "output", emulator.url, key, 10_000_000, options=("--no-training-pairs",)
-            )
-            .start()
-            .wait()
-        )
-        bare_runs.append(bare_httpx_loop(emulator.url, key, workdir / "dataset", workdir / "bare-1"))
+        for index in range(2):
+            output = workdir / f"output-{index}"
+            run = CliRun(workdir / "dataset", output, emulator.url, key, 10_000_000, options=("--no-training-pairs",))
+            runs.append(run.start().wait())
+            bare_runs.append(bare_httpx_loop(emulator.url, key, workdir / "dataset", workdir / f"bare-{index + 1}"))
         stats = emulator.stats()
     timeline = emulator.timeline
     if timeline is None:
         raise RuntimeError(f"the emulator wrote no timeline; see {log}")
+    run = min(runs, key=lambda r: r.wall_s)
     bare = min(bare_runs, key=lambda b: b["wall_s"])  # the faster pass: the floor is what the loop can do
     run_rate, bare_rate = count / run.wall_s, count / bare["wall_s"]
     measured = run_rate / bare_rate
     # The same while sending only (the emulator's first arrival to its last answer for each): what is left
     # of the gap once the start-up, the inventory and the manifest are left out.
-    sending = timeline.summary(0.0, since=run.started_at, until=run.ended_at)
+    sendings = [timeline.summary(0.0, since=r.started_at, until=r.ended_at) for r in runs]
     bare_sending = [timeline.summary(0.0, since=b["process_started_at"], until=b["ended_at"]) for b in bare_runs]
-    sending_ratio = (count / sending["elapsed_s"]) / max(count / b["elapsed_s"] for b in bare_sending)
-    complete = run.returncode == 0 and run.enriched == count and all(b["ok"] == count for b in bare_runs)
+    sending_ratio = min(s["elapsed_s"] for s in bare_sending) / min(s["elapsed_s"] for s in sendings)
+    complete = all(r.returncode == 0 and r.enriched == count for r in runs) and all(b["ok"] == count for b in bare_runs)
     return {
         "measured": measured,
         "passed": measured >= cfg.target_overhead and complete,
@@ -252,10 +254,13 @@ def overhead(cfg: Any, workdir: Path) -> dict[str, Any]:
             "images": count,
             "image_size": list(cfg.rate_image_size),
             "pipeline_images_per_s": run_rate,
+            "pipeline_images_per_s_each": [count / r.wall_s for r in runs],
             "bare_images_per_s": [count / b["wall_s"] for b in bare_runs],
             "sending_ratio": sending_ratio,
             "pipeline_run": run.raw(),
-            "pipeline_sending": sending,
+            "pipeline_runs": [r.raw() for r in runs],
+            "pipeline_sending": sendings[runs.index(run)],
+            "pipeline_sendings": sendings,
             "bare_runs": bare_runs,
             "bare_sending": bare_sending,
             "emulator_stats": {k: v for k, v in stats.items() if k != "charged_by_content"},
