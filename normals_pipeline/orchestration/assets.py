@@ -114,7 +114,7 @@ def build_assets(
 
         def shard_done(key: str, result: ShardResult) -> None:
             """On the thread that writes each finished shard, while the others are still being sent: its log line
-            and its preview (not made for a stopped shard). The schema check waits for all: one validation."""
+            and its preview (not made for a stopped shard). The schema check waits for all, validated together."""
             _log_shard(context, key, result, len(items[key]))
             if result.stopped is None:
                 previews[key] = preview_metadata(result.manifest, output, dataset)
