@@ -1481,6 +1481,15 @@ def _changes_key(namespace: str) -> str:
     return f"normals:changes:{namespace}"
 
 
+def _claim_key(name: str) -> str:
+    return f"normals:claim:{name}"
+
+
+def _claim_keys(name: str) -> list[str]:
+    """The claim's key and its namespace's changes: the scripts that take or give up a claim count the change."""
+    return [_claim_key(name), _changes_key(_namespace(name))]
+
+
 def _claimed(reply: list[Any]) -> Claimed:
     epoch, streak, _ = reply
     return Claimed(epoch.decode(), int(streak))
@@ -1503,7 +1512,7 @@ class RedisClaims:
     def claim(self, name: str, owner: str, ttl_s: float) -> Claimed | None:
         """Free, lapsed or ours: taken. Held by a process of this host that has ended (`holder_ended`, as in
         `SQLiteClaims.claim`): taken too, if it holds it still; another host's holder is never judged."""
-        keys, ttl_ms = [f"normals:claim:{name}", _changes_key(_namespace(name))], max(1, int(ttl_s * 1000))
+        keys, ttl_ms = _claim_keys(name), max(1, int(ttl_s * 1000))
         if taken := self._claim(keys=keys, args=[owner, ttl_ms, uuid.uuid4().hex]):
             return _claimed(taken)
         holder = self._redis.get(keys[0])
@@ -1517,20 +1526,20 @@ class RedisClaims:
         change is a change of its own; one that lapsed in between was held by a process that has ended (what it
         stored is there before the run lists) or that was paused past the lapse (its release is a change)."""
         epoch, _, seq = self._mark(keys=[_changes_key(namespace)], args=[owner, uuid.uuid4().hex])
-        pattern = "normals:claim:" + re.sub(r"([*?\[\]\\])", r"\\\1", namespace) + ":*"
+        pattern = _claim_key(re.sub(r"([*?\[\]\\])", r"\\\1", namespace)) + ":*"
         held = list(self._redis.scan_iter(match=pattern, count=1000))
         holders = [holder.decode(errors="replace") for holder in self._redis.mget(held) if holder] if held else []
         return Mark(epoch.decode(), int(seq), not any(_live_other(holder, owner) for holder in holders))
 
     def renew(self, names: list[str], owner: str, ttl_s: float) -> None:
         if names:
-            self._renew(keys=[f"normals:claim:{name}" for name in names], args=[owner, max(1, int(ttl_s * 1000))])
+            self._renew(keys=[_claim_key(name) for name in names], args=[owner, max(1, int(ttl_s * 1000))])
 
     def release(self, name: str, owner: str) -> None:
-        self._release(keys=[f"normals:claim:{name}", _changes_key(_namespace(name))], args=[owner, uuid.uuid4().hex])
+        self._release(keys=_claim_keys(name), args=[owner, uuid.uuid4().hex])
 
     def held(self, name: str) -> bool:
-        return bool(self._redis.exists(f"normals:claim:{name}"))
+        return bool(self._redis.exists(_claim_key(name)))
 
     def identity(self) -> StateIdentity:
         """One id per Redis database, made by whichever process asks first (SET NX): every host sharing it agrees.
