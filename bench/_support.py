@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw
 API_PATH = "/portrait-surface-normals/v1"
 CLI = [sys.executable, "-m", "normals_pipeline.cli"]
 CHILD = [sys.executable, str(Path(__file__).with_name("_child.py"))]  # reports a child's own peak RSS and CPU
+UNGUARDED = (sys.executable, str(Path(__file__).with_name("_unguarded.py")))  # the CLI with no guarantee (figure 6)
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 # The bench sets these itself or wants the CLI's defaults: a user's NORMALS_SHARDS or NORMALS_REDIS_URL in the
@@ -354,6 +355,7 @@ class CliRun:
     options: tuple[str, ...] = ()  # more options of `run`, e.g. ("--no-training-pairs",)
     env: dict[str, str] = field(default_factory=dict)
     name: str | None = None  # of its log files (default: the output's name); several runs on one output differ
+    program: tuple[str, ...] = tuple(CLI)  # the command before `run` (UNGUARDED: figure 6's price of the guarantees)
     started: float = 0.0
     wall_s: float = 0.0
     returncode: int | None = None
@@ -366,7 +368,7 @@ class CliRun:
 
     def command(self) -> list[str]:
         command = [
-            *CLI, "run", "--dataset", str(self.dataset), "--output", str(self.output), "--api-url", self.url,
+            *self.program, "run", "--dataset", str(self.dataset), "--output", str(self.output), "--api-url", self.url,
             "--rpm", str(self.rpm),
         ]  # fmt: skip
         if self.shards is not None:
