@@ -19,7 +19,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check normals_pipeline tests bench definitions.py deploy
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 # The Dagster UI (http://127.0.0.1:3000) against the emulator on synthetic portraits of its own (dev-data/portraits).
 # `dg dev` (not the superseded `dagster dev`) runs from DAGSTER_HOME, so the only dagster.yaml in the folder it
