@@ -248,13 +248,19 @@ def overhead(cfg: Any, workdir: Path) -> dict[str, Any]:
     bare = min(bare_runs, key=lambda b: b["wall_s"])  # the faster pass: the floor is what the loop can do
     run_rate, bare_rate = count / run.wall_s, count / bare["wall_s"]
     measured = run_rate / bare_rate
+
     # The same while sending only (the emulator's first arrival to its last answer for each): what is left
     # of the gap once the start-up, the inventory and the manifest are left out.
-    sendings = [timeline.summary(0.0, since=r.started_at, until=r.ended_at) for r in runs]
+    def sending(runs: list[CliRun]) -> list[dict[str, Any]]:
+        return [timeline.summary(0.0, since=r.started_at, until=r.ended_at) for r in runs]
+
+    def fastest(sendings: list[dict[str, Any]]) -> float:
+        return min(s["elapsed_s"] for s in sendings)
+
+    sendings, unguarded_sendings = sending(runs), sending(unguarded)
     bare_sending = [timeline.summary(0.0, since=b["process_started_at"], until=b["ended_at"]) for b in bare_runs]
-    sending_ratio = min(s["elapsed_s"] for s in bare_sending) / min(s["elapsed_s"] for s in sendings)
-    unguarded_sendings = [timeline.summary(0.0, since=r.started_at, until=r.ended_at) for r in unguarded]
-    unguarded_ratio = min(s["elapsed_s"] for s in bare_sending) / min(s["elapsed_s"] for s in unguarded_sendings)
+    sending_ratio = fastest(bare_sending) / fastest(sendings)
+    unguarded_ratio = fastest(bare_sending) / fastest(unguarded_sendings)
     unguarded_rate = count / min(r.wall_s for r in unguarded)
     complete = all(r.returncode == 0 and r.enriched == count for r in [*runs, *unguarded]) and all(
         b["ok"] == count for b in bare_runs
